@@ -1,0 +1,77 @@
+"""Checkpoint averaging: the mean of the last K checkpoints' weights, kept only if it scores higher.
+
+Averaging the parameters of the last few checkpoints usually gives a better model than any of
+them (Vaswani et al. 2017, section 6.1). Here the averaged model and the current
+`model.safetensors` are both scored on the dev set (greedy BLEU); the averaged one replaces it
+only when it wins, and both scores are recorded in `averaging.json` of the model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from nmt import checkpoint
+from nmt.config import ModelConfig, from_dict
+from nmt.corpus import ParallelCorpus
+from nmt.errors import NmtError
+from nmt.model import Transformer
+from nmt.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def average_state_dicts(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """Element-wise mean (in float64, then back to each tensor's dtype) of safetensors files."""
+    total: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for path in paths:
+        tensors = load_file(str(path))
+        if total and set(tensors) != set(total):
+            raise NmtError(f"{path}: holds other tensors than the checkpoints before it")
+        for name, tensor in tensors.items():
+            dtypes[name] = tensor.dtype
+            total[name] = total.get(name, 0) + tensor.double()
+    return {name: (t / len(paths)).to(dtypes[name]) for name, t in total.items()}
+
+
+def average(directory: Path, last: int, runtime: Runtime, dev_prefix: str | None = None) -> dict:
+    """Average the last `last` checkpoints of a run; keep the result if its dev BLEU is higher."""
+    from nmt.tokenizer import Vocabs
+    from nmt.train import evaluate_dev
+
+    config = checkpoint.read_config(directory)
+    checkpoints = checkpoint.list_checkpoints(directory)[-last:]
+    if len(checkpoints) < 2:
+        raise NmtError(f"{directory}: need at least 2 checkpoints to average, found {len(checkpoints)}")
+    dev_prefix = dev_prefix or config["train"].get("dev")
+    if not dev_prefix:
+        raise NmtError(f"{directory}: no dev set to compare the averaged model on (give --dev)")
+    dev = ParallelCorpus.from_prefix(dev_prefix, config["src"], config["tgt"])
+    vocabs = Vocabs.load(directory)
+    model_config = from_dict(ModelConfig, config["model"], "config.json model")
+
+    current = Transformer(model_config)
+    checkpoint.load_weights(current, directory / checkpoint.WEIGHTS)
+    averaged = Transformer(model_config)
+    # safetensors stores tied matrices once, so the aliases (tgt_embed, output) are "missing" here
+    _, unexpected = averaged.load_state_dict(average_state_dicts([c / checkpoint.WEIGHTS for c in checkpoints]),
+                                             strict=False)
+    if unexpected:
+        raise NmtError(f"{directory}: checkpoints hold tensors the model does not have: {unexpected[:3]}")
+    scores = {}
+    for name, model in (("current", current), ("averaged", averaged)):
+        bleu, signature, loss = evaluate_dev(model.to(runtime.device), vocabs, dev, runtime)
+        scores[name] = {"dev_bleu": bleu, "dev_loss": loss, "signature": signature}
+    kept = "averaged" if scores["averaged"]["dev_bleu"] > scores["current"]["dev_bleu"] else "current"
+    if kept == "averaged":
+        checkpoint.save_weights(averaged, directory / checkpoint.WEIGHTS)
+    record = {"checkpoints": [c.name for c in checkpoints], "scores": scores, "kept": kept}
+    checkpoint.atomic_write_text(directory / "averaging.json", json.dumps(record, indent=2))
+    log.info("averaged %d checkpoints: dev BLEU %.2f vs current %.2f: kept the %s model", len(checkpoints),
+             scores["averaged"]["dev_bleu"], scores["current"]["dev_bleu"], kept)
+    return record

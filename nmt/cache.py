@@ -1,0 +1,259 @@
+"""Tokenise once: the training text as flat arrays of token ids on disk, read memory-mapped.
+
+A cache directory holds `src.bin`/`tgt.bin` (ids, uint16 when the vocabulary fits, else uint32)
+and per-pair arrays `src_start`, `src_len`, `tgt_start`, `tgt_len` (.npy) of the pairs kept by the
+filters, plus `meta.json` with the key, the filter report and each file's size and SHA-256.
+It is named by a key over the data fingerprints, the tokenizer and the filter settings, built
+under a temporary name and renamed when complete, and verified before use: a cut-short or
+corrupted cache is rebuilt, never trained on. Memory stays near one chunk of lines, whatever the
+corpus size (plus 8 bytes per pair for de-duplication hashes and 12 for the final index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+
+from nmt.corpus import ParallelCorpus, fingerprint
+from nmt.errors import NmtError
+from nmt.tokenizer import Vocabs, encode_batch
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CHUNK_LINES = 20_000
+ARRAYS = ("src_start", "src_len", "tgt_start", "tgt_len")
+
+
+@dataclass(frozen=True)
+class Filters:
+    max_length: int = 250  # tokens per side, end-of-sentence included
+    max_ratio: float = 3.0
+    dedupe: bool = True
+
+
+@dataclass
+class FilterReport:
+    read: int = 0
+    empty: int = 0
+    too_long: int = 0
+    ratio: int = 0
+    identical: int = 0
+    duplicate: int = 0
+    kept: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.read:,} pairs read, {self.kept:,} kept; dropped: {self.empty:,} empty, "
+                f"{self.too_long:,} too long, {self.ratio:,} length ratio, {self.identical:,} source = target, "
+                f"{self.duplicate:,} duplicates")
+
+
+@dataclass
+class TokenCache:
+    """Memory-mapped ids of the kept pairs: pair i's source is src[src_start[i] : + src_len[i]]."""
+
+    directory: Path
+    src: np.ndarray
+    tgt: np.ndarray
+    src_start: np.ndarray
+    src_len: np.ndarray
+    tgt_start: np.ndarray
+    tgt_len: np.ndarray
+    report: FilterReport = field(default_factory=FilterReport)
+
+    def __len__(self) -> int:
+        return len(self.src_len)
+
+    def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        s, t = int(self.src_start[i]), int(self.tgt_start[i])
+        return self.src[s : s + int(self.src_len[i])], self.tgt[t : t + int(self.tgt_len[i])]
+
+
+def cache_key(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters) -> tuple[str, dict]:
+    prints = [asdict(fingerprint(p)) | {"path": str(p)} for c in corpora for p in (c.src_path, c.tgt_path)]
+    described = {"format": FORMAT_VERSION, "data": [{k: v for k, v in fp.items() if k != "path"} for fp in prints],
+                 "tokenizer": vocabs.fingerprint(), "filters": asdict(filters)}
+    key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
+    return key, {"fingerprints": prints, **described}
+
+
+def load_or_build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters, root: Path) -> TokenCache:
+    """The cache for these corpora, tokenizer and filters: reused when valid, else (re)built."""
+    key, described = cache_key(corpora, vocabs, filters)
+    directory = root / key
+    if directory.exists():
+        problem = verify(directory, key)
+        if problem is None:
+            log.info("token cache %s: reused (%s)", directory, "no re-encoding")
+            return open_cache(directory)
+        log.warning("token cache %s: %s; rebuilding", directory, problem)
+        shutil.rmtree(directory, ignore_errors=True)
+    else:
+        others = [p.name for p in root.glob("*") if p.is_dir() and not p.name.startswith(".")] if root.exists() else []
+        reason = "data, tokenizer or filters changed" if others else "first run"
+        log.info("token cache %s: building (%s)", directory, reason)
+    build(corpora, vocabs, filters, directory, described)
+    return open_cache(directory)
+
+
+def verify(directory: Path, key: str) -> str | None:
+    """None when the cache is complete and intact, else what is wrong with it."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "meta.json missing or unreadable (an interrupted build?)"
+    if meta.get("key") != key or meta.get("format") != FORMAT_VERSION:
+        return "key or format does not match"
+    for name, expected in meta["files"].items():
+        path = directory / name
+        if not path.exists():
+            return f"{name} missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} is {path.stat().st_size} bytes, expected {expected['size']} (cut short?)"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} is corrupted (checksum differs)"
+    return None
+
+
+def open_cache(directory: Path) -> TokenCache:
+    meta = json.loads((directory / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+    arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+    return TokenCache(
+        directory,
+        np.memmap(directory / "src.bin", dtype=dtype, mode="r") if meta["files"]["src.bin"]["size"] else np.zeros(0, dtype),
+        np.memmap(directory / "tgt.bin", dtype=dtype, mode="r") if meta["files"]["tgt.bin"]["size"] else np.zeros(0, dtype),
+        report=FilterReport(**meta["report"]),
+        **arrays,
+    )
+
+
+def build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters, directory: Path, described: dict) -> None:
+    """Encode every pair once, in chunks, into a temporary directory; rename it when complete."""
+    vocab = max(vocabs.src.get_vocab_size(), vocabs.tgt.get_vocab_size())
+    dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    report = FilterReport()
+    try:
+        with _Writer(tmp, dtype) as writer:
+            for src_chunk, tgt_chunk in _chunks(corpora):
+                _encode_chunk(src_chunk, tgt_chunk, vocabs, filters, writer, report)
+        _finish_index(tmp, writer, filters, report)
+        if report.kept == 0:
+            raise NmtError(f"no training pairs left after filtering ({report.summary()})")
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        meta = {"key": directory.name, "format": FORMAT_VERSION, "dtype": dtype.name,
+                "report": asdict(report), "files": files, **described}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("token cache: %s", report.summary())
+
+
+def _chunks(corpora: list[ParallelCorpus]) -> Iterator[tuple[list[str], list[str]]]:
+    src, tgt = [], []
+    for corpus in corpora:
+        for s, t in corpus.pairs():
+            src.append(s)
+            tgt.append(t)
+            if len(src) == CHUNK_LINES:
+                yield src, tgt
+                src, tgt = [], []
+    if src:
+        yield src, tgt
+
+
+class _Writer:
+    """Appends ids and per-pair records to files, so nothing accumulates in memory."""
+
+    def __init__(self, directory: Path, dtype: np.dtype):
+        self.directory, self.dtype = directory, dtype
+        self.files: dict[str, BinaryIO] = {}
+        self.offsets = {"src": 0, "tgt": 0}
+        self.count = 0
+
+    def __enter__(self) -> "_Writer":
+        for name in ("src.bin", "tgt.bin", "records.tmp", "hashes.tmp"):
+            self.files[name] = open(self.directory / name, "wb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def add(self, src_ids: list[list[int]], tgt_ids: list[list[int]], hashes: np.ndarray) -> None:
+        records = np.zeros((len(src_ids), 4), dtype=np.int64)  # src_start, src_len, tgt_start, tgt_len
+        for side, ids, col in (("src", src_ids, 0), ("tgt", tgt_ids, 2)):
+            lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+            flat = np.fromiter((i for x in ids for i in x), dtype=self.dtype, count=int(lens.sum()))
+            self.files[f"{side}.bin"].write(flat.tobytes())
+            records[:, col] = self.offsets[side] + np.concatenate(([0], np.cumsum(lens)[:-1]))
+            records[:, col + 1] = lens
+            self.offsets[side] += int(lens.sum())
+        self.files["records.tmp"].write(records.tobytes())
+        self.files["hashes.tmp"].write(hashes.astype(np.uint64).tobytes())
+        self.count += len(src_ids)
+
+
+def _encode_chunk(src: list[str], tgt: list[str], vocabs: Vocabs, filters: Filters,
+                  writer: _Writer, report: FilterReport) -> None:
+    report.read += len(src)
+    keep = [i for i in range(len(src)) if src[i].strip() and tgt[i].strip()]
+    report.empty += len(src) - len(keep)
+    n_keep = len(keep)
+    keep = [i for i in keep if src[i].strip() != tgt[i].strip()]
+    report.identical += n_keep - len(keep)
+    src_ids = encode_batch(vocabs.src, [src[i] for i in keep])
+    tgt_ids = encode_batch(vocabs.tgt, [tgt[i] for i in keep])
+    kept_s, kept_t, hashes = [], [], []
+    for i, s_ids, t_ids in zip(keep, src_ids, tgt_ids):
+        ls, lt = len(s_ids) + 1, len(t_ids) + 1  # + end of sentence
+        if max(ls, lt) > filters.max_length:
+            report.too_long += 1
+        elif max(ls, lt) > filters.max_ratio * min(ls, lt):
+            report.ratio += 1
+        else:
+            kept_s.append(s_ids)
+            kept_t.append(t_ids)
+            pair = f"{len(src[i])}:{src[i]}\t{tgt[i]}"  # the length makes the split point unambiguous
+            digest = hashlib.blake2b(pair.encode(), digest_size=8).digest()
+            hashes.append(int.from_bytes(digest, "little"))
+    writer.add(kept_s, kept_t, np.array(hashes, dtype=np.uint64))
+
+
+def _finish_index(directory: Path, writer: _Writer, filters: Filters, report: FilterReport) -> None:
+    """Drop exact duplicate pairs (all but the first) and write the per-pair index arrays."""
+    n = writer.count
+    records = np.memmap(directory / "records.tmp", dtype=np.int64, mode="r", shape=(n, 4)) if n else np.zeros((0, 4), np.int64)
+    keep = np.ones(n, dtype=bool)
+    if filters.dedupe and n:
+        hashes = np.fromfile(directory / "hashes.tmp", dtype=np.uint64)
+        _, first = np.unique(hashes, return_index=True)
+        keep[:] = False
+        keep[first] = True
+        del hashes
+    report.duplicate = int(n - keep.sum())
+    report.kept = int(keep.sum())
+    for col, name in enumerate(ARRAYS):
+        dtype = np.int64 if name.endswith("start") else np.int32
+        np.save(directory / f"{name}.npy", np.ascontiguousarray(records[keep, col]).astype(dtype))
+    del records
+    for tmp in ("records.tmp", "hashes.tmp"):
+        (directory / tmp).unlink()
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

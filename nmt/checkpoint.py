@@ -1,0 +1,182 @@
+"""The model directory: what it contains, written atomically, loaded safely, versioned.
+
+    DIR/config.json          format version, model/tokenizer/training configs, data fingerprints,
+                             filter report, package versions
+    DIR/tokenizer.json       (or tokenizer.src.json + tokenizer.tgt.json)
+    DIR/model.safetensors    the weights translation uses (best dev BLEU, or the average)
+    DIR/training.json        steps, tokens, time, device, dev scores with signatures
+    DIR/metrics.jsonl        one JSON object per log/eval event
+    DIR/checkpoints/step-N/  resume state: model.safetensors + state.pt (optimizer, RNG, data position)
+
+Every file is written under a temporary name and renamed, so a crash or a full disk never leaves
+a half-written file in place of a good one. Loading never unpickles arbitrary objects:
+weights come from safetensors, resume state through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from nmt.config import ModelConfig, from_dict
+from nmt.errors import NmtError
+
+FORMAT = "nmt-model"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+
+
+def _disk_error(path: Path, e: OSError) -> NmtError:
+    if e.errno == errno.ENOSPC:
+        return NmtError(f"{path}: disk full while writing (the previous version is kept)")
+    return NmtError(f"{path}: cannot write ({e.strerror or e})")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`; on failure remove the temporary."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _disk_error(path, e) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_weights(model, path: Path) -> None:
+    from safetensors.torch import save_model
+
+    atomic_write(path, lambda tmp: save_model(model, str(tmp)))
+
+
+def load_weights(model, path: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise NmtError(f"{path}: cannot load weights ({str(e).splitlines()[0][:200]})") from None
+    if missing or unexpected:
+        raise NmtError(f"{path}: weights do not match the config (missing {list(missing)[:3]}, "
+                       f"unexpected {list(unexpected)[:3]})")
+
+
+def write_config(directory: Path, config: dict[str, Any]) -> None:
+    atomic_write_text(directory / "config.json", json.dumps({"format": FORMAT, "version": FORMAT_VERSION,
+                                                            **config}, indent=2))
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    directory = Path(directory)
+    if not directory.exists():
+        raise NmtError(f"{directory}: no such model directory")
+    if not directory.is_dir():
+        raise NmtError(f"{directory}: not a directory (expected a model directory from `nmt train`)")
+    path = directory / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NmtError(f"{directory}: not a model directory (no config.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NmtError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise NmtError(f"{path}: not an nmt model config (format is not {FORMAT!r})")
+    if data.get("version") != FORMAT_VERSION:
+        raise NmtError(f"{path}: format version {data.get('version')} is not supported (this nmt reads "
+                       f"version {FORMAT_VERSION})")
+    return data
+
+
+def load_for_inference(directory: Path, device=None):
+    """(model in eval mode, vocabs, config dict) from a model directory, every part checked."""
+    from nmt.model import Transformer
+    from nmt.tokenizer import Vocabs
+
+    directory = Path(directory)
+    config = read_config(directory)
+    if "model" not in config:
+        raise NmtError(f"{directory / 'config.json'}: no model section")
+    model_config = from_dict(ModelConfig, config["model"], f"{directory / 'config.json'}: model")
+    vocabs = Vocabs.load(directory)
+    if vocabs.src.get_vocab_size() != model_config.src_vocab_size or \
+            vocabs.tgt.get_vocab_size() != model_config.tgt_vocab_size:
+        raise NmtError(f"{directory}: tokenizer vocabulary sizes do not match the model config")
+    weights = directory / WEIGHTS
+    if not weights.exists():
+        raise NmtError(f"{directory}: no {WEIGHTS} (training has not saved a model yet?)")
+    model = Transformer(model_config)
+    load_weights(model, weights)
+    if device is not None:
+        model.to(device)
+    return model.eval(), vocabs, config
+
+
+# -- resume state -------------------------------------------------------------------------------
+
+
+def save_checkpoint(directory: Path, step: int, model, state: dict[str, Any], keep_last: int) -> Path:
+    """checkpoints/step-N/ with weights and resume state, written to a temporary dir then renamed;
+    then only the newest `keep_last` are kept."""
+    import torch
+
+    root = directory / "checkpoints"
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_weights(model, tmp / WEIGHTS)
+        atomic_write(tmp / "state.pt", lambda p: torch.save(state, p))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _disk_error(final, e) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    root = Path(directory) / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+                  and (p / "state.pt").exists() and (p / WEIGHTS).exists())
+
+
+def load_state(checkpoint: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt pickle raises many types
+        raise NmtError(f"{checkpoint / 'state.pt'}: cannot load resume state ({str(e).splitlines()[0][:160]})") from None
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """One line per event; an append of one short line either lands whole or not at all in practice."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise _disk_error(path, e) from None

@@ -1,0 +1,400 @@
+"""The `nmt` command: Typer commands that parse options, build configs and call one library function.
+
+Errors a user can fix (`NmtError`) become one line on stderr and exit code 1 (2 for usage);
+no traceback unless `--verbose`. Logs go to stderr, data to stdout. Heavy imports (torch)
+happen inside the commands that need them, so `nmt --help` and `nmt evaluate` stay quick.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from nmt import __version__
+from nmt.errors import NmtError, UsageError
+
+log = logging.getLogger("nmt")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train, translate with and evaluate Transformer translation models on plain parallel text.",
+)
+
+_state = {"verbose": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"nmt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs and full tracebacks.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    _state["verbose"] = verbose
+    _setup_logging(verbose)
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    from nmt.progress import stderr_console
+
+    console = stderr_console()
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False, log_time_format="%H:%M:%S")
+        fmt = "%(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(message)s"
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    root = logging.getLogger("nmt")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate (no torch)
+# ---------------------------------------------------------------------------------------------
+
+from nmt.evaluate import evaluate as _evaluate_command  # noqa: E402  (import after app exists)
+
+app.command("evaluate", help="Score hypotheses against references with sacreBLEU (BLEU, chrF, TER).")(
+    _evaluate_command
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared option parsing
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_duration(text: str | None) -> float | None:
+    """'30m', '1h30m', '90s', '2h' or plain seconds → seconds."""
+    if text is None:
+        return None
+    import re
+
+    t = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", t)
+    if not parts or "".join(n + u for n, u in parts) != t:
+        raise UsageError(f"--max-time: cannot read {text!r} (examples: 30m, 1h30m, 90s, 600)")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def _choice(value: str | None, name: str, allowed: tuple[str, ...]) -> str | None:
+    if value is not None and value not in allowed:
+        raise UsageError(f"{name}: unknown value {value!r} (choose from {', '.join(allowed)})")
+    return value
+
+
+def _given(**values) -> dict:
+    """The options the user actually gave (None means: keep the preset or config-file value)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# train-tokenizer, train
+# ---------------------------------------------------------------------------------------------
+
+TrainOpt = Annotated[Optional[List[str]], typer.Option("--train", help="Training data prefix: reads PREFIX.SRC and PREFIX.TGT (.gz accepted). Repeat for several corpora. [default: the embedded Bible corpus]")]
+SrcOpt = Annotated[Optional[str], typer.Option("--src", help="Source language suffix. [default: es]")]
+TgtOpt = Annotated[Optional[str], typer.Option("--tgt", help="Target language suffix. [default: en]")]
+
+
+def _tokenizer_config(preset_tok, overrides: dict, vocab_size, kind, separate_vocab, sample, lowercase):
+    from nmt import config as cfg
+
+    tok = cfg.apply(preset_tok, overrides.get("tokenizer", {}), "--config tokenizer")
+    return cfg.apply(tok, _given(vocab_size=vocab_size, kind=_choice(kind, "--tokenizer", ("bpe", "unigram")),
+                                 joint=None if separate_vocab is None else not separate_vocab,
+                                 sample_lines=sample, lowercase=lowercase), "tokenizer")
+
+
+@app.command("train-tokenizer")
+def train_tokenizer_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write tokenizer.json into.")],
+    train: TrainOpt = None,
+    src: SrcOpt = None,
+    tgt: TgtOpt = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="Subword vocabulary size (256 byte tokens included).")] = None,
+    kind: Annotated[Optional[str], typer.Option("--tokenizer", help="bpe or unigram.")] = None,
+    separate_vocab: Annotated[Optional[bool], typer.Option("--separate-vocab", help="One vocabulary per language instead of a joint one.")] = None,
+    sample: Annotated[Optional[int], typer.Option("--tokenizer-sample", help="Train on a uniform sample of this many pairs.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 1,
+    preset: Annotated[str, typer.Option(help="Preset whose vocabulary size is the default.")] = "small",
+) -> None:
+    """Train the subword tokenizer(s) alone (nmt train does this itself when needed)."""
+    from nmt import config as cfg
+    from nmt.corpus import ParallelCorpus, sample_pairs
+    from nmt.tokenizer import train_vocabs
+
+    _, preset_tok, _ = cfg.preset(preset)
+    tok_config = _tokenizer_config(preset_tok, {}, vocab_size, kind, separate_vocab, sample, None)
+    defaults = cfg.TrainConfig()
+    corpora = [ParallelCorpus.from_prefix(p, src or defaults.src, tgt or defaults.tgt) for p in (train or defaults.train)]
+    src_lines, tgt_lines = sample_pairs(corpora, tok_config.sample_lines, seed)
+    if not any(s.strip() for s in src_lines):
+        raise NmtError(f"training data is empty: {corpora[0].src_path}")
+    vocabs = train_vocabs(src_lines, tgt_lines, tok_config)
+    vocabs.save(out)
+    log.info("tokenizer (%s, %d pieces) written to %s", tok_config.kind, vocabs.src.get_vocab_size(), out)
+
+
+@app.command()
+def train(
+    train: TrainOpt = None,
+    dev: Annotated[Optional[str], typer.Option("--dev", help="Dev data prefix for validation (dev BLEU, best model). 'none' to skip.")] = None,
+    src: SrcOpt = None,
+    tgt: TgtOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (model, logs, checkpoints). [default: runs/bible-es-en]")] = None,
+    preset: Annotated[str, typer.Option(help="Model size: tiny, small, base or big.")] = "small",
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="JSON file with model/train/tokenizer sections; command-line options override it.")] = None,
+    max_time: Annotated[Optional[str], typer.Option(help="Time budget, e.g. 30m, 2h, 90s.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
+    max_epochs: Annotated[Optional[int], typer.Option(help="Stop after this many epochs.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (weights, batches, dropout, tokenizer sample).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto (measured), float32 or bfloat16.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (0: all cores).")] = None,
+    batch_tokens: Annotated[Optional[int], typer.Option(help="Padded target tokens per batch.")] = None,
+    update_freq: Annotated[Optional[int], typer.Option(help="Batches accumulated per optimizer step.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option("--warmup", help="Warm-up steps.")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing ε.")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout rate.")] = None,
+    post_norm: Annotated[Optional[bool], typer.Option("--post-norm", help="Post-norm layers (the paper's) instead of pre-norm.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Steps between dev evaluations and checkpoints.")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Stop after this many evaluations without a better dev BLEU (0: never).")] = None,
+    keep_last: Annotated[Optional[int], typer.Option(help="Periodic checkpoints to keep.")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="Subword vocabulary size.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="bpe or unigram.")] = None,
+    separate_vocab: Annotated[Optional[bool], typer.Option("--separate-vocab", help="One vocabulary per language.")] = None,
+    tokenizer_sample: Annotated[Optional[int], typer.Option(help="Pairs sampled to train the tokenizer.")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Drop pairs longer than this many tokens.")] = None,
+    max_ratio: Annotated[Optional[float], typer.Option(help="Drop pairs whose length ratio exceeds this.")] = None,
+    no_dedupe: Annotated[Optional[bool], typer.Option("--no-dedupe", help="Keep exact duplicate pairs.")] = None,
+    cache_dir: Annotated[Optional[str], typer.Option(help="Where to keep the token-id cache. [default: OUT/cache]")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile", help="torch.compile the model.")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Steps between log lines in metrics.jsonl.")] = None,
+    average_last: Annotated[Optional[int], typer.Option(help="At the end, average this many last checkpoints if that scores higher on dev (0: off).")] = None,
+) -> None:
+    """Train tokenizer and Transformer on parallel text; re-running the same command resumes."""
+    from nmt import config as cfg
+
+    model_config, tok_config, train_preset = cfg.preset(preset)
+    overrides = cfg.load_overrides(config_file) if config_file else {}
+    model_config = cfg.apply(model_config, overrides.get("model", {}), "--config model")
+    model_config = cfg.apply(model_config, _given(dropout=dropout, pre_norm=None if post_norm is None else not post_norm), "model")
+    tok_config = _tokenizer_config(tok_config, overrides, vocab_size, tokenizer, separate_vocab, tokenizer_sample, None)
+    train_config = cfg.apply(cfg.TrainConfig(preset=preset, **train_preset), overrides.get("train", {}), "--config train")
+    dev_value = dev if dev is not None else train_config.dev
+    train_config = cfg.apply(train_config, _given(
+        train=train, src=src, tgt=tgt, max_time=parse_duration(max_time), max_steps=max_steps, max_epochs=max_epochs,
+        seed=seed, device=device, dtype=dtype, threads=threads, batch_tokens=batch_tokens, update_freq=update_freq,
+        lr=lr, warmup_steps=warmup_steps, label_smoothing=label_smoothing, eval_every=eval_every, patience=patience,
+        keep_last=keep_last, max_length=max_length, max_ratio=max_ratio, cache_dir=cache_dir, compile=compile,
+        log_every=log_every, average_last=average_last,
+        dedupe=None if no_dedupe is None else not no_dedupe), "train")
+    train_config = cfg.apply(train_config, {"dev": None if str(dev_value).lower() == "none" else dev_value}, "train")
+    _check_train_values(train_config)
+    if out is None:
+        out = Path("runs") / ("bible-es-en" if train is None else f"{train_config.src}-{train_config.tgt}")
+    from nmt.train import train as run_training
+
+    run_training(train_config, model_config, tok_config, out)
+
+
+def _check_train_values(c) -> None:
+    for name in ("batch_tokens", "update_freq", "eval_every", "log_every"):
+        if getattr(c, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be ≥ 1 (got {getattr(c, name)})")
+    for name in ("max_steps", "max_epochs", "max_time"):
+        if getattr(c, name) is not None and getattr(c, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(c, name)})")
+    if not 0 <= c.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing must be in [0, 1) (got {c.label_smoothing})")
+    _choice(c.device if not c.device.startswith("cuda:") else "cuda", "--device", ("auto", "cpu", "cuda"))
+    _choice(c.dtype, "--dtype", ("auto", "float32", "bfloat16"))
+
+
+# ---------------------------------------------------------------------------------------------
+# translate
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def translate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory written by `nmt train`.")],
+    input: Annotated[str, typer.Option("--input", "-i", help="Input file ('-' = stdin).")] = "-",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file. [default: stdout]")] = None,
+    beam_size: Annotated[int, typer.Option(help="Beam size (1 = greedy).")] = 5,
+    nbest: Annotated[int, typer.Option(help="Hypotheses per line in --format jsonl.")] = 1,
+    length_penalty: Annotated[float, typer.Option(help="Length penalty α (0: none).")] = 1.0,
+    length_norm: Annotated[str, typer.Option(help="gnmt: ((5+|Y|)/6)^α; average: |Y|^α.")] = "gnmt",
+    min_length: Annotated[int, typer.Option(help="Minimum output tokens before EOS.")] = 0,
+    max_length_a: Annotated[float, typer.Option(help="Output cap: a·source length + b.")] = 1.5,
+    max_length_b: Annotated[int, typer.Option(help="Output cap: a·source length + b.")] = 10,
+    batch_tokens: Annotated[int, typer.Option(help="Source tokens per batch.")] = 4000,
+    window: Annotated[int, typer.Option(help="Lines read ahead and sorted by length.")] = 256,
+    sampling_topk: Annotated[int, typer.Option(help="Sample from the k most probable tokens (0: off).")] = 0,
+    sampling_topp: Annotated[float, typer.Option(help="Nucleus sampling threshold (0: off).")] = 0.0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 1,
+    format: Annotated[str, typer.Option("--format", help="text (1-best per line) or jsonl (n-best, scores, flags).")] = "text",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or int8 (CPU dynamic quantisation).")] = "auto",
+    threads: Annotated[int, typer.Option(help="CPU threads (0: all cores).")] = 0,
+) -> None:
+    """Translate lines from a file or stdin to stdout: one output line per input line."""
+    import json
+
+    from nmt.config import DecodeConfig
+
+    _choice(format, "--format", ("text", "jsonl"))
+    _choice(length_norm, "--length-norm", ("gnmt", "average"))
+    _choice(dtype, "--dtype", ("auto", "float32", "bfloat16", "int8"))
+    if beam_size < 1 or not 1 <= nbest <= beam_size:
+        raise UsageError(f"need beam size ≥ 1 and 1 ≤ nbest ≤ beam size (got {beam_size}, {nbest})")
+    if batch_tokens < 1 or window < 1:
+        raise UsageError("--batch-tokens and --window must be ≥ 1")
+    decode = DecodeConfig(beam_size, nbest, length_penalty, length_norm, min_length, max_length_a, max_length_b,
+                          batch_tokens, window, sampling_topk, sampling_topp, temperature, seed)
+    translator = _load_translator(model, decode, device, dtype, threads)
+    from nmt.textio import read_lines
+
+    lines = read_lines(input)
+    sink = open(output, "w", encoding="utf-8") if output else sys.stdout
+    try:
+        for result in translator.translate(lines):
+            sink.write((json.dumps(_json(result), ensure_ascii=False) if format == "jsonl" else result.text) + "\n")
+            if translator.stats.lines % decode.window == 0:
+                sink.flush()
+        sink.flush()
+    finally:
+        if output:
+            sink.close()
+    log.info(translator.stats.summary())
+
+
+def _json(result):
+    from nmt.translate import to_json
+
+    return to_json(result)
+
+
+def _load_translator(model_dir: Path, decode, device: str, dtype: str, threads: int):
+    import torch
+
+    from nmt import checkpoint, runtime
+    from nmt.translate import Translator
+
+    rt = runtime.setup(device, "float32" if dtype == "int8" else dtype, threads)
+    model, vocabs, _ = checkpoint.load_for_inference(model_dir, rt.device)
+    if dtype == "int8":
+        if rt.device.type != "cpu":
+            raise UsageError("--dtype int8 is CPU-only (dynamic quantisation)")
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return Translator(model, vocabs, rt, decode)
+
+
+# ---------------------------------------------------------------------------------------------
+# average, info
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def average(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory written by `nmt train`.")],
+    last: Annotated[int, typer.Option(help="Average this many newest checkpoints.")] = 3,
+    dev: Annotated[Optional[str], typer.Option(help="Dev prefix to compare on. [default: the run's]")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Average the last checkpoints; keep the average only if its dev BLEU is higher."""
+    from nmt import runtime
+    from nmt.average import average as run_average
+
+    if last < 2:
+        raise UsageError(f"--last must be ≥ 2 (got {last})")
+    record = run_average(model, last, runtime.setup(device, "auto", 0), dev)
+    typer.echo(f"kept the {record['kept']} model: dev BLEU averaged {record['scores']['averaged']['dev_bleu']:.2f}, "
+               f"current {record['scores']['current']['dev_bleu']:.2f}")
+
+
+@app.command()
+def info(
+    model: Annotated[Path, typer.Argument(help="Model directory written by `nmt train`.")],
+    format: Annotated[str, typer.Option("--format", help="text or json.")] = "text",
+) -> None:
+    """What a model directory holds: architecture, size, data, training and dev scores."""
+    import json
+
+    from nmt.info import describe, render
+
+    _choice(format, "--format", ("text", "json"))
+    facts = describe(model)
+    if format == "json":
+        typer.echo(json.dumps(facts, indent=2, ensure_ascii=False))
+    else:
+        render(facts)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    """Run the app; turn user errors into one line and an exit code, and end quietly on a closed pipe."""
+    # A closed stdout (`nmt translate … | head -1`) ends the process quietly, like other Unix tools.
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    from nmt.textio import utf8_stdio
+
+    utf8_stdio()
+    try:
+        app(standalone_mode=False)
+    except NmtError as e:
+        _fail(str(e), 2 if isinstance(e, UsageError) else 1, e)
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", None)
+        if code is None:
+            code = getattr(e, "code", 0)
+        sys.exit(code or 0)
+    except typer.Abort:
+        _fail("aborted", 130, None)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130, None)
+    except BrokenPipeError:
+        os._exit(0)
+    except Exception as e:  # click's usage errors (typer may vendor its own click) and real bugs
+        if hasattr(e, "exit_code") and hasattr(e, "format_message"):
+            _fail(e.format_message().splitlines()[0] if e.format_message() else type(e).__name__, e.exit_code, None)
+        if _state["verbose"]:
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e} (run with --verbose for the traceback)", 1, None)
+
+
+def _fail(message: str, code: int, exc: BaseException | None) -> None:
+    if _state["verbose"] and exc is not None:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"nmt: error: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,177 @@
+"""Typed configs (tokenizer, model, training, decoding): one source of defaults, saved as plain JSON.
+
+The CLI reads its defaults from these dataclasses and the model directory stores them. Loading
+checks the keys: an unknown or missing key is a one-line error, never a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from nmt.errors import NmtError, UsageError
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "bible-es-en"
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = 8000
+    joint: bool = True  # one vocabulary for both languages (lets all embeddings be tied)
+    sample_lines: int = 2_000_000  # tokenizer trained on a seeded uniform sample of this many lines
+    min_frequency: int = 2
+    lowercase: bool = False
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 1024
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    pre_norm: bool = True  # pre-norm trains stably without long warm-up; post-norm is the paper's
+    tie_embeddings: bool = True  # source, target and output embeddings share one matrix (joint vocab)
+    max_positions: int = 1024
+    src_vocab_size: int = 0  # filled in from the tokenizer
+    tgt_vocab_size: int = 0
+    pad_id: int = 0
+    bos_id: int = 2
+    eos_id: int = 3
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # tests: trains in seconds
+    "tiny": dict(d_model=64, n_heads=4, d_ff=128, encoder_layers=2, decoder_layers=2, dropout=0.0),
+    # a 2-core CPU and a ~30k-pair corpus
+    "small": dict(d_model=256, n_heads=4, d_ff=1024, encoder_layers=3, decoder_layers=3, dropout=0.1),
+    # Vaswani et al. 2017, Table 3
+    "base": dict(d_model=512, n_heads=8, d_ff=2048, encoder_layers=6, decoder_layers=6, dropout=0.1),
+    "big": dict(d_model=1024, n_heads=16, d_ff=4096, encoder_layers=6, decoder_layers=6, dropout=0.3),
+}
+
+PRESET_TOKENIZER: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=1000),
+    "small": dict(vocab_size=8000),
+    "base": dict(vocab_size=32000),
+    "big": dict(vocab_size=32000),
+}
+
+PRESET_TRAINING: dict[str, dict[str, Any]] = {
+    "tiny": dict(batch_tokens=1024, lr=2e-3, warmup_steps=100, eval_every=200),
+    "small": dict(batch_tokens=3000, lr=1e-3, warmup_steps=400, eval_every=500, average_last=3),
+    "base": dict(batch_tokens=25000, lr=7e-4, warmup_steps=4000, eval_every=2000),
+    "big": dict(batch_tokens=25000, lr=5e-4, warmup_steps=4000, eval_every=2000),
+}
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "small"
+    src: str = "es"
+    tgt: str = "en"
+    train: list[str] = field(default_factory=lambda: [str(DEFAULT_DATA / "train")])
+    dev: str | None = str(DEFAULT_DATA / "dev")
+    seed: int = 1
+    batch_tokens: int = 3000  # target tokens per batch (per device), before --update-freq
+    update_freq: int = 1  # gradient accumulation: batches per optimizer step
+    lr: float = 1e-3
+    warmup_steps: int = 400
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0
+    max_steps: int | None = None
+    max_time: float | None = None  # seconds
+    max_epochs: int | None = None
+    eval_every: int = 500  # steps between dev evaluations (and checkpoints)
+    eval_max_sentences: int = 0  # 0: the whole dev set
+    patience: int = 0  # stop after this many evaluations without a better dev BLEU (0: never)
+    keep_last: int = 3  # periodic checkpoints kept for averaging
+    average_last: int = 0  # average this many last checkpoints at the end (0: off)
+    max_length: int = 250  # drop training pairs longer than this many tokens on either side
+    max_ratio: float = 3.0  # drop pairs whose token-length ratio exceeds this
+    dedupe: bool = True
+    cache_dir: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # 0: all cores
+    compile: bool = False
+    log_every: int = 50
+
+
+@dataclass
+class DecodeConfig:
+    beam_size: int = 5
+    nbest: int = 1
+    length_penalty: float = 1.0  # GNMT alpha; 0 disables length normalisation
+    length_norm: Literal["gnmt", "average"] = "gnmt"
+    min_length: int = 0
+    max_length_a: float = 1.5
+    max_length_b: int = 10
+    batch_tokens: int = 4000  # source tokens per batch
+    window: int = 256  # lines read ahead, sorted by length inside the window
+    sampling_topk: int = 0
+    sampling_topp: float = 0.0
+    temperature: float = 1.0
+    seed: int = 1
+
+
+C = TypeVar("C")
+
+
+def from_dict(cls: type[C], data: dict[str, Any], what: str) -> C:
+    """Build a config from JSON data, refusing unknown and missing keys with a one-line error."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    missing = sorted(names - set(data))
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"unknown keys {unknown}")
+        if missing:
+            parts.append(f"missing keys {missing}")
+        raise NmtError(f"{what}: {'; '.join(parts)}")
+    values = dict(data)
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
+    return cls(**values)  # type: ignore[call-arg]
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def load_overrides(path: str | Path) -> dict[str, Any]:
+    """Read a `--config FILE` (JSON) of option overrides: {"model": {...}, "train": {...}, "tokenizer": {...}}."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NmtError(f"{p}: no such config file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NmtError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or set(data) - {"model", "train", "tokenizer"}:
+        raise UsageError(f"{p}: expected a JSON object with sections model, train, tokenizer")
+    return data
+
+
+def apply(config: C, overrides: dict[str, Any], what: str) -> C:
+    names = {f.name for f in fields(config)}  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise UsageError(f"{what}: unknown option(s) {unknown}")
+    values = {k: (tuple(v) if k == "betas" else v) for k, v in overrides.items()}
+    return dataclasses.replace(config, **values)  # type: ignore[type-var]
+
+
+def preset(name: str) -> tuple[ModelConfig, TokenizerConfig, dict[str, Any]]:
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    return ModelConfig(**PRESETS[name]), TokenizerConfig(**PRESET_TOKENIZER[name]), PRESET_TRAINING[name]

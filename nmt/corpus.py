@@ -1,0 +1,113 @@
+"""Parallel text corpora on disk: find the two files of a prefix, read them in step, fingerprint
+them, and draw a uniform sample of lines for tokenizer training.
+
+Everything streams: a 50 GB corpus is read line by line, never whole. Line-count mismatches and
+invalid UTF-8 are reported with file names and line numbers. Turning text into ids is `cache`'s job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
+
+from nmt.errors import NmtError, UsageError
+from nmt.textio import count_lines, open_binary, read_lines
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ParallelCorpus:
+    src_path: Path
+    tgt_path: Path
+
+    @staticmethod
+    def from_prefix(prefix: str | Path, src: str, tgt: str) -> "ParallelCorpus":
+        """`PREFIX.src` and `PREFIX.tgt` (or their `.gz`), the convention of fairseq, Marian and JoeyNMT."""
+        if not src or not tgt or src == tgt:
+            raise UsageError(f"--src and --tgt must be two different language codes (got {src!r}, {tgt!r})")
+        return ParallelCorpus(_find(prefix, src), _find(prefix, tgt))
+
+    def pairs(self) -> Iterator[tuple[str, str]]:
+        """Yield (source line, target line); a different number of lines is an error naming both."""
+        src_lines, tgt_lines = read_lines(self.src_path), read_lines(self.tgt_path)
+        for s in src_lines:
+            t = next(tgt_lines, None)
+            if t is None:
+                raise NmtError(self._mismatch())
+            yield s, t
+        if next(tgt_lines, None) is not None:
+            raise NmtError(self._mismatch())
+
+    def _mismatch(self) -> str:
+        ns, nt = count_lines(self.src_path), count_lines(self.tgt_path)
+        return f"line counts differ: {self.src_path} has {ns} lines, {self.tgt_path} has {nt}"
+
+    def check_line_counts(self) -> int:
+        ns, nt = count_lines(self.src_path), count_lines(self.tgt_path)
+        if ns != nt:
+            raise NmtError(self._mismatch())
+        return ns
+
+
+def _find(prefix: str | Path, lang: str) -> Path:
+    plain = Path(f"{prefix}.{lang}")
+    for candidate in (plain, Path(f"{plain}.gz")):
+        if candidate.is_file():
+            return candidate
+    raise NmtError(f"{plain}: no such file (nor {plain}.gz)")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    path: str
+    size: int
+    lines: int
+    sha256: str
+
+
+def fingerprint(path: Path) -> Fingerprint:
+    """Size, line count and SHA-256 of a file's bytes (as stored, compressed or not), in one pass."""
+    h = hashlib.sha256()
+    lines = 0
+    size = 0
+    last = b"\n"
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+                size += len(chunk)
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+    except OSError as e:
+        raise NmtError(f"{path}: cannot read ({e.strerror})") from None
+    if str(path).endswith(".gz"):
+        lines = count_lines(path)  # lines of the text, not of the compressed bytes
+    else:
+        lines += last != b"\n"
+    return Fingerprint(str(path), size, lines, h.hexdigest())
+
+
+def reservoir_sample(items: Iterable[T], k: int, seed: int) -> list[T]:
+    """A uniform sample of k items from a stream read once (Vitter's algorithm R), in stream order."""
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, T]] = []
+    for i, item in enumerate(items):
+        if i < k:
+            reservoir.append((i, item))
+        else:
+            j = rng.randint(0, i)
+            if j < k:
+                reservoir[j] = (i, item)
+    reservoir.sort(key=lambda pair: pair[0])
+    return [item for _, item in reservoir]
+
+
+def sample_pairs(corpora: list[ParallelCorpus], k: int, seed: int) -> tuple[list[str], list[str]]:
+    """Sample k sentence pairs uniformly over all corpora in one streaming pass."""
+    pairs = reservoir_sample((p for c in corpora for p in c.pairs()), k, seed)
+    return [s for s, _ in pairs], [t for _, t in pairs]
+

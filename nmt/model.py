@@ -1,0 +1,291 @@
+"""The Transformer encoder–decoder of Vaswani et al. (2017), written to be read beside the paper.
+
+`encode()` turns source ids into memory; `decode()` turns target ids (and memory) into
+next-token logits, either over a whole prefix at once (training, with a causal mask) or one
+step at a time with an explicit `DecoderCache` (search). No file, device or CLI code here.
+
+Shapes: B batch, K beam, S source length, T target length, D d_model, H heads, Dh = D / H,
+V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nmt.config import ModelConfig
+
+
+def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/D)), PE(pos, 2i+1) = cos(…)  (section 3.5)."""
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]  # [P, 1]
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(n_positions, d_model)
+    pe[:, 0::2] = torch.sin(pos * inv_freq)
+    pe[:, 1::2] = torch.cos(pos * inv_freq)
+    return pe  # [P, D]
+
+
+def split_heads(x: Tensor, n_heads: int) -> Tensor:
+    b, t, d = x.shape
+    return x.view(b, t, n_heads, d // n_heads).transpose(1, 2)  # [B, H, T, Dh]
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    b, h, t, dh = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * dh)  # [B, T, D]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: Q, K, V are projections of the same sequence (section 3.2.2)."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+        q, k, v = (split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))  # [B, H, T, Dh]
+        p = self.dropout if self.training else 0.0
+        # softmax(Q Kᵀ / √Dh + mask) V: the scale keeps logits' variance ~1 as Dh grows.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        return self.out(merge_heads(y))
+
+    def step(self, x: Tensor, cache: "LayerCache", t: int) -> Tensor:
+        """One decoding step: x [N, 1, D]; appends this position's K, V to the cache at index t."""
+        q, k, v = (split_heads(z, self.n_heads) for z in self.qkv(x).chunk(3, dim=-1))  # [N, H, 1, Dh]
+        cache.k[:, :, t : t + 1] = k
+        cache.v[:, :, t : t + 1] = v
+        # Every cached position is ≤ t, so no mask is needed: causality comes from the cache length.
+        y = F.scaled_dot_product_attention(q, cache.k[:, :, : t + 1], cache.v[:, :, : t + 1])
+        return self.out(merge_heads(y))
+
+
+class CrossAttention(nn.Module):
+    """Encoder–decoder attention: queries from the decoder, keys and values from the memory."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        return split_heads(k, self.n_heads), split_heads(v, self.n_heads)  # [B, H, S, Dh] each
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, src_mask: Tensor | None) -> Tensor:
+        q = split_heads(self.q(x), self.n_heads)  # [B, H, T, Dh]
+        p = self.dropout if self.training else 0.0
+        return self.out(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=src_mask, dropout_p=p)))
+
+    def step(self, x: Tensor, k: Tensor, v: Tensor, src_mask: Tensor | None) -> Tensor:
+        """x [B·K, 1, D] against per-sentence k, v [B, H, S, Dh]: the K beams of a sentence become
+        K query positions of that sentence, so the memory is never copied per beam."""
+        n = x.shape[0]
+        b = k.shape[0]
+        q = split_heads(self.q(x).view(b, n // b, -1), self.n_heads)  # [B, H, K, Dh]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=src_mask)  # [B, H, K, Dh]
+        return self.out(merge_heads(y).reshape(n, 1, -1))  # [B·K, 1, D]
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2, applied to each position (section 3.3).
+
+    No dropout inside (fairseq's activation_dropout defaults to 0 too): on CPU, drawing a mask
+    over the d_ff-wide hidden layer cost more time than any matrix product in the layer."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff)
+        self.w2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.relu(self.w1(x)))
+
+
+class Residual(nn.Module):
+    """x + Dropout(f(LayerNorm(x))) (pre-norm) or LayerNorm(x + Dropout(f(x))) (post-norm, the paper's)."""
+
+    def __init__(self, d_model: int, dropout: float, pre_norm: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def forward(self, x: Tensor, f) -> Tensor:
+        if self.pre_norm:
+            return x + self.dropout(f(self.norm(x)))
+        return self.norm(x + self.dropout(f(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.attn = SelfAttention(c.d_model, c.n_heads, c.attention_dropout)
+        self.ffn = FeedForward(c.d_model, c.d_ff)
+        self.res1 = Residual(c.d_model, c.dropout, c.pre_norm)
+        self.res2 = Residual(c.d_model, c.dropout, c.pre_norm)
+
+    def forward(self, x: Tensor, src_mask: Tensor | None) -> Tensor:
+        x = self.res1(x, lambda h: self.attn(h, mask=src_mask))
+        return self.res2(x, self.ffn)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.self_attn = SelfAttention(c.d_model, c.n_heads, c.attention_dropout)
+        self.cross_attn = CrossAttention(c.d_model, c.n_heads, c.attention_dropout)
+        self.ffn = FeedForward(c.d_model, c.d_ff)
+        self.res1 = Residual(c.d_model, c.dropout, c.pre_norm)
+        self.res2 = Residual(c.d_model, c.dropout, c.pre_norm)
+        self.res3 = Residual(c.d_model, c.dropout, c.pre_norm)
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, src_mask: Tensor | None) -> Tensor:
+        x = self.res1(x, lambda h: self.self_attn(h, causal=True))
+        x = self.res2(x, lambda h: self.cross_attn(h, k, v, src_mask))
+        return self.res3(x, self.ffn)
+
+    def step(self, x: Tensor, cache: "LayerCache", t: int, src_mask: Tensor | None) -> Tensor:
+        x = self.res1(x, lambda h: self.self_attn.step(h, cache, t))
+        x = self.res2(x, lambda h: self.cross_attn.step(h, cache.mem_k, cache.mem_v, src_mask))
+        return self.res3(x, self.ffn)
+
+
+@dataclass
+class LayerCache:
+    k: Tensor  # [B·K, H, T_max, Dh] self-attention keys, filled up to the current step
+    v: Tensor
+    mem_k: Tensor  # [B, H, S, Dh] cross-attention keys of the memory, computed once per sentence
+    mem_v: Tensor
+
+
+@dataclass
+class DecoderCache:
+    """Everything incremental decoding carries from one step to the next, passed in and out
+    explicitly (never hidden on modules). `src_mask` is per sentence, like the memory."""
+
+    layers: list[LayerCache]
+    src_mask: Tensor | None  # [B, 1, 1, S] True where attention is allowed
+    length: int = 0  # positions already decoded
+
+    def reorder(self, beam_origin: Tensor) -> None:
+        """Self-attention state follows the surviving hypotheses: row i takes row beam_origin[i]."""
+        for layer in self.layers:
+            layer.k = layer.k.index_select(0, beam_origin)
+            layer.v = layer.v.index_select(0, beam_origin)
+
+    def keep_sentences(self, sentences: Tensor, beam: int) -> None:
+        """Drop finished sentences: keep `sentences` (indices into B) and their K rows each."""
+        rows = (sentences[:, None] * beam + torch.arange(beam, device=sentences.device)).reshape(-1)
+        for layer in self.layers:
+            layer.k, layer.v = layer.k.index_select(0, rows), layer.v.index_select(0, rows)
+            layer.mem_k, layer.mem_v = layer.mem_k.index_select(0, sentences), layer.mem_v.index_select(0, sentences)
+        if self.src_mask is not None:
+            self.src_mask = self.src_mask.index_select(0, sentences)
+
+
+class Transformer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        if c.d_model % c.n_heads:
+            raise ValueError(f"d_model {c.d_model} is not divisible by n_heads {c.n_heads}")
+        self.config = c
+        self.src_embed = nn.Embedding(c.src_vocab_size, c.d_model, padding_idx=c.pad_id)
+        if c.tie_embeddings and c.src_vocab_size == c.tgt_vocab_size:
+            self.tgt_embed = self.src_embed  # one joint vocabulary: one matrix
+        else:
+            self.tgt_embed = nn.Embedding(c.tgt_vocab_size, c.d_model, padding_idx=c.pad_id)
+        self.register_buffer("positions", sinusoidal_positions(c.max_positions, c.d_model), persistent=False)
+        self.embed_dropout = nn.Dropout(c.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(c) for _ in range(c.encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(c) for _ in range(c.decoder_layers))
+        # Pre-norm stacks end un-normalised: one final LayerNorm each (post-norm needs none).
+        self.encoder_norm = nn.LayerNorm(c.d_model) if c.pre_norm else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(c.d_model) if c.pre_norm else nn.Identity()
+        self.output = nn.Linear(c.d_model, c.tgt_vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.output.weight = self.tgt_embed.weight  # section 3.4: shared with the embeddings
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() > 1 and "embed" not in name:
+                nn.init.xavier_uniform_(p)
+            elif "bias" in name:
+                nn.init.zeros_(p)
+        for emb in {self.src_embed, self.tgt_embed}:
+            nn.init.normal_(emb.weight, mean=0.0, std=self.config.d_model**-0.5)
+            nn.init.zeros_(emb.weight[self.config.pad_id])
+
+    def embed(self, table: nn.Embedding, ids: Tensor, offset: int = 0) -> Tensor:
+        """Token embeddings × √D plus sinusoidal positions (section 3.4), then dropout."""
+        if ids.shape[1] + offset > self.positions.shape[0]:
+            raise ValueError(f"sequence of {ids.shape[1] + offset} exceeds max_positions {self.positions.shape[0]}")
+        x = table(ids) * math.sqrt(self.config.d_model) + self.positions[offset : offset + ids.shape[1]]
+        return self.embed_dropout(x)
+
+    def src_mask(self, src: Tensor) -> Tensor:
+        return (src != self.config.pad_id)[:, None, None, :]  # [B, 1, 1, S], True = attend
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """src [B, S] → memory [B, S, D] and its mask [B, 1, 1, S]."""
+        mask = self.src_mask(src)
+        x = self.embed(self.src_embed, src)
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return self.encoder_norm(x), mask
+
+    def decode_hidden(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor) -> Tensor:
+        """Teacher forcing: tgt_in [B, T] (starting with BOS) → final decoder states [B, T, D]."""
+        x = self.embed(self.tgt_embed, tgt_in)
+        for layer in self.decoder:
+            k, v = layer.cross_attn.memory_kv(memory)
+            x = layer(x, k, v, src_mask)
+        return self.decoder_norm(x)
+
+    def decode(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor) -> Tensor:
+        """Teacher forcing: tgt_in [B, T] → logits [B, T, V] for the next tokens."""
+        return self.output(self.decode_hidden(tgt_in, memory, src_mask))
+
+    def forward(self, src: Tensor, tgt_in: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Logits [B, T, V]; with `keep` [B, T] (True at real target positions) only those rows,
+        [N, V]: the output layer, the largest matrix product, then skips the padding."""
+        memory, mask = self.encode(src)
+        hidden = self.decode_hidden(tgt_in, memory, mask)
+        return self.output(hidden if keep is None else hidden[keep])
+
+    def init_cache(self, memory: Tensor, src_mask: Tensor, beam: int, max_steps: int) -> DecoderCache:
+        """Pre-allocate self-attention buffers for B·K rows and max_steps positions; compute each
+        layer's cross-attention keys/values once from the memory [B, S, D]."""
+        c = self.config
+        n = memory.shape[0] * beam
+        dh = c.d_model // c.n_heads
+        layers = []
+        for layer in self.decoder:
+            mem_k, mem_v = layer.cross_attn.memory_kv(memory)
+            buf = memory.new_zeros(2, n, c.n_heads, max_steps, dh)
+            layers.append(LayerCache(buf[0], buf[1], mem_k, mem_v))
+        return DecoderCache(layers, src_mask)
+
+    def decode_step(self, tokens: Tensor, cache: DecoderCache) -> Tensor:
+        """tokens [B·K] (the newest token of each hypothesis) → logits [B·K, V] for the next one."""
+        t = cache.length
+        x = self.embed(self.tgt_embed, tokens[:, None], offset=t)  # [B·K, 1, D]
+        for layer, layer_cache in zip(self.decoder, cache.layers):
+            x = layer.step(x, layer_cache, t, cache.src_mask)
+        cache.length = t + 1
+        return self.output(self.decoder_norm(x))[:, 0]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

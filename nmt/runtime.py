@@ -1,0 +1,107 @@
+"""Where and in what precision the arithmetic runs: device, dtype and CPU threads, decided here only.
+
+On CPU the choice between float32 and bfloat16 is made by measurement on the machine at hand
+(a short matmul race), because some CPUs have fast bf16 units and others emulate it slowly.
+Denormal floats are flushed to zero: on x86 they slow the backward pass by an order of magnitude.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nmt.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # the autocast dtype for matrix products (float32: no autocast)
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def describe(self) -> str:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else _cpu_name()
+        threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
+        return f"{self.device.type} ({name}{threads}), {str(self.dtype).removeprefix('torch.')}"
+
+
+def setup(device: str = "auto", dtype: str = "auto", threads: int = 0) -> Runtime:
+    torch.set_flush_denormal(True)
+    if threads < 0:
+        raise UsageError(f"--threads must be ≥ 0 (got {threads})")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = _device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(dev, _dtype(dtype, dev))
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UsageError(f"unknown device {name!r} (auto, cpu or cuda)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        if name not in DTYPES:
+            raise UsageError(f"unknown dtype {name!r} (auto, float32 or bfloat16)")
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_bf16_speedup() > 1.2 else torch.float32
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """How much faster a bf16 matmul runs than a float32 one here (best of a few short trials)."""
+    env = os.environ.get("NMT_CPU_BF16_SPEEDUP")  # lets tests and benchmarks pin the decision
+    if env:
+        return float(env)
+    # Alternate the two dtypes and keep each one's best time, so a burst of load from another
+    # process slows both alike instead of deciding the race.
+    mats = {dt: (torch.randn(768, 768, dtype=dt), torch.randn(768, 768, dtype=dt)) for dt in (torch.float32, torch.bfloat16)}
+    times = {dt: float("inf") for dt in mats}
+    for _ in range(7):
+        for dt, (a, b) in mats.items():
+            t0 = time.perf_counter()
+            for _ in range(3):
+                a @ b
+            times[dt] = min(times[dt], time.perf_counter() - t0)
+    speedup = times[torch.float32] / times[torch.bfloat16]
+    log.debug("bf16 matmul speed-up on this CPU: %.2f×", speedup)
+    return speedup
+
+
+@functools.cache
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "CPU"

@@ -1,0 +1,92 @@
+"""Reading UTF-8 text one line at a time, from files (plain or `.gz`) or stdin.
+
+Every line is checked as UTF-8 where it is read, so an error names the file and line
+number. Nothing here holds a whole file in memory. Writing results and models is left to
+`translate` and `checkpoint`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import sys
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from nmt.errors import NmtError
+
+STDIN = "-"
+
+
+def display_name(path: str | os.PathLike | None) -> str:
+    return "<stdin>" if path in (None, STDIN) else str(path)
+
+
+def open_binary(path: str | os.PathLike | None) -> BinaryIO:
+    """Open a file (transparently gunzipped when it ends in `.gz`) or stdin for reading bytes."""
+    if path in (None, STDIN):
+        return sys.stdin.buffer
+    p = Path(path)
+    if not p.exists():
+        raise NmtError(f"{p}: no such file")
+    if p.is_dir():
+        raise NmtError(f"{p}: is a directory, expected a text file")
+    try:
+        raw = open(p, "rb")
+    except OSError as e:
+        raise NmtError(f"{p}: cannot open ({e.strerror})") from None
+    if p.suffix == ".gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    return raw
+
+
+def decode_line(raw: bytes, name: str, lineno: int) -> str:
+    """One line of bytes → str without its line ending; invalid UTF-8 names file and line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NmtError(f"{name}: line {lineno}: invalid UTF-8 at byte {e.start}") from None
+    return text.rstrip("\r\n")
+
+
+def read_lines(path: str | os.PathLike | None) -> Iterator[str]:
+    """Yield the lines of a file or stdin (`-`/None), without line endings, checked as UTF-8."""
+    name = display_name(path)
+    stream = open_binary(path)
+    try:
+        for lineno, raw in enumerate(_iter_raw_lines(stream, name), start=1):
+            yield decode_line(raw, name, lineno)
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+
+
+def _iter_raw_lines(stream: BinaryIO, name: str) -> Iterator[bytes]:
+    try:
+        # readline (not iteration over a buffered reader) so stdin lines are handed on as
+        # soon as they arrive: `head -3 file | nmt translate` must not wait for more.
+        while True:
+            line = stream.readline()
+            if not line:
+                return
+            yield line
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise NmtError(f"{name}: read error ({e})") from None
+
+
+def count_lines(path: str | os.PathLike) -> int:
+    """Number of lines, a final line without a newline included."""
+    n = 0
+    last = b"\n"
+    with open_binary(path) as f:
+        while chunk := f.read(1 << 20):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    return n + (last != b"\n")
+
+
+def utf8_stdio() -> None:
+    """Make stdout UTF-8 and line-oriented whatever the locale (pipes default to ASCII in C locale)."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(encoding="utf-8", errors="strict", newline="\n")

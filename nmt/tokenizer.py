@@ -1,0 +1,173 @@
+"""Subword tokenizers (HuggingFace `tokenizers`): train, save, load, encode and decode.
+
+BPE by default (unigram as an option); NFC normalisation; Metaspace-style word boundaries
+(`▁`) so decoding restores the text exactly (NFC-normalised, outer whitespace stripped; the one
+exception is a literal `▁` U+2581 in the input, which decodes as a space, as in SentencePiece); byte fallback with all 256 byte tokens in the
+vocabulary, so no character is ever `<unk>`. One joint vocabulary by default, or one per
+language. Special ids are fixed: <pad>=0, <unk>=1, <s>=2, </s>=3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from nmt.config import TokenizerConfig
+from nmt.errors import NmtError
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+SPACE = "▁"
+
+
+def _skeleton(config: TokenizerConfig) -> Tokenizer:
+    if config.kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    elif config.kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+    else:
+        raise NmtError(f"unknown tokenizer kind {config.kind!r} (bpe or unigram)")
+    norms = [normalizers.NFC(), normalizers.Strip()]
+    if config.lowercase:
+        norms.append(normalizers.Lowercase())
+    tok.normalizer = normalizers.Sequence(norms)
+    # Splitting off "<" keeps the unigram model (which matches any vocabulary piece) from reading
+    # literal "</s>" or "<0x41>" in text as special or byte tokens.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always", split=True),
+        pre_tokenizers.Split("<", behavior="isolated"),
+    ])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return tok
+
+
+def _trainer(config: TokenizerConfig, vocab_size: int):
+    if config.kind == "bpe":
+        # limit_alphabet keeps rare characters out of the base vocabulary: they fall back to bytes.
+        return trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=config.min_frequency, special_tokens=SPECIALS,
+            limit_alphabet=1000, show_progress=False,
+        )
+    return trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, unk_token="<unk>", show_progress=False
+    )
+
+
+def _add_byte_fallback(tok: Tokenizer) -> Tokenizer:
+    """Append the 256 byte tokens to the model's own vocabulary (not as added tokens, which
+    would match literal text like "<0x41>") and switch byte fallback on."""
+    data = json.loads(tok.to_str())
+    model = data["model"]
+    if model["type"] == "BPE":
+        vocab = model["vocab"]
+        for piece in BYTE_TOKENS:
+            vocab.setdefault(piece, len(vocab))
+    else:  # Unigram: a list of [piece, log-probability]
+        floor = min(score for _, score in model["vocab"]) - 1.0
+        known = {piece for piece, _ in model["vocab"]}
+        model["vocab"].extend([piece, floor] for piece in BYTE_TOKENS if piece not in known)
+        model["unk_id"] = UNK_ID
+    model["byte_fallback"] = True
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def train_tokenizer(lines: Iterable[str], config: TokenizerConfig) -> Tokenizer:
+    """Train one subword model on `lines` (an iterator; it is consumed once)."""
+    tok = _skeleton(config)
+    # The byte tokens are added after training, so ask for that many fewer pieces.
+    tok.train_from_iterator(lines, trainer=_trainer(config, max(config.vocab_size - 256, len(SPECIALS) + 64)))
+    for i, special in enumerate(SPECIALS):
+        if tok.token_to_id(special) != i:
+            raise NmtError(f"tokenizer training put {special} at id {tok.token_to_id(special)}, expected {i}")
+    return _prepare(_add_byte_fallback(tok))
+
+
+def _prepare(tok: Tokenizer) -> Tokenizer:
+    # Literal "</s>" in a user's text is text, not the end-of-sentence symbol.
+    tok.encode_special_tokens = True
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+@dataclass
+class Vocabs:
+    """The source and target tokenizers (the same object when the vocabulary is joint)."""
+
+    src: Tokenizer
+    tgt: Tokenizer
+
+    @property
+    def joint(self) -> bool:
+        return self.src is self.tgt
+
+    def files(self) -> dict[str, str]:
+        return {"tokenizer.json": self.src.to_str()} if self.joint else {
+            "tokenizer.src.json": self.src.to_str(), "tokenizer.tgt.json": self.tgt.to_str()}
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name, text in sorted(self.files().items()):
+            h.update(name.encode() + b"\0" + text.encode("utf-8"))
+        return h.hexdigest()
+
+    def save(self, directory: Path) -> None:
+        from nmt.checkpoint import atomic_write_text
+
+        for name, text in self.files().items():
+            atomic_write_text(directory / name, text)
+
+    @staticmethod
+    def load(directory: Path) -> "Vocabs":
+        joint = directory / "tokenizer.json"
+        if joint.exists():
+            tok = _load_one(joint)
+            return Vocabs(tok, tok)
+        src, tgt = directory / "tokenizer.src.json", directory / "tokenizer.tgt.json"
+        if not (src.exists() and tgt.exists()):
+            raise NmtError(f"{directory}: no tokenizer.json (nor tokenizer.src.json and tokenizer.tgt.json)")
+        return Vocabs(_load_one(src), _load_one(tgt))
+
+    @staticmethod
+    def exists(directory: Path) -> bool:
+        return (directory / "tokenizer.json").exists() or (directory / "tokenizer.src.json").exists()
+
+
+def _load_one(path: Path) -> Tokenizer:
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the library raises a bare Exception on bad JSON
+        raise NmtError(f"{path}: not a valid tokenizer file ({str(e).splitlines()[0][:200]})") from None
+    if [tok.token_to_id(s) for s in SPECIALS] != list(range(len(SPECIALS))):
+        raise NmtError(f"{path}: special tokens are not {SPECIALS} at ids 0-3")
+    return _prepare(tok)
+
+
+def train_vocabs(src_lines: Iterable[str], tgt_lines: Iterable[str], config: TokenizerConfig) -> Vocabs:
+    """Train the joint vocabulary on both sides, or one per side when config.joint is False."""
+    if config.joint:
+        tok = train_tokenizer(_chain(src_lines, tgt_lines), config)
+        return Vocabs(tok, tok)
+    return Vocabs(train_tokenizer(src_lines, config), train_tokenizer(tgt_lines, config))
+
+
+def _chain(*iterables: Iterable[str]) -> Iterator[str]:
+    for it in iterables:
+        yield from it
+
+
+def encode_batch(tok: Tokenizer, lines: list[str]) -> list[list[int]]:
+    """Ids without special tokens; encoding runs on all cores inside the library."""
+    return [e.ids for e in tok.encode_batch_fast(lines, add_special_tokens=False)]
+
+
+def decode_batch(tok: Tokenizer, ids: list[list[int]]) -> list[str]:
+    return tok.decode_batch(ids, skip_special_tokens=True)

@@ -1,0 +1,524 @@
+"""The training run, top to bottom: prepare the run directory, then loop
+(learning rate → forward/backward over `update_freq` batches → clip → step → log → evaluate and save)
+until a budget (steps, time, epochs, patience) or a signal ends it.
+
+Preparation (`prepare`): corpora → tokenizer (trained on a sample, or the one already in the
+run directory) → token cache → config.json. Re-running the same command resumes from the
+newest checkpoint exactly (step, schedule, optimizer, RNG, position in the data); a change of
+training data or model options is refused. Under `torchrun` each rank trains on its own share of
+every step's batches (DDP); rank 0 alone writes files and logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nmt import checkpoint
+from nmt.batching import collate, plan_epoch
+from nmt.cache import Filters, TokenCache, load_or_build
+from nmt.config import DecodeConfig, ModelConfig, TokenizerConfig, TrainConfig, from_dict, to_dict
+from nmt.corpus import ParallelCorpus, sample_pairs
+from nmt.errors import NmtError
+from nmt.model import Transformer, count_parameters
+from nmt.progress import StepProgress
+from nmt.runtime import Runtime, setup
+from nmt.tokenizer import PAD_ID, Vocabs, train_vocabs
+
+log = logging.getLogger(__name__)
+
+
+# -- preparation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    out: Path
+    vocabs: Vocabs
+    cache: TokenCache
+    model_config: ModelConfig
+    dev: ParallelCorpus | None
+
+
+def corpora_of(config: TrainConfig) -> list[ParallelCorpus]:
+    if not config.train:
+        raise NmtError("no training data given (--train PREFIX)")
+    return [ParallelCorpus.from_prefix(p, config.src, config.tgt) for p in config.train]
+
+
+def prepare_tokenizer(config: TrainConfig, tok_config: TokenizerConfig, out: Path) -> Vocabs:
+    """The run's tokenizer: the one saved in `out`, else trained on a seeded sample and saved."""
+    if Vocabs.exists(out):
+        log.info("tokenizer: reusing %s", out)
+        return Vocabs.load(out)
+    corpora = corpora_of(config)
+    log.info("tokenizer: training %s, %d pieces, on up to %s sampled pairs", tok_config.kind,
+             tok_config.vocab_size, f"{tok_config.sample_lines:,}")
+    src, tgt = sample_pairs(corpora, tok_config.sample_lines, config.seed)
+    if not any(s.strip() for s in src) or not any(t.strip() for t in tgt):
+        raise NmtError(f"training data is empty: {corpora[0].src_path}, {corpora[0].tgt_path}")
+    vocabs = train_vocabs(src, tgt, tok_config)
+    vocabs.save(out)
+    return vocabs
+
+
+def prepare(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerConfig, out: Path,
+            build_cache: bool = True) -> Prepared:
+    out.mkdir(parents=True, exist_ok=True)
+    corpora = corpora_of(config)
+    dev = ParallelCorpus.from_prefix(config.dev, config.src, config.tgt) if config.dev else None
+    if dev is not None:
+        dev.check_line_counts()
+    vocabs = prepare_tokenizer(config, tok_config, out)
+    model_config = ModelConfig(**{**asdict(model_config), "src_vocab_size": vocabs.src.get_vocab_size(),
+                                  "tgt_vocab_size": vocabs.tgt.get_vocab_size()})
+    filters = Filters(config.max_length, config.max_ratio, config.dedupe)
+    cache_root = Path(config.cache_dir) if config.cache_dir else out / "cache"
+    cache = load_or_build(corpora, vocabs, filters, cache_root) if build_cache else None
+    return Prepared(out, vocabs, cache, model_config, dev)  # type: ignore[arg-type]
+
+
+def run_config(p: Prepared, config: TrainConfig, tok_config: TokenizerConfig) -> dict[str, Any]:
+    import sacrebleu
+    import tokenizers
+
+    meta = json.loads((p.cache.directory / "meta.json").read_text())
+    return {
+        "src": config.src, "tgt": config.tgt,
+        "model": to_dict(p.model_config), "tokenizer": to_dict(tok_config), "train": to_dict(config),
+        "data": meta["fingerprints"], "filters": meta["report"],
+        "versions": {"nmt": __import__("nmt").__version__, "torch": torch.__version__,
+                     "tokenizers": tokenizers.__version__, "sacrebleu": sacrebleu.__version__},
+    }
+
+
+def check_resumable(out: Path, new: dict[str, Any]) -> None:
+    """Refuse to resume when the data or the model options changed (say what changed)."""
+    old = checkpoint.read_config(out)
+    changed = [k for k in sorted(set(old["model"]) | set(new["model"])) if old["model"].get(k) != new["model"].get(k)]
+    if changed:
+        diffs = ", ".join(f"{k}: {old['model'].get(k)} → {new['model'].get(k)}" for k in changed)
+        raise NmtError(f"{out}: cannot resume, model options changed ({diffs}); use a new --out")
+    old_data = [(d["path"], d["sha256"]) for d in old["data"]]
+    new_data = [(d["path"], d["sha256"]) for d in new["data"]]
+    if old_data != new_data:
+        which = [n[0] for o, n in zip(old_data, new_data) if o != n] or [n[0] for n in new_data]
+        raise NmtError(f"{out}: cannot resume, training data changed ({', '.join(which)}); use a new --out")
+
+
+# -- the training loop ---------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Everything that says where training is; saved with every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    target_tokens: int = 0
+    seconds: float = 0.0
+    best_bleu: float = -1.0
+    best_step: int = 0
+    evals_without_gain: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def inverse_sqrt_lr(step: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to `peak` over `warmup` steps, then decay ∝ 1/√step (Vaswani et al. 2017, 5.3)."""
+    step = max(step, 1)
+    return peak * min(step / max(warmup, 1), math.sqrt(max(warmup, 1) / step))
+
+
+class Trainer:
+    def __init__(self, p: Prepared, config: TrainConfig, runtime: Runtime, dist: "Distributed"):
+        self.p, self.config, self.runtime, self.dist = p, config, runtime, dist
+        torch.manual_seed(config.seed)
+        self.model = Transformer(p.model_config).to(runtime.device)
+        self.optimizer = _optimizer(self.model, config, runtime)
+        self.progress = Progress()
+        self.stop_reason: str | None = None
+        self.train_model = self.model
+        if dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        if config.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.metrics_path = p.out / "metrics.jsonl"
+
+    # resume ----------------------------------------------------------------------------------
+
+    def resume(self) -> bool:
+        checkpoints = checkpoint.list_checkpoints(self.p.out)
+        if not checkpoints:
+            return False
+        latest = checkpoints[-1]
+        checkpoint.load_weights(self.model, latest / checkpoint.WEIGHTS)
+        state = checkpoint.load_state(latest)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.progress = Progress(**json.loads(state["progress"]))
+        torch.set_rng_state(state["rng_cpu"])
+        if self.runtime.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], self.runtime.device)
+        log.info("resuming from %s (step %d, epoch %d, batch %d)", latest.name, self.progress.step,
+                 self.progress.epoch, self.progress.batch_in_epoch)
+        return True
+
+    def save(self) -> None:
+        if not self.dist.is_writer:
+            return
+        state = {"optimizer": self.optimizer.state_dict(), "progress": json.dumps(asdict(self.progress)),
+                 "rng_cpu": torch.get_rng_state()}
+        if self.runtime.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.runtime.device)
+        checkpoint.save_checkpoint(self.p.out, self.progress.step, self.model, state, self.config.keep_last)
+
+    # loop ------------------------------------------------------------------------------------
+
+    def run(self) -> Progress:
+        c = self.config
+        start = time.monotonic() - self.progress.seconds
+        total = c.max_steps if c.max_steps else (c.max_time or None)
+        with StepProgress("train", total, log_every=30.0) as bar, _StopOnSignal(self):
+            while self.stop_reason is None:
+                batches = plan_epoch(self.p.cache.src_len, self.p.cache.tgt_len, c.batch_tokens, c.seed,
+                                     self.progress.epoch, self.dist.rank, self.dist.world_size)
+                if not batches:
+                    raise NmtError("no batch fits the token budget (raise --batch-tokens)")
+                self._epoch(batches, start, bar)
+        self.progress.seconds = time.monotonic() - start
+        return self.progress
+
+    def _epoch(self, batches: list[np.ndarray], start: float, bar: StepProgress) -> None:
+        c, pr = self.config, self.progress
+        window_tokens, window_start = 0, time.monotonic()
+        while pr.batch_in_epoch + c.update_freq <= len(batches) and self.stop_reason is None:
+            group = batches[pr.batch_in_epoch : pr.batch_in_epoch + c.update_freq]
+            loss, n_tokens = self._step(group)
+            pr.batch_in_epoch += c.update_freq
+            pr.step += 1
+            pr.target_tokens += n_tokens
+            window_tokens += n_tokens
+            pr.seconds = time.monotonic() - start
+            if pr.step % c.log_every == 0:
+                rate = window_tokens / max(time.monotonic() - window_start, 1e-9)
+                self._log({"event": "train", "step": pr.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                           "target_tokens_per_s": rate, "seconds": pr.seconds, "epoch": pr.epoch})
+                window_tokens, window_start = 0, time.monotonic()
+                bar.update(self._done(), f"step {pr.step} loss {loss:.3f} {rate:,.0f} tok/s"
+                           f" dev BLEU {max(pr.best_bleu, 0):.1f}")
+            self._check_budget()
+            if pr.step % c.eval_every == 0 or self.stop_reason is not None:
+                self.evaluate_and_save()
+        if self.stop_reason is None:
+            pr.epoch += 1
+            pr.batch_in_epoch = 0
+            if c.max_epochs and pr.epoch >= c.max_epochs:
+                self.stop_reason = f"{c.max_epochs} epochs done"
+                self.evaluate_and_save()
+
+    def _done(self) -> float:
+        c, pr = self.config, self.progress
+        return pr.step if c.max_steps else pr.seconds
+
+    def _step(self, group: list[np.ndarray]) -> tuple[float, int]:
+        c = self.config
+        lr = inverse_sqrt_lr(self.progress.step + 1, c.lr, c.warmup_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        pin = self.runtime.device.type == "cuda"
+        batches = [collate(self.p.cache, idx, pin=pin).to(self.runtime.device) for idx in group]
+        n_tokens = self.dist.sum_int(sum(b.n_tgt_tokens for b in batches))
+        total_loss = 0.0
+        self.train_model.train()
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1
+            with _no_sync(self.train_model, sync), self.runtime.autocast():
+                keep = batch.tgt_out != PAD_ID
+                logits = self.train_model(batch.src, batch.tgt_in, keep)  # [N real tokens, V]
+                loss_sum = F.cross_entropy(logits.float(), batch.tgt_out[keep], label_smoothing=c.label_smoothing,
+                                           reduction="sum")
+            # DDP averages gradients over ranks, so scale by world size: the result is Σ loss / Σ tokens.
+            (loss_sum * self.dist.world_size / n_tokens).backward()
+            total_loss += loss_sum.item()
+        if c.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.dist.sum_float(total_loss) / n_tokens, n_tokens
+
+    def _check_budget(self) -> None:
+        c, pr = self.config, self.progress
+        reason = None
+        if c.max_steps and pr.step >= c.max_steps:
+            reason = f"{c.max_steps} steps done"
+        elif c.max_time and pr.seconds >= c.max_time:
+            reason = f"time budget of {c.max_time:.0f} s used"
+        elif self._signal:
+            reason = f"stopped by {self._signal}"
+        # every rank must stop at the same step: rank 0's decision (or any rank's signal) wins
+        if self.dist.any_flag(reason is not None) and self.stop_reason is None:
+            self.stop_reason = reason or "stopped by another rank"
+
+    _signal: str | None = None
+
+    # evaluation ------------------------------------------------------------------------------
+
+    def evaluate_and_save(self) -> None:
+        pr = self.progress
+        if self.dist.is_writer and self.p.dev is not None:
+            bleu, signature, dev_loss = evaluate_dev(self.model, self.p.vocabs, self.p.dev, self.runtime,
+                                                     self.config.eval_max_sentences)
+            improved = bleu > pr.best_bleu
+            record = {"event": "eval", "step": pr.step, "seconds": pr.seconds, "dev_bleu": bleu,
+                      "dev_loss": dev_loss, "signature": signature, "target_tokens": pr.target_tokens}
+            pr.history.append(record)
+            self._log(record)
+            log.info("step %d: dev BLEU %.2f, dev loss %.3f%s", pr.step, bleu, dev_loss,
+                     " (best so far, saved)" if improved else "")
+            if improved:
+                pr.best_bleu, pr.best_step, pr.evals_without_gain = bleu, pr.step, 0
+                checkpoint.save_weights(self.model, self.p.out / checkpoint.WEIGHTS)
+            else:
+                pr.evals_without_gain += 1
+                if self.config.patience and pr.evals_without_gain >= self.config.patience:
+                    self.stop_reason = self.stop_reason or f"no dev BLEU gain in {self.config.patience} evaluations"
+        elif self.dist.is_writer:  # no dev set: the newest model is the one to use
+            checkpoint.save_weights(self.model, self.p.out / checkpoint.WEIGHTS)
+        self.dist.share_stop(self)
+        self.save()
+        self.dist.barrier()
+
+    def _log(self, record: dict) -> None:
+        if self.dist.is_writer:
+            checkpoint.append_jsonl(self.metrics_path, {"time": time.time(), **record})
+
+
+@torch.inference_mode()
+def evaluate_dev(model, vocabs: Vocabs, dev: ParallelCorpus, runtime: Runtime, max_sentences: int = 0,
+                 ) -> tuple[float, str, float]:
+    """Dev BLEU (sacreBLEU on detokenised greedy output) and dev loss per target token."""
+    from nmt import metrics
+    from nmt.translate import Translator
+
+    pairs = list(dev.pairs())
+    if max_sentences:
+        pairs = pairs[:max_sentences]
+    was_training = model.training
+    model.eval()
+    translator = Translator(model, vocabs, runtime, DecodeConfig(beam_size=1, batch_tokens=6000))
+    hyps = [t.text for t in translator.translate(s for s, _ in pairs)]
+    bleu_metric = metrics.build_metrics(metrics.MetricOptions(metrics=("bleu",)), [[t for _, t in pairs]])
+    record = metrics.corpus_scores(hyps, bleu_metric)["bleu"]
+    dev_loss = _dev_loss(model, vocabs, runtime, pairs)
+    model.train(was_training)
+    return record["score"], record["signature"], dev_loss
+
+
+def _dev_loss(model, vocabs: Vocabs, runtime: Runtime, pairs: list[tuple[str, str]]) -> float:
+    from nmt.tokenizer import BOS_ID, EOS_ID, encode_batch
+
+    src_ids = encode_batch(vocabs.src, [s for s, _ in pairs])
+    tgt_ids = encode_batch(vocabs.tgt, [t for _, t in pairs])
+    limit = model.config.max_positions - 1
+    total, count = 0.0, 0
+    for i in range(0, len(pairs), 64):
+        src = _pad([s[:limit - 1] + [EOS_ID] for s in src_ids[i : i + 64]], runtime)
+        tgt = _pad([[BOS_ID] + t[:limit - 1] + [EOS_ID] for t in tgt_ids[i : i + 64]], runtime)
+        with runtime.autocast():
+            logits = model(src, tgt[:, :-1])
+        total += F.cross_entropy(logits.float().transpose(1, 2), tgt[:, 1:], ignore_index=PAD_ID, reduction="sum").item()
+        count += int((tgt[:, 1:] != PAD_ID).sum())
+    return total / max(count, 1)
+
+
+def _pad(rows: list[list[int]], runtime: Runtime) -> torch.Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+    return out.to(runtime.device)
+
+
+def _optimizer(model: torch.nn.Module, c: TrainConfig, runtime: Runtime) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not biases, norms), as in nanoGPT."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # The fused kernel is ~7x faster than the per-tensor loop on CPU too (measured: 7 vs 50 ms a
+    # step for the small preset on 2 cores).
+    return torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, eps=1e-9, fused=True)
+
+
+class _no_sync:
+    """DDP's no_sync for all but the last batch of an accumulated step (no-op without DDP)."""
+
+    def __init__(self, model, sync: bool):
+        self.ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx else False
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM ask the loop to stop at the next step boundary, save, and exit cleanly;
+    a second signal stops at once."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        if self.trainer._signal:
+            raise KeyboardInterrupt
+        self.trainer._signal = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint at the end of this step (again to abort)",
+                    self.trainer._signal)
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+# -- torch.distributed ---------------------------------------------------------------------------
+
+
+class Distributed:
+    """The process group under torchrun (WORLD_SIZE > 1), or a single process."""
+
+    def __init__(self, runtime_device: str):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.is_writer = self.rank == 0
+        self.backend = None
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            use_cuda = runtime_device != "cpu" and torch.cuda.is_available()
+            if use_cuda:
+                torch.cuda.set_device(self.local_rank)
+            self.backend = "nccl" if use_cuda else "gloo"
+            dist.init_process_group(self.backend)
+
+    def device_name(self, requested: str) -> str:
+        if self.backend == "nccl":
+            return f"cuda:{self.local_rank}"
+        return "cpu" if self.backend == "gloo" else requested
+
+    def _all_reduce(self, value: float, op) -> float:
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        if self.backend == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=op)
+        return t.item()
+
+    def sum_int(self, value: int) -> int:
+        import torch.distributed as dist
+
+        return int(self._all_reduce(float(value), dist.ReduceOp.SUM if self.world_size > 1 else None))
+
+    def sum_float(self, value: float) -> float:
+        import torch.distributed as dist
+
+        return self._all_reduce(value, dist.ReduceOp.SUM if self.world_size > 1 else None)
+
+    def any_flag(self, flag: bool) -> bool:
+        import torch.distributed as dist
+
+        return self._all_reduce(float(flag), dist.ReduceOp.MAX if self.world_size > 1 else None) > 0
+
+    def share_stop(self, trainer: Trainer) -> None:
+        """Patience is decided on rank 0 (it evaluates); tell the others."""
+        if self.world_size > 1 and self.any_flag(trainer.stop_reason is not None) and trainer.stop_reason is None:
+            trainer.stop_reason = "stopped by rank 0"
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# -- the whole job -------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerConfig, out: Path) -> Progress:
+    """Prepare (or resume) the run in `out` and train until a budget ends it."""
+    dist = Distributed(config.device)
+    try:
+        runtime = setup(dist.device_name(config.device), config.dtype, config.threads)
+        if dist.is_writer:
+            p = prepare(config, model_config, tok_config, out)
+        dist.barrier()  # rank 0 trained the tokenizer and built the cache; the others reuse them
+        if not dist.is_writer:
+            p = prepare(config, model_config, tok_config, out)
+        described = run_config(p, config, tok_config)
+        resuming = (out / "config.json").exists() and bool(checkpoint.list_checkpoints(out))
+        if resuming:
+            check_resumable(out, described)
+        if dist.is_writer:
+            checkpoint.write_config(out, described)
+        trainer = Trainer(p, config, runtime, dist)
+        trainer.resume()
+        _announce(trainer, runtime, dist)
+        result = trainer.run()
+        if dist.is_writer:
+            _write_summary(trainer, runtime, dist)
+            if config.average_last >= 2 and p.dev is not None and len(checkpoint.list_checkpoints(out)) >= 2:
+                from nmt.average import average
+
+                average(out, config.average_last, runtime)
+        log.info("training ended: %s; best dev BLEU %.2f at step %d; model in %s", trainer.stop_reason,
+                 result.best_bleu, result.best_step, out)
+        return result
+    finally:
+        dist.close()
+
+
+def _announce(trainer: Trainer, runtime: Runtime, dist: Distributed) -> None:
+    p = trainer.p
+    log.info("data: %s", p.cache.report.summary())
+    log.info("model: %s parameters (%d+%d layers, d_model %d); %s%s", f"{count_parameters(trainer.model):,}",
+             p.model_config.encoder_layers, p.model_config.decoder_layers, p.model_config.d_model,
+             runtime.describe(), f"; {dist.world_size} processes ({dist.backend})" if dist.world_size > 1 else "")
+
+
+def _write_summary(trainer: Trainer, runtime: Runtime, dist: Distributed) -> None:
+    pr = trainer.progress
+    summary = {"steps": pr.step, "epochs": pr.epoch, "target_tokens": pr.target_tokens, "seconds": pr.seconds,
+               "target_tokens_per_s": pr.target_tokens / max(pr.seconds, 1e-9), "device": runtime.describe(),
+               "world_size": dist.world_size, "stop_reason": trainer.stop_reason, "best_dev_bleu": pr.best_bleu,
+               "best_step": pr.best_step, "parameters": count_parameters(trainer.model), "evaluations": pr.history}
+    checkpoint.atomic_write_text(trainer.p.out / "training.json", json.dumps(summary, indent=2))

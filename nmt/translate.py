@@ -1,0 +1,136 @@
+"""Lines in, lines out: read ahead a window, sort it by length, batch by tokens, search, and hand
+the results back in input order.
+
+The line contract: exactly one result per input line, in input order; an empty line gives an
+empty result without reaching the model; a line longer than the model's positions is cut to
+fit and flagged. Results are yielded window by window, so output can be flushed as it comes
+and a huge input never sits in memory. Writing them (text or JSON lines) is the CLI's job.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+
+from nmt.config import DecodeConfig
+from nmt.runtime import Runtime
+from nmt.search import Hypothesis, beam_search, greedy
+from nmt.tokenizer import EOS_ID, PAD_ID, Vocabs, decode_batch, encode_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Translation:
+    source: str
+    hypotheses: list[tuple[str, Hypothesis]] = field(default_factory=list)  # (text, hypothesis), best first
+    empty_input: bool = False
+    truncated: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.hypotheses[0][0] if self.hypotheses else ""
+
+    @property
+    def hit_max_length(self) -> bool:
+        return bool(self.hypotheses) and self.hypotheses[0][1].hit_max_length
+
+
+@dataclass
+class Stats:
+    lines: int = 0
+    empty: int = 0
+    truncated: int = 0
+    hit_max_length: int = 0
+    target_tokens: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        rate = self.lines / self.seconds if self.seconds else 0.0
+        return (f"translated {self.lines:,} lines ({self.empty:,} empty, {self.truncated:,} truncated, "
+                f"{self.hit_max_length:,} hit the length cap) in {self.seconds:.1f} s: {rate:.1f} sentences/s, "
+                f"{self.target_tokens / max(self.seconds, 1e-9):,.0f} target tokens/s")
+
+
+class Translator:
+    def __init__(self, model, vocabs: Vocabs, runtime: Runtime, config: DecodeConfig):
+        self.model, self.vocabs, self.runtime, self.config = model, vocabs, runtime, config
+        self.max_src = model.config.max_positions - 1  # room for EOS
+        self.generator = None
+        if config.sampling_topk or config.sampling_topp or config.temperature != 1.0:
+            self.generator = torch.Generator(device=runtime.device).manual_seed(config.seed)
+        self.stats = Stats()
+
+    def translate(self, lines: Iterable[str]) -> Iterator[Translation]:
+        """One Translation per input line, in order, produced window by window."""
+        start = time.perf_counter()
+        it = iter(lines)
+        while window := list(itertools.islice(it, self.config.window)):
+            yield from self._window(window)
+            self.stats.seconds = time.perf_counter() - start
+
+    def _window(self, lines: list[str]) -> list[Translation]:
+        results = [Translation(line) for line in lines]
+        todo = [i for i, line in enumerate(lines) if line.strip()]
+        for i in set(range(len(lines))) - set(todo):
+            results[i].empty_input = True
+        ids = encode_batch(self.vocabs.src, [lines[i] for i in todo])
+        for i, seq in zip(todo, ids):
+            if len(seq) > self.max_src - 1:
+                results[i].truncated = True
+                seq[:] = seq[: self.max_src - 1]
+        order = sorted(range(len(todo)), key=lambda j: len(ids[j]))
+        for batch in self._batches(order, ids):
+            hyps = self._search([ids[j] for j in batch])
+            for j, sentence in zip(batch, hyps):
+                texts = decode_batch(self.vocabs.tgt, [h.tokens for h in sentence.hypotheses])
+                results[todo[j]].hypotheses = list(zip(texts, sentence.hypotheses))
+        self._count(results)
+        return results
+
+    def _batches(self, order: list[int], ids: list[list[int]]) -> Iterator[list[int]]:
+        """Consecutive (length-sorted) sentences while (count × longest) stays within the token budget."""
+        batch: list[int] = []
+        for j in order:
+            longest = len(ids[j]) + 1
+            if batch and (len(batch) + 1) * longest > self.config.batch_tokens:
+                yield batch
+                batch = []
+            batch.append(j)
+        if batch:
+            yield batch
+
+    def _search(self, seqs: list[list[int]]):
+        s_max = max(len(s) for s in seqs) + 1
+        src = torch.full((len(seqs), s_max), PAD_ID, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            src[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+            src[row, len(s)] = EOS_ID
+        src = src.to(self.runtime.device)
+        with self.runtime.autocast():
+            if self.config.beam_size <= 1 or self.generator is not None:
+                return greedy(self.model, src, self.config, self.generator)
+            return beam_search(self.model, src, self.config)
+
+    def _count(self, results: list[Translation]) -> None:
+        s = self.stats
+        s.lines += len(results)
+        s.empty += sum(r.empty_input for r in results)
+        s.truncated += sum(r.truncated for r in results)
+        s.hit_max_length += sum(r.hit_max_length for r in results)
+        s.target_tokens += sum(len(r.hypotheses[0][1].tokens) + 1 for r in results if r.hypotheses)
+
+
+def to_json(t: Translation) -> dict:
+    return {
+        "source": t.source,
+        "translation": t.text,
+        "hypotheses": [{"text": text, "score": h.score, "logprob": h.logprob, "tokens": len(h.tokens) + 1}
+                       for text, h in t.hypotheses],
+        "flags": {"empty_input": t.empty_input, "truncated": t.truncated, "hit_max_length": t.hit_max_length},
+    }

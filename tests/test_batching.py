@@ -1,0 +1,227 @@
+"""Unit tests of `nmt.batching`: epoch plans checked for coverage, token budget, determinism and
+the split across ranks; `collate` checked against tensors built by hand from the cache's own
+flat arrays."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nmt.batching import collate, plan_epoch
+from nmt.cache import Filters, load_or_build
+from nmt.config import TokenizerConfig
+from nmt.corpus import ParallelCorpus
+from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_vocabs
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data" / "bible-es-en"
+
+
+def _head(name: str, n: int) -> list[str]:
+    with open(DATA / name, encoding="utf-8") as f:
+        return [next(f).rstrip("\n") for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A real token cache of 1,000 Bible pairs."""
+    directory = tmp_path_factory.mktemp("batching")
+    src, tgt = _head("train.es", 1000), _head("train.en", 1000)
+    (directory / "c.es").write_text("".join(x + "\n" for x in src), encoding="utf-8")
+    (directory / "c.en").write_text("".join(x + "\n" for x in tgt), encoding="utf-8")
+    vocabs = train_vocabs(iter(src), iter(tgt), TokenizerConfig(vocab_size=600))
+    corpus = ParallelCorpus.from_prefix(directory / "c", "es", "en")
+    return load_or_build([corpus], vocabs, Filters(max_length=10**6, max_ratio=1e9, dedupe=False), directory / "cache")
+
+
+def synthetic_lengths(n: int, seed: int, high: int = 200, dtype=np.uint16) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, high + 1, n, dtype=dtype), rng.integers(1, high + 1, n, dtype=dtype)
+
+
+def padded_costs(batches: list[np.ndarray], src_len: np.ndarray, tgt_len: np.ndarray) -> np.ndarray:
+    """count × (longest side in the batch + 1), per batch: the padded size of either tensor."""
+    return np.array([len(b) * (int(max(src_len[b].max(), tgt_len[b].max())) + 1) for b in batches])
+
+
+def as_set(batches: list[np.ndarray]) -> set[tuple[int, ...]]:
+    out = {tuple(sorted(int(i) for i in b)) for b in batches}
+    assert len(out) == len(batches)  # no batch twice
+    return out
+
+
+# --- plan_epoch -----------------------------------------------------------------------------
+
+CASES = [
+    # (number of pairs, max length, batch_tokens)
+    (1, 10, 100),
+    (2000, 200, 4096),
+    (3000, 50, 1000),
+    (500, 200, 150),  # many pairs are over the budget on their own: single-pair batches
+    (1000, 5, 7),
+]
+
+
+@pytest.mark.parametrize("n, high, batch_tokens", CASES)
+@pytest.mark.parametrize("epoch", [0, 3])
+def test_plan_covers_every_pair_once_within_budget(n, high, batch_tokens, epoch):
+    src_len, tgt_len = synthetic_lengths(n, seed=n + high, high=high)
+    copies = src_len.copy(), tgt_len.copy()
+    batches = plan_epoch(src_len, tgt_len, batch_tokens, seed=11, epoch=epoch)
+    np.testing.assert_array_equal(src_len, copies[0])  # inputs untouched
+    np.testing.assert_array_equal(tgt_len, copies[1])
+    assert all(len(b) > 0 for b in batches)
+    flat = np.concatenate(batches)
+    assert len(flat) == n
+    np.testing.assert_array_equal(np.sort(flat), np.arange(n))
+    costs = padded_costs(batches, src_len, tgt_len)
+    sizes = np.array([len(b) for b in batches])
+    over = (costs > batch_tokens) & (sizes > 1)
+    assert not over.any(), [(c, s) for c, s, o in zip(costs, sizes, over) if o][:5]
+    # a pair over the budget on its own is alone in its batch
+    alone = np.maximum(src_len, tgt_len).astype(np.int64) + 1 > batch_tokens
+    for b in batches:
+        if alone[b].any():
+            assert len(b) == 1
+
+
+def test_plan_on_the_real_cache(cache):
+    n = len(cache)
+    assert n == 1000
+    batches = plan_epoch(cache.src_len, cache.tgt_len, 600, seed=1, epoch=0)
+    np.testing.assert_array_equal(np.sort(np.concatenate(batches)), np.arange(n))
+    costs, sizes = padded_costs(batches, cache.src_len, cache.tgt_len), np.array([len(b) for b in batches])
+    assert ((costs <= 600) | (sizes == 1)).all()
+    # buckets are reasonably full: fewer batches than twice the ideal number
+    ideal = (np.maximum(cache.src_len, cache.tgt_len).astype(np.int64) + 1).sum() / 600
+    assert len(batches) < 2 * ideal + 50
+
+
+def test_plan_is_a_function_of_seed_and_epoch():
+    src_len, tgt_len = synthetic_lengths(3000, seed=5)
+
+    def plan(seed, epoch):
+        return [b.tolist() for b in plan_epoch(src_len, tgt_len, 2000, seed=seed, epoch=epoch)]
+
+    assert plan(1, 0) == plan(1, 0)
+    assert plan(1, 4) == plan(1, 4)
+    assert plan(1, 0) != plan(1, 1)  # a new order every epoch...
+    assert plan(1, 0) != plan(2, 0)  # ...and for every seed
+    # the order of batches changes, and so does which pairs share a batch (random tie-break)
+    first, second = plan(1, 0), plan(1, 1)
+    assert [b[:1] for b in first] != [b[:1] for b in second]
+    assert {tuple(sorted(b)) for b in first} != {tuple(sorted(b)) for b in second}
+
+
+def test_plan_shuffles_batches_across_lengths():
+    """Batches are not served shortest first: the sequence of batch lengths is not sorted."""
+    src_len, tgt_len = synthetic_lengths(3000, seed=6)
+    batches = plan_epoch(src_len, tgt_len, 2000, seed=1, epoch=0)
+    longest = [int(np.maximum(src_len[b], tgt_len[b]).max()) for b in batches]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("n, batch_tokens", [(3000, 2000), (2001, 300), (41, 100)])
+def test_ranks_split_one_plan(world_size, n, batch_tokens):
+    src_len, tgt_len = synthetic_lengths(n, seed=n)
+    whole = as_set(plan_epoch(src_len, tgt_len, batch_tokens, seed=3, epoch=2))
+    ranks = [plan_epoch(src_len, tgt_len, batch_tokens, seed=3, epoch=2, rank=r, world_size=world_size)
+             for r in range(world_size)]
+    sets = [as_set(r) for r in ranks]
+    assert len({len(r) for r in ranks}) == 1  # equal counts keep collectives in step
+    for a in range(world_size):
+        for b in range(a + 1, world_size):
+            assert not sets[a] & sets[b]
+    union = set().union(*sets)
+    assert union <= whole
+    assert len(whole) - len(union) <= world_size - 1
+    assert len(union) == len(whole) // world_size * world_size
+    # a rank's plan is deterministic too
+    again = plan_epoch(src_len, tgt_len, batch_tokens, seed=3, epoch=2, rank=1, world_size=world_size)
+    assert [b.tolist() for b in again] == [b.tolist() for b in ranks[1]]
+
+
+def test_empty_lengths_give_no_batches():
+    empty = np.zeros(0, dtype=np.int32)
+    assert plan_epoch(empty, empty, 1000, seed=1, epoch=0) == []
+
+
+@pytest.mark.slow
+def test_plan_five_million_pairs_is_fast():
+    n, batch_tokens = 5_000_000, 4096
+    src_len, tgt_len = synthetic_lengths(n, seed=0)
+    start = time.perf_counter()
+    batches = plan_epoch(src_len, tgt_len, batch_tokens, seed=1, epoch=0)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 10, f"{elapsed:.1f} s to plan {n:,} pairs"
+    # still correct at this size (checked vectorised)
+    flat = np.concatenate(batches)
+    assert len(flat) == n and np.bincount(flat, minlength=n).max() == 1
+    sizes = np.array([len(b) for b in batches])
+    cost = np.maximum(src_len, tgt_len).astype(np.int64) + 1
+    longest = np.maximum.reduceat(cost[flat], np.concatenate(([0], np.cumsum(sizes)[:-1])))
+    assert ((sizes * longest <= batch_tokens) | (sizes == 1)).all()
+
+
+# --- collate --------------------------------------------------------------------------------
+
+
+def expected_tensors(cache, indices) -> tuple[list[list[int]], list[list[int]], list[list[int]], int]:
+    """The batch built by hand from the flat arrays: src = ids+EOS, tgt_in = BOS+ids,
+    tgt_out = ids+EOS, each padded with PAD_ID to its longest row."""
+    srcs, tgts = [], []
+    for i in indices:
+        s0, sn = int(cache.src_start[i]), int(cache.src_len[i])
+        t0, tn = int(cache.tgt_start[i]), int(cache.tgt_len[i])
+        srcs.append([int(x) for x in cache.src[s0:s0 + sn]])
+        tgts.append([int(x) for x in cache.tgt[t0:t0 + tn]])
+    width_s = max(len(s) for s in srcs) + 1
+    width_t = max(len(t) for t in tgts) + 1
+
+    def pad(row, width):
+        return row + [PAD_ID] * (width - len(row))
+
+    src = [pad(s + [EOS_ID], width_s) for s in srcs]
+    tgt_in = [pad([BOS_ID] + t, width_t) for t in tgts]
+    tgt_out = [pad(t + [EOS_ID], width_t) for t in tgts]
+    return src, tgt_in, tgt_out, sum(len(t) + 1 for t in tgts)
+
+
+def _check_collate(cache, indices):
+    batch = collate(cache, np.asarray(indices))
+    src, tgt_in, tgt_out, n_tgt = expected_tensors(cache, indices)
+    for tensor in (batch.src, batch.tgt_in, batch.tgt_out):
+        assert tensor.dtype == torch.long
+    assert batch.src.tolist() == src
+    assert batch.tgt_in.tolist() == tgt_in
+    assert batch.tgt_out.tolist() == tgt_out
+    assert batch.n_tgt_tokens == n_tgt == int((batch.tgt_out != PAD_ID).sum())
+    assert not (batch.tgt_in == EOS_ID).any()  # EOS is never an input
+    assert (batch.tgt_in[:, 0] == BOS_ID).all() and not (batch.tgt_out == BOS_ID).any()
+
+
+def test_collate_matches_hand_built_tensors(cache):
+    lengths = np.asarray(cache.tgt_len)
+    shortest, longest = int(lengths.argmin()), int(lengths.argmax())
+    _check_collate(cache, [longest, shortest, 5, 17, 999])
+    _check_collate(cache, [shortest])  # one row: no padding at all
+    _check_collate(cache, [longest])
+    _check_collate(cache, [3, 3])  # the same pair twice
+
+
+def test_collate_every_batch_of_a_plan(cache):
+    batches = plan_epoch(cache.src_len, cache.tgt_len, 800, seed=2, epoch=0)
+    for b in batches:
+        _check_collate(cache, b)
+
+
+def test_batch_to_keeps_everything(cache):
+    batch = collate(cache, np.arange(8))
+    moved = batch.to(torch.device("cpu"))
+    assert torch.equal(moved.src, batch.src) and torch.equal(moved.tgt_in, batch.tgt_in)
+    assert torch.equal(moved.tgt_out, batch.tgt_out) and moved.n_tgt_tokens == batch.n_tgt_tokens

@@ -1,0 +1,610 @@
+"""Unit tests of `nmt.corpus` (finding, reading, fingerprinting and sampling parallel text) and
+`nmt.cache` (the token-id cache): every cached id is checked against the tokenizer's own
+encoding of the text, every filter against pairs crafted with token lengths counted here, and
+reuse/rebuild against file modification times, logs and monkeypatched encoders.
+
+Corpora are slices of the Bible corpus written to temporary files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import math
+import os
+import random
+import re
+from collections import Counter
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import nmt.cache as cache_mod
+from nmt.cache import FilterReport, Filters, cache_key, load_or_build, open_cache, verify
+from nmt.config import TokenizerConfig
+from nmt.corpus import ParallelCorpus, fingerprint, reservoir_sample, sample_pairs
+from nmt.errors import NmtError, UsageError
+from nmt.tokenizer import Vocabs, train_vocabs
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data" / "bible-es-en"
+SRC, TGT = "es", "en"
+PERMISSIVE = Filters(max_length=10**6, max_ratio=1e9, dedupe=False)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _head(name: str, n: int) -> list[str]:
+    with open(DATA / name, encoding="utf-8") as f:
+        return [next(f).rstrip("\n") for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def bible():
+    return _head("train.es", 2000), _head("train.en", 2000)
+
+
+def write_side(path: Path, lines: list[str], gz: bool = False, final_newline: bool = True) -> Path:
+    data = ("\n".join(lines) + ("\n" if final_newline and lines else "")).encode("utf-8")
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def write_corpus(directory: Path, name: str, src: list[str], tgt: list[str], gz: bool = False) -> ParallelCorpus:
+    prefix = directory / name
+    write_side(Path(f"{prefix}.{SRC}"), src, gz)
+    write_side(Path(f"{prefix}.{TGT}"), tgt, gz)
+    return ParallelCorpus.from_prefix(prefix, SRC, TGT)
+
+
+def numbers_besides_paths(message: str, *paths: Path) -> list[int]:
+    for p in paths:
+        assert str(p) in message, (p, message)
+        message = message.replace(str(p), "")
+    return [int(x) for x in re.findall(r"\d+", message)]
+
+
+def encode(tok, lines: list[str]) -> list[list[int]]:
+    """The tokenizer's own encoding, one line at a time (independent of the cache's batching)."""
+    return [tok.encode(line, add_special_tokens=False).ids for line in lines]
+
+
+def cached_pairs(cache) -> list[tuple[list[int], list[int]]]:
+    return [(s.tolist(), t.tolist()) for s, t in (cache.pair(i) for i in range(len(cache)))]
+
+
+def snapshot(cache) -> dict[str, np.ndarray]:
+    """Copies of every array (the cache itself is memory-mapped)."""
+    return {name: np.array(getattr(cache, name)) for name in
+            ("src", "tgt", "src_start", "src_len", "tgt_start", "tgt_len")}
+
+
+def assert_same_arrays(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+# --- ParallelCorpus.from_prefix and pairs ------------------------------------------------------
+
+
+@pytest.mark.parametrize("src_gz, tgt_gz", [(False, False), (True, True), (False, True), (True, False)])
+def test_from_prefix_finds_plain_and_gz(tmp_path, bible, src_gz, tgt_gz):
+    src, tgt = bible[0][:50], bible[1][:50]
+    s = write_side(tmp_path / f"c.{SRC}", src, src_gz)
+    t = write_side(tmp_path / f"c.{TGT}", tgt, tgt_gz)
+    corpus = ParallelCorpus.from_prefix(tmp_path / "c", SRC, TGT)
+    assert (corpus.src_path, corpus.tgt_path) == (s, t)
+    assert list(corpus.pairs()) == list(zip(src, tgt))
+    assert corpus.check_line_counts() == 50
+
+
+def test_from_prefix_prefers_plain_and_reports_missing(tmp_path):
+    write_side(tmp_path / f"c.{SRC}", ["plain"])
+    write_side(tmp_path / f"c.{SRC}", ["zipped"], gz=True)
+    write_side(tmp_path / f"c.{TGT}", ["x"])
+    assert ParallelCorpus.from_prefix(tmp_path / "c", SRC, TGT).src_path == tmp_path / f"c.{SRC}"
+    with pytest.raises(NmtError) as err:
+        ParallelCorpus.from_prefix(tmp_path / "c", SRC, "fr")
+    assert str(tmp_path / "c.fr") in str(err.value)
+    with pytest.raises(UsageError):
+        ParallelCorpus.from_prefix(tmp_path / "c", SRC, SRC)
+
+
+def test_pairs_handles_crlf_and_missing_final_newline(tmp_path):
+    (tmp_path / f"c.{SRC}").write_bytes(b"uno\r\ndos\r\n\r\ntres")
+    (tmp_path / f"c.{TGT}").write_bytes(b"one\ntwo\n\nthree\n")
+    corpus = ParallelCorpus.from_prefix(tmp_path / "c", SRC, TGT)
+    assert list(corpus.pairs()) == [("uno", "one"), ("dos", "two"), ("", ""), ("tres", "three")]
+    assert corpus.check_line_counts() == 4
+
+
+@pytest.mark.parametrize("n_src, n_tgt", [(5, 4), (4, 5), (2000, 1999), (1999, 2000), (1, 0), (0, 3)])
+@pytest.mark.parametrize("gz", [False, True])
+def test_line_count_mismatch_names_both_files_and_counts(tmp_path, bible, n_src, n_tgt, gz):
+    corpus = write_corpus(tmp_path, "c", bible[0][:n_src], bible[1][:n_tgt], gz)
+    with pytest.raises(NmtError) as err:
+        list(corpus.pairs())
+    assert sorted(numbers_besides_paths(str(err.value), corpus.src_path, corpus.tgt_path)) == sorted([n_src, n_tgt])
+    with pytest.raises(NmtError) as err:
+        corpus.check_line_counts()
+    assert sorted(numbers_besides_paths(str(err.value), corpus.src_path, corpus.tgt_path)) == sorted([n_src, n_tgt])
+
+
+@pytest.mark.parametrize("extra_on", [SRC, TGT])
+def test_one_extra_empty_line_at_the_end_is_a_mismatch(tmp_path, extra_on):
+    lines = ["a", "b", "c"]
+    corpus = write_corpus(tmp_path, "c", lines, lines)
+    path = corpus.src_path if extra_on == SRC else corpus.tgt_path
+    path.write_bytes(path.read_bytes() + b"\n")  # "a\nb\nc\n\n": four lines, the last one empty
+    with pytest.raises(NmtError) as err:
+        list(corpus.pairs())
+    counts = numbers_besides_paths(str(err.value), corpus.src_path, corpus.tgt_path)
+    assert sorted(counts) == [3, 4]
+    # and the count belongs to the file that has it
+    assert re.search(re.escape(str(path)) + r"\D*4\b", str(err.value))
+
+
+@pytest.mark.parametrize("side", [SRC, TGT])
+@pytest.mark.parametrize("gz", [False, True])
+def test_invalid_utf8_names_file_and_line(tmp_path, bible, side, gz):
+    src, tgt = bible[0][:20], bible[1][:20]
+    prefix = tmp_path / "c"
+    lines = {SRC: src, TGT: tgt}
+    for lang in (SRC, TGT):
+        data = "".join(line + "\n" for line in lines[lang]).encode()
+        if lang == side:
+            parts = data.split(b"\n")
+            parts[6] = parts[6][:5] + b"\xc3\x28" + parts[6][5:]  # line 7: an invalid 2-byte sequence
+            data = b"\n".join(parts)
+        path = Path(f"{prefix}.{lang}" + (".gz" if gz else ""))
+        path.write_bytes(gzip.compress(data) if gz else data)
+    corpus = ParallelCorpus.from_prefix(prefix, SRC, TGT)
+    bad = corpus.src_path if side == SRC else corpus.tgt_path
+    seen = []
+    with pytest.raises(NmtError) as err:
+        for pair in corpus.pairs():
+            seen.append(pair)
+    assert str(bad) in str(err.value)
+    assert re.search(r"\bline 7\b", str(err.value)), str(err.value)
+    assert seen == list(zip(src, tgt))[:6]  # everything before the bad line came through
+
+
+# --- reservoir sampling ---------------------------------------------------------------------
+
+
+def _chi2_threshold(df: int, z: float = 3.72) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile at normal score z (3.72: p = 1e-4)."""
+    a = 2 / (9 * df)
+    return df * (1 - a + z * math.sqrt(a)) ** 3
+
+
+def test_reservoir_sample_marginals_uniform():
+    """Each of n items is in the sample with probability k/n. Over R runs with different seeds
+    its count is Binomial(R, k/n): mean 300, sd 16.4 here. The sum of squared standardised
+    deviations is ~chi-square(n-1) (the counts sum to R·k); the threshold has p = 1e-4 under a
+    correct sampler, and no single item may be 5 sd off (p ~ 1e-4 over all 200 items)."""
+    n, k, runs = 200, 20, 3000
+    counts = np.zeros(n, dtype=np.int64)
+    for seed in range(runs):
+        sample = reservoir_sample(range(n), k, seed)
+        assert len(sample) == k and len(set(sample)) == k
+        counts[sample] += 1
+    p = k / n
+    mean, var = runs * p, runs * p * (1 - p)
+    chi2 = float(((counts - mean) ** 2 / var).sum())
+    assert chi2 < _chi2_threshold(n - 1), chi2
+    assert np.abs(counts - mean).max() < 5 * math.sqrt(var)
+    # the first k items (which fill the reservoir) are not favoured over the last k
+    assert abs(int(counts[:k].sum()) - int(counts[-k:].sum())) < 5 * math.sqrt(2 * k * var)
+
+
+def test_reservoir_sample_subsets_uniform():
+    """Joint uniformity on a small stream: all C(6,2) = 15 subsets equally likely (an off-by-one
+    in the replacement draw, invisible in the marginals above, shows here)."""
+    n, k, runs = 6, 2, 15000
+    subsets = list(combinations(range(n), k))
+    counts = Counter(tuple(reservoir_sample(range(n), k, seed)) for seed in range(runs))
+    assert set(counts) == set(subsets)
+    expected = runs / len(subsets)
+    chi2 = sum((counts[s] - expected) ** 2 / expected for s in subsets)
+    assert chi2 < _chi2_threshold(len(subsets) - 1), chi2
+
+
+class OnePass:
+    """An iterator that counts next() calls and refuses a second pass or a read past the end."""
+
+    def __init__(self, items):
+        self.items = list(items)
+        self.pos = 0
+        self.next_calls = 0
+        self.iter_calls = 0
+        self.exhausted = False
+
+    def __iter__(self):
+        self.iter_calls += 1
+        assert self.iter_calls == 1, "iterated twice"
+        return self
+
+    def __next__(self):
+        assert not self.exhausted, "next() after the end"
+        self.next_calls += 1
+        if self.pos == len(self.items):
+            self.exhausted = True
+            raise StopIteration
+        self.pos += 1
+        return self.items[self.pos - 1]
+
+
+@pytest.mark.parametrize("n, k", [(1000, 10), (5, 10), (10, 10), (0, 3), (7, 0)])
+def test_reservoir_sample_reads_once_in_stream_order(n, k):
+    items = [f"item-{i}" for i in reversed(range(n))]  # stream order is not sorted order
+    stream = OnePass(items)
+    sample = reservoir_sample(stream, k, seed=3)
+    assert stream.next_calls == n + 1 and stream.exhausted
+    assert len(sample) == min(n, k)
+    positions = [items.index(x) for x in sample]
+    assert positions == sorted(positions) and len(set(positions)) == len(positions)
+    if k >= n:
+        assert sample == items
+
+
+def test_reservoir_sample_consumes_a_generator_once_and_is_seeded():
+    gen = (i for i in range(500))
+    a = reservoir_sample(gen, 30, seed=7)
+    assert next(gen, None) is None
+    assert a == reservoir_sample(iter(range(500)), 30, seed=7)
+    assert a != reservoir_sample(iter(range(500)), 30, seed=8)
+
+
+def test_sample_pairs_keeps_pairs_aligned(tmp_path, bible):
+    a = write_corpus(tmp_path, "a", bible[0][:300], bible[1][:300])
+    b = write_corpus(tmp_path, "b", bible[0][300:450], bible[1][300:450], gz=True)
+    src, tgt = sample_pairs([a, b], 100, seed=1)
+    real = list(zip(bible[0][:450], bible[1][:450]))
+    assert len(src) == len(tgt) == 100
+    positions = [real.index(p) for p in zip(src, tgt)]
+    assert positions == sorted(positions)
+    assert any(p >= 300 for p in positions)  # both corpora are sampled
+
+
+# --- fingerprint ----------------------------------------------------------------------------
+
+
+def _check_fingerprint(path: Path, text_lines: int) -> None:
+    data = path.read_bytes()
+    fp = fingerprint(path)
+    assert fp.size == len(data) == path.stat().st_size
+    assert fp.sha256 == hashlib.sha256(data).hexdigest()
+    assert fp.lines == text_lines
+
+
+@pytest.mark.parametrize("final_newline", [True, False])
+@pytest.mark.parametrize("gz", [False, True])
+def test_fingerprint(tmp_path, bible, final_newline, gz):
+    lines = bible[0][:137]
+    path = write_side(tmp_path / "f.es", lines, gz=gz, final_newline=final_newline)
+    _check_fingerprint(path, 137)
+
+
+def test_fingerprint_empty_and_single_line_files(tmp_path):
+    (tmp_path / "empty").write_bytes(b"")
+    _check_fingerprint(tmp_path / "empty", 0)
+    (tmp_path / "one").write_bytes(b"x")
+    _check_fingerprint(tmp_path / "one", 1)
+    (tmp_path / "blank").write_bytes(b"\n\n")
+    _check_fingerprint(tmp_path / "blank", 2)
+
+
+@pytest.mark.parametrize("size, ends_with_newline", [(1 << 22, True), (1 << 22, False), ((1 << 22) + 1, False)])
+def test_fingerprint_across_read_chunks(tmp_path, size, ends_with_newline):
+    """Files at and just past the 4 MiB read size: the last-byte check must see the real end."""
+    line = b"x" * 99 + b"\n"
+    data = (line * (size // len(line) + 1))[:size]
+    data = data[:-1] + (b"\n" if ends_with_newline else b"y")
+    path = tmp_path / "big"
+    path.write_bytes(data)
+    _check_fingerprint(path, data.count(b"\n") + (not ends_with_newline))
+
+
+def test_fingerprint_missing_file(tmp_path):
+    with pytest.raises(NmtError) as err:
+        fingerprint(tmp_path / "nope")
+    assert str(tmp_path / "nope") in str(err.value)
+
+
+# --- token cache: content ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vocabs(bible):
+    return train_vocabs(iter(bible[0]), iter(bible[1]), TokenizerConfig(vocab_size=600))
+
+
+@pytest.fixture(scope="module")
+def separate_vocabs(bible):
+    return train_vocabs(iter(bible[0]), iter(bible[1]), TokenizerConfig(vocab_size=500, joint=False))
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(cache_mod, "CHUNK_LINES", 128)  # several chunks and a partial last one
+
+
+def _expected(vocabs: Vocabs, src: list[str], tgt: list[str]):
+    return list(zip(encode(vocabs.src, src), encode(vocabs.tgt, tgt)))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("joint", [True, False])
+def test_cache_equals_tokenizer_encoding(tmp_path, bible, vocabs, separate_vocabs, small_chunks, gz, joint):
+    v = vocabs if joint else separate_vocabs
+    src, tgt = bible[0][:600], bible[1][:600]
+    corpus = write_corpus(tmp_path, "c", src, tgt, gz)
+    cache = load_or_build([corpus], v, PERMISSIVE, tmp_path / "cache")
+    assert cached_pairs(cache) == _expected(v, src, tgt)
+    assert cache.report == FilterReport(read=600, kept=600)
+    assert cache.src.dtype == np.uint16
+    # the flat arrays hold nothing but the pairs, in order
+    assert len(cache.src) == int(cache.src_len.sum()) and len(cache.tgt) == int(cache.tgt_len.sum())
+    np.testing.assert_array_equal(cache.src_start[1:], np.cumsum(cache.src_len)[:-1])
+    np.testing.assert_array_equal(cache.tgt_start[1:], np.cumsum(cache.tgt_len)[:-1])
+
+
+def test_cache_of_several_corpora_concatenates_in_order(tmp_path, bible, vocabs, small_chunks):
+    src, tgt = bible
+    parts = [(0, 300, False), (300, 550, True), (550, 627, False)]
+    corpora = [write_corpus(tmp_path, f"part{i}", src[a:b], tgt[a:b], gz) for i, (a, b, gz) in enumerate(parts)]
+    cache = load_or_build(corpora, vocabs, PERMISSIVE, tmp_path / "cache")
+    assert cached_pairs(cache) == _expected(vocabs, src[:627], tgt[:627])
+    reversed_cache = load_or_build(corpora[::-1], vocabs, PERMISSIVE, tmp_path / "cache")
+    assert reversed_cache.directory != cache.directory
+    expected = _expected(vocabs, src[550:627] + src[300:550] + src[:300], tgt[550:627] + tgt[300:550] + tgt[:300])
+    assert cached_pairs(reversed_cache) == expected
+
+
+# --- token cache: reuse and rebuild ----------------------------------------------------------
+
+
+def _mtimes(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
+
+
+def test_unchanged_inputs_reuse_the_cache_without_encoding(tmp_path, bible, vocabs, monkeypatch, caplog):
+    corpus = write_corpus(tmp_path, "c", bible[0][:200], bible[1][:200])
+    root = tmp_path / "cache"
+    first = load_or_build([corpus], vocabs, PERMISSIVE, root)
+    before = _mtimes(first.directory)
+    first_arrays = snapshot(first)
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("a valid cache was re-encoded")
+
+    monkeypatch.setattr(cache_mod, "_encode_chunk", no_encoding)
+    os.utime(corpus.src_path, ns=(1, 1))  # a new mtime alone changes nothing: the key is the content
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nmt.cache"):
+        again = load_or_build([corpus], vocabs, PERMISSIVE, root)
+    assert again.directory == first.directory
+    assert _mtimes(again.directory) == before
+    assert "reused" in caplog.text and "building" not in caplog.text
+    assert_same_arrays(snapshot(again), first_arrays)
+    assert [p.name for p in root.iterdir()] == [first.directory.name]
+
+
+def test_changed_data_tokenizer_or_filters_rebuild(tmp_path, bible, vocabs, separate_vocabs, caplog):
+    src, tgt = bible[0][:200], bible[1][:200]
+    corpus = write_corpus(tmp_path, "c", src, tgt)
+    root = tmp_path / "cache"
+    base = load_or_build([corpus], vocabs, PERMISSIVE, root)
+    base_dir = base.directory
+
+    # a changed training file, same size: one letter of line 100 of the target
+    changed = list(tgt)
+    changed[99] = changed[99].replace("e", "a", 1)
+    assert changed[99] != tgt[99] and len(changed[99]) == len(tgt[99])
+    write_side(corpus.tgt_path, changed)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nmt.cache"):
+        rebuilt = load_or_build([corpus], vocabs, PERMISSIVE, root)
+    assert rebuilt.directory != base_dir and "building" in caplog.text
+    assert cached_pairs(rebuilt) == _expected(vocabs, src, changed)
+
+    write_side(corpus.tgt_path, tgt)  # back to the original: the first cache is valid again
+    assert load_or_build([corpus], vocabs, PERMISSIVE, root).directory == base_dir
+
+    other_tok = load_or_build([corpus], separate_vocabs, PERMISSIVE, root)
+    assert other_tok.directory != base_dir
+    assert cached_pairs(other_tok) == _expected(separate_vocabs, src, tgt)
+
+    other_filters = load_or_build([corpus], vocabs, Filters(max_length=10**6, max_ratio=1e9, dedupe=True), root)
+    assert other_filters.directory != base_dir
+    assert len({p.name for p in root.iterdir()}) == 4
+
+
+def _truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size - 2)
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _remove(path: Path) -> None:
+    path.unlink()
+
+
+@pytest.mark.parametrize("damage, name", [(_truncate, "src.bin"), (_flip_byte, "tgt.bin"), (_flip_byte, "src_len.npy"),
+                                          (_truncate, "tgt_start.npy"), (_remove, "meta.json"), (_remove, "src.bin")])
+def test_damaged_cache_is_detected_and_rebuilt(tmp_path, bible, vocabs, damage, name, caplog):
+    corpus = write_corpus(tmp_path, "c", bible[0][:300], bible[1][:300])
+    root = tmp_path / "cache"
+    first = load_or_build([corpus], vocabs, PERMISSIVE, root)
+    directory, original = first.directory, snapshot(first)
+    del first
+    key, _ = cache_key([corpus], vocabs, PERMISSIVE)
+    assert directory.name == key and verify(directory, key) is None
+    size = (directory / name).stat().st_size
+    damage(directory / name)
+    if damage is _flip_byte:
+        assert (directory / name).stat().st_size == size
+    problem = verify(directory, key)
+    assert problem is not None
+    if name != "meta.json":
+        assert name in problem
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nmt.cache"):
+        rebuilt = load_or_build([corpus], vocabs, PERMISSIVE, root)
+    assert "rebuilding" in caplog.text
+    assert rebuilt.directory == directory and verify(directory, key) is None
+    assert_same_arrays(snapshot(rebuilt), original)
+    assert cached_pairs(rebuilt) == _expected(vocabs, bible[0][:300], bible[1][:300])
+
+
+def test_failed_build_leaves_no_cache_directory(tmp_path, bible, vocabs, monkeypatch):
+    corpus = write_corpus(tmp_path, "c", bible[0][:200], bible[1][:200])
+    root = tmp_path / "cache"
+    key, _ = cache_key([corpus], vocabs, PERMISSIVE)
+    monkeypatch.setattr(cache_mod, "CHUNK_LINES", 50)
+    real = cache_mod._encode_chunk
+    calls = []
+
+    def fail_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full, say")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "_encode_chunk", fail_on_second)
+    with pytest.raises(RuntimeError, match="disk full"):
+        load_or_build([corpus], vocabs, PERMISSIVE, root)
+    assert len(calls) == 2
+    assert not (root / key).exists()
+    assert list(root.iterdir()) == []  # nor a half-written temporary directory
+    monkeypatch.setattr(cache_mod, "_encode_chunk", real)
+    cache = load_or_build([corpus], vocabs, PERMISSIVE, root)
+    assert cache.directory == root / key
+    assert cached_pairs(cache) == _expected(vocabs, bible[0][:200], bible[1][:200])
+
+
+# --- token cache: filters ---------------------------------------------------------------------
+
+MAX_LENGTH, MAX_RATIO = 40, 2.0
+
+
+def _crafted_pairs(vocabs: Vocabs, bible) -> tuple[list[tuple[str, str]], list[str]]:
+    """Pairs with the filter each one must fall to (or "kept"), built from token lengths counted
+    here with the tokenizer. Every pair falls to exactly one filter, except ("", ""), which is
+    empty before it is identical."""
+    src, tgt = bible
+    n_src = [len(x) + 1 for x in encode(vocabs.src, src)]  # + end of sentence
+    n_tgt = [len(x) + 1 for x in encode(vocabs.tgt, tgt)]
+
+    def in_ratio(a, b):
+        return max(a, b) <= MAX_RATIO * min(a, b) and max(a - 1, b - 1) <= MAX_RATIO * min(a - 1, b - 1)
+
+    def clearly_over_ratio(a, b):  # over the ratio with and without counting the end of sentence
+        return max(a, b) > MAX_RATIO * min(a, b) and max(a - 1, b - 1) > MAX_RATIO * min(a - 1, b - 1)
+
+    normal = [i for i in range(len(src)) if max(n_src[i], n_tgt[i]) < MAX_LENGTH and in_ratio(n_src[i], n_tgt[i])]
+    at_limit = [i for i in range(len(src)) if max(n_src[i], n_tgt[i]) == MAX_LENGTH and in_ratio(n_src[i], n_tgt[i])]
+    one_over = [i for i in range(len(src)) if max(n_src[i], n_tgt[i]) == MAX_LENGTH + 1 and in_ratio(n_src[i], n_tgt[i])]
+    far_over = [i for i in range(len(src)) if min(n_src[i], n_tgt[i]) > 2 * MAX_LENGTH and in_ratio(n_src[i], n_tgt[i])]
+    assert len(normal) > 60 and at_limit and one_over and far_over
+    # ratio: a short source against a long target (and the reverse), both within the length limit
+    i, j = next((i, j) for i in normal for j in normal
+                if clearly_over_ratio(n_src[i], n_tgt[j]) and clearly_over_ratio(n_src[j], n_tgt[i]))
+
+    pairs: list[tuple[tuple[str, str], str]] = []
+    for k in normal[:30]:
+        pairs.append(((src[k], tgt[k]), "kept"))
+    pairs += [
+        (("", tgt[normal[30]]), "empty"),
+        ((src[normal[31]], ""), "empty"),
+        (("  \t ", tgt[normal[32]]), "empty"),
+        (("", ""), "empty"),
+        ((src[at_limit[0]], tgt[at_limit[0]]), "kept"),
+        ((src[one_over[0]], tgt[one_over[0]]), "too_long"),
+        ((src[far_over[0]], tgt[far_over[0]]), "too_long"),
+        ((src[i], tgt[j]), "ratio"),
+        ((src[j], tgt[i]), "ratio"),
+        (("Amén.", "Amén."), "identical"),
+        ((tgt[normal[33]], tgt[normal[33]]), "identical"),
+        ((src[normal[0]], tgt[normal[0]]), "duplicate"),  # a repeat of the first pair
+        ((src[normal[34]], tgt[normal[34]]), "kept"),
+        ((src[normal[34]], tgt[normal[35]]), "kept"),  # same source, other target: not a duplicate
+        ((src[normal[36]], tgt[normal[34]]), "kept"),  # other source, same target: not a duplicate
+        ((src[normal[34]], tgt[normal[34]]), "duplicate"),
+        ((src[normal[34]], tgt[normal[34]]), "duplicate"),
+        ((src[normal[5]] + " ", tgt[normal[5]]), "kept"),  # differs by a space: not exact duplicate
+    ]
+    for k in normal[40:60]:
+        pairs.append(((src[k], tgt[k]), "kept"))
+    pairs.append(((src[normal[45]], tgt[normal[45]]), "duplicate"))  # repeats across chunks
+    pairs.append(((src[normal[29]], tgt[normal[29]]), "duplicate"))
+    rng = random.Random(0)
+    rng.shuffle(pairs)
+    # a duplicate must come after the pair it repeats: relabel by first occurrence after shuffling
+    seen, out, labels = set(), [], []
+    for pair, label in pairs:
+        if label in ("kept", "duplicate"):
+            label = "duplicate" if pair in seen else "kept"
+            seen.add(pair)
+        out.append(pair)
+        labels.append(label)
+    return out, labels
+
+
+def test_filters_drop_exactly_the_crafted_pairs(tmp_path, bible, vocabs, monkeypatch):
+    monkeypatch.setattr(cache_mod, "CHUNK_LINES", 7)  # duplicates across chunk boundaries too
+    pairs, labels = _crafted_pairs(vocabs, bible)
+    counts = Counter(labels)
+    assert all(counts[c] >= 2 for c in ("empty", "too_long", "ratio", "identical", "duplicate"))
+    corpus = write_corpus(tmp_path, "c", [s for s, _ in pairs], [t for _, t in pairs])
+    cache = load_or_build([corpus], vocabs, Filters(MAX_LENGTH, MAX_RATIO, dedupe=True), tmp_path / "cache")
+    kept = [p for p, label in zip(pairs, labels) if label == "kept"]
+    assert cached_pairs(cache) == _expected(vocabs, [s for s, _ in kept], [t for _, t in kept])
+    r = cache.report
+    assert (r.read, r.kept, r.empty, r.too_long, r.ratio, r.identical, r.duplicate) == (
+        len(pairs), counts["kept"], counts["empty"], counts["too_long"], counts["ratio"],
+        counts["identical"], counts["duplicate"])
+    assert r.read == r.kept + r.empty + r.too_long + r.ratio + r.identical + r.duplicate
+    assert open_cache(cache.directory).report == r  # the report is stored with the cache
+
+
+def test_dedupe_off_keeps_duplicates(tmp_path, bible, vocabs):
+    src, tgt = bible[0][:20], bible[1][:20]
+    corpus = write_corpus(tmp_path, "c", src + src[:5], tgt + tgt[:5])
+    cache = load_or_build([corpus], vocabs, PERMISSIVE, tmp_path / "cache")
+    assert cache.report == FilterReport(read=25, kept=25)
+    assert cached_pairs(cache) == _expected(vocabs, src + src[:5], tgt + tgt[:5])
+
+
+def test_dedupe_does_not_confuse_pairs_that_differ_by_where_a_tab_is(tmp_path, vocabs):
+    src = ["uno dos\ttres", "uno dos", "cuatro"]
+    tgt = ["one", "tres\tone", "four"]
+    corpus = write_corpus(tmp_path, "c", src, tgt)
+    cache = load_or_build([corpus], vocabs, Filters(max_length=10**6, max_ratio=1e9, dedupe=True), tmp_path / "cache")
+    assert cache.report.duplicate == 0
+    assert cached_pairs(cache) == _expected(vocabs, src, tgt)
+
+
+def test_nothing_left_after_filtering_is_an_error_every_time(tmp_path, vocabs):
+    corpus = write_corpus(tmp_path, "c", ["Amén.", "", "x"], ["Amén.", "y", ""])
+    root = tmp_path / "cache"
+    with pytest.raises(NmtError, match="no training pairs"):
+        load_or_build([corpus], vocabs, PERMISSIVE, root)
+    with pytest.raises(NmtError, match="no training pairs"):
+        load_or_build([corpus], vocabs, PERMISSIVE, root)

@@ -1,0 +1,226 @@
+"""End-to-end tests of `nmt evaluate`: the same numbers and signatures as the `sacrebleu`
+command on the same files, diagnostics with known answers, and one-line errors with the
+right exit codes. Every command runs in a subprocess, as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data" / "bible-es-en"
+TEST_EN, TEST_KJV, TEST_ES = DATA / "test.en", DATA / "test.kjv", DATA / "test.es"
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8"}
+ENV.pop("SACREBLEU_SEED", None)
+
+
+def nmt(*args, stdin: bytes | None = b"") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "nmt", "evaluate", *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, input=stdin, capture_output=True)
+
+
+def sacrebleu_cli(*args, seed: int | None = None) -> str:
+    env = {**ENV, "SACREBLEU_SEED": str(seed)} if seed else ENV
+    cmd = [sys.executable, "-m", "sacrebleu", *map(str, args), "--no-color", "--quiet"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, check=True)
+    return done.stdout.decode()
+
+
+def ok(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout.decode()
+
+
+def head(path: Path, n: int, out: Path) -> Path:
+    out.write_text("".join(path.read_text(encoding="utf-8").splitlines(keepends=True)[:n]), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def perturbed(tmp_path_factory) -> Path:
+    """test.kjv with every 4th word dropped on every 3rd line: a slightly worse second system."""
+    out = tmp_path_factory.mktemp("sys") / "kjv-perturbed.txt"
+    lines = TEST_KJV.read_text(encoding="utf-8").splitlines()
+    changed = [" ".join(w for j, w in enumerate(l.split()) if i % 3 or j % 4 != 3) for i, l in enumerate(lines)]
+    out.write_text("\n".join(changed) + "\n", encoding="utf-8")
+    return out
+
+
+# --- equal to the sacrebleu command ---------------------------------------------------------
+
+
+def test_text_lines_equal_sacrebleu_cli():
+    ours = ok(nmt("-i", TEST_KJV, "-r", TEST_EN, "-w", 4)).splitlines()
+    theirs = sacrebleu_cli(TEST_EN, "-i", TEST_KJV, "-m", "bleu", "chrf", "-f", "text", "-w", 4).splitlines()
+    assert [line.strip() for line in theirs] == ours[:2]
+    assert ours[0].startswith("BLEU|nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+
+
+def test_json_equals_sacrebleu_cli_multi_reference_and_options(perturbed):
+    args = ["--tokenize", "intl", "--lowercase"]
+    doc = json.loads(ok(nmt("-i", perturbed, "-r", TEST_EN, "-r", TEST_KJV, "-f", "json", *args)))
+    theirs = json.loads(sacrebleu_cli(TEST_EN, TEST_KJV, "-i", perturbed, "-m", "bleu", "chrf", "-w", 4, *args))
+    scores = doc["systems"][0]["scores"]
+    assert len(theirs) == 2
+    for key, expected in zip(("bleu", "chrf"), theirs):
+        assert scores[key]["name"] == expected["name"]
+        assert scores[key]["signature"] == expected["signature"]
+        assert float(f"{scores[key]['score']:.4f}") == expected["score"]
+    assert "nrefs:2" in scores["bleu"]["signature"] and "tok:intl" in scores["bleu"]["signature"]
+    assert doc["references"] == [str(TEST_EN), str(TEST_KJV)] and doc["lines"] == 1434
+
+
+def test_stdin_ter_and_score_only_equal_sacrebleu_cli(tmp_path):
+    hyp, ref = head(TEST_KJV, 30, tmp_path / "h"), head(TEST_EN, 30, tmp_path / "r")
+    ours = ok(nmt("-r", ref, "-m", "ter", "-m", "bleu,chrf", "-b", "-w", 4, stdin=hyp.read_bytes())).split()
+    theirs = [sacrebleu_cli(ref, "-i", hyp, "-m", m, "-b", "-w", 4).strip() for m in ("ter", "bleu", "chrf")]
+    assert ours == theirs
+
+
+def test_confidence_equals_sacrebleu_cli(tmp_path):
+    hyp, ref = head(TEST_KJV, 300, tmp_path / "h"), head(TEST_EN, 300, tmp_path / "r")
+    ours = ok(nmt("-i", hyp, "-r", ref, "-m", "bleu", "--confidence", "--paired-bs-n", 100, "-w", 3))
+    theirs = sacrebleu_cli(ref, "-i", hyp, "-f", "text", "-w", 3, "--confidence", "--confidence-n", 100)
+    assert ours.splitlines()[0] == theirs.strip()
+    assert "bs:100|seed:12345" in ours
+
+
+def _latex_rows(table: str) -> list[list[str]]:
+    """Numbers of each system row of `sacrebleu --paired-* -f latex`, formatted as printed."""
+    body = table.split("\\midrule")[1].split("\\bottomrule")[0]
+    return [re.findall(r"\d+\.\d+", row.split("&", 1)[1]) for row in body.strip().splitlines()]
+
+
+def _fmt(*values) -> list[str]:
+    return [f"{v:.4f}" for v in values if v is not None]
+
+
+def test_paired_bootstrap_equals_sacrebleu_cli(perturbed):
+    n, seed = 200, 7
+    doc = json.loads(ok(nmt("-i", TEST_KJV, "-i", perturbed, "-r", TEST_EN, "-f", "json", "--paired-bs-n", n, "--seed", seed)))
+    theirs = _latex_rows(
+        sacrebleu_cli(TEST_EN, "-i", TEST_KJV, perturbed, "-m", "bleu", "chrf", "--paired-bs", "--paired-bs-n", n,
+                      "-f", "latex", "-w", 4, seed=seed)  # fmt: skip
+    )
+    assert len(theirs) == len(doc["systems"]) == 2
+    for system, row in zip(doc["systems"], theirs):
+        r = system["paired"]
+        ours = [*_fmt(r["bleu"]["score"], r["bleu"]["mean"], r["bleu"]["ci"], r["bleu"]["p_value"])]
+        ours += _fmt(r["chrf"]["score"], r["chrf"]["mean"], r["chrf"]["ci"], r["chrf"]["p_value"])
+        assert ours == row
+    test = doc["paired_test"]
+    assert (test["test"], test["n"], test["seed"], test["baseline"]) == ("bs", n, seed, str(TEST_KJV))
+    assert test["signatures"]["bleu"].startswith(f"nrefs:1|bs:{n}|seed:{seed}|case:mixed|eff:no|tok:13a")
+
+
+def test_paired_ar_with_baseline_option_equals_sacrebleu_cli(perturbed):
+    n = 150
+    done = nmt("-i", perturbed, "-i", TEST_KJV, "--baseline", TEST_KJV, "-r", TEST_EN, "-f", "json", "-m", "bleu",
+               "--paired-ar", "--paired-ar-n", n, "--paired-bs-n", 50)  # fmt: skip
+    doc = json.loads(ok(done))
+    assert [s["name"] for s in doc["systems"]] == [str(TEST_KJV), str(perturbed)]
+    theirs = _latex_rows(sacrebleu_cli(TEST_EN, "-i", TEST_KJV, perturbed, "--paired-ar", "--paired-ar-n", n, "-f", "latex", "-w", 4))
+    assert len(theirs) == len(doc["systems"]) == 2
+    for system, row in zip(doc["systems"], theirs):
+        assert _fmt(system["paired"]["bleu"]["score"], system["paired"]["bleu"]["p_value"]) == row
+        assert system["paired"]["bleu"]["ci"] is not None  # our addition: a bootstrap interval
+    assert doc["systems"][0]["paired"]["bleu"]["p_value"] is None
+
+
+def test_paired_text_table_on_stdout(perturbed):
+    out = ok(nmt("-i", TEST_KJV, "-i", perturbed, "-r", TEST_EN, "-m", "bleu", "--paired-bs-n", 50))
+    assert "(baseline)" in out and "p = " in out and "diagnostics" in out
+    assert "BLEU|nrefs:1|bs:50|seed:12345|" in out
+
+
+def test_sentence_level_equals_sacrebleu_cli(tmp_path):
+    hyp, ref = head(TEST_KJV, 40, tmp_path / "h"), head(TEST_EN, 40, tmp_path / "r")
+    rows = [line.split("\t") for line in ok(nmt("-i", hyp, "-r", ref, "--sentence-level", "-w", 4)).splitlines()]
+    assert rows[0] == ["line", "bleu", "chrf", "hypothesis"] and len(rows) == 41
+    assert [r[0] for r in rows[1:]] == [str(i) for i in range(1, 41)]
+    assert [r[3] for r in rows[1:]] == hyp.read_text(encoding="utf-8").splitlines()
+    for column, metric in ((1, "bleu"), (2, "chrf")):
+        theirs = sacrebleu_cli(ref, "-i", hyp, "-m", metric, "--sentence-level", "-b", "-w", 4).split()
+        assert [r[column] for r in rows[1:]] == theirs
+    records = [json.loads(l) for l in ok(nmt("-i", hyp, "-r", ref, "--sentence-level", "-f", "json")).splitlines()]
+    assert [f"{r['bleu']:.4f}" for r in records] == [r[1] for r in rows[1:]]
+
+
+# --- diagnostics with known answers ---------------------------------------------------------
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_diagnostics_on_crafted_files(tmp_path):
+    hyp = _write(tmp_path / "hyp", ["the cat sat", "", "hola mundo", "go go go now", "of the of the of the", "yes"])
+    ref = _write(tmp_path / "ref", ["the cat sat", "a dog", "hello world", "go now", "of the", "yes"])
+    src = _write(tmp_path / "src", ["el gato", "un perro", "hola mundo", "ve ahora", "de", "sí"])
+    capped = [False, True, False, True, False, False]
+    jsonl = _write(tmp_path / "t.jsonl", [json.dumps({"translation": "x", "flags": {"hit_max_length": c}}) for c in capped])
+    doc = json.loads(ok(nmt("-i", hyp, "-r", ref, "--src", src, "--translate-jsonl", jsonl, "-f", "json")))
+    d = doc["systems"][0]["diagnostics"]
+    assert d["length_ratio_chars"] == pytest.approx(56 / 42)  # 11+0+10+12+20+3 over 11+5+11+6+6+3
+    assert [d[k]["count"] for k in ("empty", "identical_to_source", "repetition_loops", "hit_max_length")] == [1, 1, 2, 2]
+    assert d["repetition_loops"]["share"] == pytest.approx(2 / 6)
+    text = ok(nmt("-i", hyp, "-r", ref, "--src", src, "--translate-jsonl", jsonl))
+    assert "repetition loops = 33.3% (2 of 6)" in text and "hit length cap = 33.3% (2 of 6)" in text
+    assert "identical to source = 16.7% (1 of 6)" in text and "length ratio (characters, hyp/ref) = 1.333" in text
+
+
+# --- errors: one line, right exit code ------------------------------------------------------
+
+
+@pytest.fixture
+def files(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\n\xff\xfe broken\n")
+    return {
+        "two": _write(tmp_path / "two.txt", ["a b", "c d"]),
+        "three": _write(tmp_path / "three.txt", ["a", "b", "c"]),
+        "bad": bad,
+        "empty": _write(tmp_path / "empty.txt", []),
+        "notjson": _write(tmp_path / "x.jsonl", ["{}", "[1]"]),
+    }
+
+
+@pytest.mark.parametrize(
+    "args, code, pieces",
+    [
+        (["-i", "{missing}", "-r", "{two}"], 1, ["missing.txt", "no such file"]),
+        (["-i", "{two}", "-r", "{three}"], 1, ["two.txt", "2 lines", "three.txt", "has 3"]),
+        (["-i", "{two}", "-r", "{two}", "-r", "{three}"], 1, ["2 lines", "three.txt", "has 3"]),
+        (["-i", "{bad}", "-r", "{two}"], 1, ["bad.txt", "line 2", "UTF-8"]),
+        (["-i", "{empty}", "-r", "{empty}"], 1, ["empty.txt", "empty"]),
+        (["-i", "{two}", "-r", "{two}", "--src", "{three}"], 1, ["three.txt", "3 lines"]),
+        (["-i", "{two}", "-r", "{two}", "--translate-jsonl", "{notjson}"], 1, ["x.jsonl", "line 1", "hit_max_length"]),
+        (["-i", "{two}"], 2, ["-r/--ref"]),
+        (["-i", "{two}", "-r", "{two}", "-m", "bleu,meteor"], 2, ["unknown metric", "meteor"]),
+        (["-i", "{two}", "-r", "{two}", "--format", "xml"], 2, ["--format", "xml"]),
+        (["-i", "{two}", "-r", "{two}", "--tokenize", "nope"], 2, ["--tokenize", "nope"]),
+        (["-i", "{two}", "-r", "{two}", "--paired-bs"], 2, ["two systems"]),
+        (["-i", "{two}", "-i", "{three}", "-r", "{two}", "--paired-bs", "--paired-ar"], 2, ["--paired-ar"]),
+        (["-i", "{two}", "-r", "{two}", "--seed", "0"], 2, ["--seed"]),
+        (["-i", "{two}", "-r", "{two}", "--sentence-level", "--confidence"], 2, ["--sentence-level"]),
+        (["-i", "{two}", "-r", "{two}", "-b", "-f", "json"], 2, ["--score-only"]),
+        (["-r", "{two}", "-i", "-", "--src", "-"], 2, ["stdin"]),
+        (["-i", "{two}", "-i", "{three}", "-r", "{two}", "--sentence-level"], 2, ["single -i"]),
+    ],
+)
+def test_errors_are_one_line_with_exit_code(files, tmp_path, args, code, pieces):
+    names = {**files, "missing": tmp_path / "missing.txt"}
+    done = nmt(*[a.format(**names) for a in args])
+    err = done.stderr.decode().strip()
+    assert done.returncode == code, err
+    assert done.stdout == b""
+    assert len(err.splitlines()) == 1 and err.startswith("nmt: error: ") and "Traceback" not in err
+    for piece in pieces:
+        assert piece in err

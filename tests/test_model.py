@@ -1,0 +1,88 @@
+"""Properties of the Transformer that hold for any weights: causality, padding, and learning."""
+
+import torch
+import torch.nn.functional as F
+
+from nmt.config import ModelConfig
+from nmt.model import Transformer, sinusoidal_positions
+
+
+def tiny(vocab=20, pre_norm=True, **kw) -> Transformer:
+    torch.manual_seed(0)
+    c = ModelConfig(d_model=32, n_heads=4, d_ff=64, encoder_layers=2, decoder_layers=2, dropout=0.0,
+                    src_vocab_size=vocab, tgt_vocab_size=vocab, pre_norm=pre_norm, **kw)
+    return Transformer(c).eval()
+
+
+def test_changing_a_future_target_token_never_changes_earlier_logits():
+    for pre_norm in (True, False):
+        model = tiny(pre_norm=pre_norm)
+        src = torch.randint(4, 20, (2, 7))
+        tgt = torch.randint(4, 20, (2, 9))
+        base = model(src, tgt)
+        for t in range(tgt.shape[1]):
+            changed = tgt.clone()
+            changed[:, t] = (changed[:, t] + 1 - 4) % 16 + 4
+            out = model(src, changed)
+            torch.testing.assert_close(out[:, :t], base[:, :t], rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(out[:, t:], base[:, t:])  # the change is visible from t on
+
+
+def test_padding_changes_no_real_position():
+    model = tiny()
+    src = torch.randint(4, 20, (1, 6))
+    tgt = torch.randint(4, 20, (1, 5))
+    base = model(src, tgt)
+    padded_src = torch.cat([src, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    padded_tgt = torch.cat([tgt, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    out = model(padded_src, padded_tgt)
+    torch.testing.assert_close(out[:, :5], base, rtol=1e-5, atol=1e-5)
+    # and inside a batch with a longer neighbour
+    other = torch.randint(4, 20, (1, 10))
+    batch_src = torch.cat([padded_src, other], dim=0)
+    batch_tgt = torch.cat([padded_tgt, torch.randint(4, 20, (1, 8))], dim=0)
+    torch.testing.assert_close(model(batch_src, batch_tgt)[:1, :5], base, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embeddings_share_one_matrix_and_separate_vocabularies_do_not():
+    joint = tiny()
+    assert joint.src_embed.weight is joint.tgt_embed.weight is joint.output.weight
+    c = ModelConfig(d_model=32, n_heads=4, d_ff=64, encoder_layers=1, decoder_layers=1,
+                    src_vocab_size=30, tgt_vocab_size=20)
+    sep = Transformer(c)
+    assert sep.src_embed.weight is not sep.tgt_embed.weight
+    assert sep.tgt_embed.weight is sep.output.weight
+
+
+def test_sinusoidal_positions_match_the_paper_formula():
+    pe = sinusoidal_positions(50, 16)
+    pos, i = 17, 3
+    assert abs(pe[pos, 2 * i].item() - torch.sin(torch.tensor(pos / 10000 ** (2 * i / 16))).item()) < 1e-6
+    assert abs(pe[pos, 2 * i + 1].item() - torch.cos(torch.tensor(pos / 10000 ** (2 * i / 16))).item()) < 1e-6
+
+
+def test_tiny_model_learns_the_copy_task_to_exact_match():
+    """The annotated-transformer's first test: output = input, on sequences of random symbols."""
+    torch.manual_seed(0)
+    vocab, bos, eos = 14, 2, 3
+    c = ModelConfig(d_model=64, n_heads=4, d_ff=128, encoder_layers=2, decoder_layers=2, dropout=0.0,
+                    src_vocab_size=vocab, tgt_vocab_size=vocab)
+    model = Transformer(c)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(350):
+        seq = torch.randint(4, vocab, (64, 6))
+        src = torch.cat([seq, torch.full((64, 1), eos)], 1)
+        tgt_in = torch.cat([torch.full((64, 1), bos), seq], 1)
+        tgt_out = torch.cat([seq, torch.full((64, 1), eos)], 1)
+        loss = F.cross_entropy(model(src, tgt_in).transpose(1, 2), tgt_out)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    from nmt.config import DecodeConfig
+    from nmt.search import greedy
+
+    model.eval()
+    seq = torch.randint(4, vocab, (50, 6), generator=torch.Generator().manual_seed(99))
+    src = torch.cat([seq, torch.full((50, 1), eos)], 1)
+    results = greedy(model, src, DecodeConfig(beam_size=1, max_length_a=1.0, max_length_b=3))
+    assert [r.hypotheses[0].tokens for r in results] == seq.tolist()

@@ -1,0 +1,127 @@
+"""Training survives interruption exactly, and two processes (torchrun, gloo) train like one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_nmt, write_slice
+
+COMMON = ["--preset", "tiny", "--src", "es", "--tgt", "en", "--dev", "none", "--dtype", "float32",
+          "--batch-tokens", "400", "--eval-every", "1000", "--log-every", "1", "--vocab-size", "500",
+          "--threads", "1"]
+
+
+def weights(run, step):
+    return load_file(str(run / "checkpoints" / f"step-{step:08d}" / "model.safetensors"))
+
+
+def train_losses(run):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["loss"] for x in lines if json.loads(x)["event"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_slice(tmp_path_factory.mktemp("resume"), "train", 100)
+
+
+def test_n_steps_then_resume_then_n_steps_equals_2n_steps(data, tmp_path):
+    """With dropout on (so the RNG state matters) and across an epoch boundary."""
+    opts = [*COMMON, "--train", str(data), "--dropout", "0.1", "--keep-last", "5"]
+    one_go = tmp_path / "one"
+    r = run_nmt("train", *opts, "--out", str(one_go), "--max-steps", "24")
+    assert r.returncode == 0, r.stderr.decode()
+    split = tmp_path / "split"
+    r = run_nmt("train", *opts, "--out", str(split), "--max-steps", "12")
+    assert r.returncode == 0, r.stderr.decode()
+    r = run_nmt("train", *opts, "--out", str(split), "--max-steps", "24")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "resuming from step-00000012" in r.stderr.decode()
+    epochs = json.loads((one_go / "training.json").read_text())["epochs"]
+    assert epochs >= 1, "the test should cross an epoch boundary"
+    a, b = weights(one_go, 24), weights(split, 24)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert train_losses(one_go)[12:] == train_losses(split)[12:]
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(data, tmp_path):
+    """kill -9 mid-run: the newest complete checkpoint is intact and resuming continues from it."""
+    out = tmp_path / "killed"
+    opts = [*COMMON, "--train", str(data), "--out", str(out), "--eval-every", "3"]
+    proc = subprocess.Popen([sys.executable, "-m", "nmt", "train", *opts, "--max-steps", "100000"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = 120
+        import time
+
+        start = time.monotonic()
+        while time.monotonic() - start < deadline:
+            ckpts = list((out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else []
+            if len(ckpts) >= 2:
+                break
+            time.sleep(0.2)
+        proc.kill()
+    finally:
+        proc.wait()
+    done = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert done, "no checkpoint was written before the kill"
+    last = int(done[-1].split("-")[1])
+    r = run_nmt("train", *opts, "--max-steps", str(last + 3))
+    assert r.returncode == 0, r.stderr.decode()
+    assert f"resuming from step-{last:08d}" in r.stderr.decode()
+    assert json.loads((out / "training.json").read_text())["steps"] == last + 3
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "nmt", "train", *COMMON, "--train", str(data), "--out", str(out),
+                             "--max-steps", "100000"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    start = time.monotonic()
+    while not (out / "metrics.jsonl").exists() and time.monotonic() - start < 120:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert "Traceback" not in err.decode()
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["stop_reason"] == "stopped by SIGTERM"
+    assert (out / "checkpoints" / f"step-{summary['steps']:08d}" / "state.pt").exists()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_follow_the_single_process_loss_curve(data, tmp_path):
+    """2 ranks × 1 batch per step = 1 process × 2 batches per step (--update-freq 2): the same
+    batches make each step, so losses and weights agree up to float summation order."""
+    steps = "8"
+    single = tmp_path / "single"
+    r = run_nmt("train", *COMMON, "--train", str(data), "--out", str(single), "--max-steps", steps, "--update-freq", "2")
+    assert r.returncode == 0, r.stderr.decode()
+    # the tokenizer is shared so both runs see identical ids
+    ddp = tmp_path / "ddp"
+    ddp.mkdir()
+    shutil.copy(single / "tokenizer.json", ddp / "tokenizer.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+                        "-m", "nmt", "train", *COMMON, "--train", str(data), "--out", str(ddp), "--max-steps", steps],
+                       cwd=ROOT, capture_output=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    a, b = train_losses(single), train_losses(ddp)
+    assert len(a) == len(b) == int(steps)
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
+    wa, wb = weights(single, 8), weights(ddp, 8)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-4)

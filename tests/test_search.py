@@ -1,0 +1,225 @@
+"""Search against independent computations: full recomputation, exhaustive search, a scripted
+decoder whose scores are computed by hand, and teacher forcing."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from nmt.config import DecodeConfig, ModelConfig
+from nmt.model import Transformer
+from nmt.search import beam_search, greedy, greedy_no_cache, length_penalty
+
+BOS, EOS, PAD = 2, 3, 0
+
+
+def tiny(vocab=24, seed=0, d=32) -> Transformer:
+    torch.manual_seed(seed)
+    c = ModelConfig(d_model=d, n_heads=4, d_ff=64, encoder_layers=2, decoder_layers=2, dropout=0.0,
+                    src_vocab_size=vocab, tgt_vocab_size=vocab)
+    return Transformer(c).eval()
+
+
+def sources(lengths, vocab=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(4, vocab, (n,), generator=g).tolist() + [EOS] for n in lengths]
+    src = torch.full((len(rows), max(map(len, rows))), PAD)
+    for i, r in enumerate(rows):
+        src[i, : len(r)] = torch.tensor(r)
+    return src
+
+
+def teacher_forced_logprob(model, src_row, tokens):
+    tgt = torch.tensor([[BOS] + tokens + [EOS]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(src_row[None], tgt[:, :-1]).float(), -1)
+    return logp[0].gather(1, tgt[0, 1:, None]).sum().item()
+
+
+def test_cached_decoding_equals_full_recomputation_at_every_step():
+    model = tiny()
+    src = sources([5, 9, 3])
+    memory, mask = model.encode(src)
+    steps = torch.randint(4, 24, (3, 12), generator=torch.Generator().manual_seed(3))
+    prefix = torch.cat([torch.full((3, 1), BOS), steps], 1)
+    cache = model.init_cache(memory, mask, 1, 13)
+    with torch.no_grad():
+        for t in range(13):
+            incremental = model.decode_step(prefix[:, t], cache)
+            full = model.decode(prefix[:, : t + 1], memory, mask)[:, -1]
+            torch.testing.assert_close(incremental, full, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_greedy_equals_the_naive_decoder():
+    model = tiny(seed=4)
+    src = sources([4, 8, 6, 2, 11])
+    cfg = DecodeConfig(beam_size=1, max_length_a=1.5, max_length_b=4)
+    cached = [r.hypotheses[0].tokens for r in greedy(model, src, cfg)]
+    assert cached == greedy_no_cache(model, src, 1.5, 4)
+
+
+def test_beam_size_one_equals_greedy():
+    model = tiny(seed=5)
+    src = sources([3, 7, 5, 10])
+    for alpha in (0.0, 1.0):
+        g = greedy(model, src, DecodeConfig(beam_size=1, length_penalty=alpha))
+        b = beam_search(model, src, DecodeConfig(beam_size=1, length_penalty=alpha))
+        for x, y in zip(g, b):
+            assert x.hypotheses[0].tokens == y.hypotheses[0].tokens
+            assert x.hypotheses[0].logprob == pytest.approx(y.hypotheses[0].logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("alpha,kind", [(0.0, "gnmt"), (1.0, "gnmt"), (1.0, "average")])
+def test_large_beam_finds_the_exhaustive_best(alpha, kind):
+    """Vocabulary of 6 (4 non-EOS symbols counting pad/unk/bos), at most 4 tokens: score all
+    1 + 5 + 25 + 125 possible outputs by teacher forcing and take the best."""
+    vocab = 6
+    model = tiny(vocab=vocab, seed=7, d=16)
+    src = sources([2], vocab=vocab, seed=2)  # source length 3 with EOS → cap = 0·3 + 4
+    cfg = DecodeConfig(beam_size=200, nbest=5, length_penalty=alpha, length_norm=kind, max_length_a=0.0,
+                       max_length_b=4)
+    found = beam_search(model, src, cfg)[0].hypotheses
+    others = [t for t in range(vocab) if t != EOS]
+    best = []
+    for n in range(4):
+        for tokens in itertools.product(others, repeat=n):
+            lp = teacher_forced_logprob(model, src[0], list(tokens))
+            norm = length_penalty(n + 1, alpha, kind) if alpha else 1.0
+            best.append((lp / norm, list(tokens)))
+    best.sort(key=lambda x: -x[0])
+    assert [h.tokens for h in found] == [t for _, t in best[:5]]
+    for h, (score, _) in zip(found, best):
+        assert h.score == pytest.approx(score, abs=1e-4)
+
+
+def test_reported_score_equals_teacher_forced_logprob():
+    model = tiny(seed=8)
+    src = sources([6, 3, 9])
+    results = beam_search(model, src, DecodeConfig(beam_size=4, nbest=4, length_penalty=1.0))
+    for row, result in enumerate(results):
+        assert len(result.hypotheses) == 4
+        for h in result.hypotheses:
+            lp = teacher_forced_logprob(model, src[row][src[row] != PAD], h.tokens)
+            assert h.logprob == pytest.approx(lp, abs=1e-4)
+            assert h.score == pytest.approx(lp / length_penalty(len(h.tokens) + 1, 1.0), abs=1e-4)
+        scores = [h.score for h in result.hypotheses]
+        assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_a_sentence_alone_equals_it_inside_a_padded_batch(beam):
+    model = tiny(seed=9)
+    src = sources([2, 12, 5, 8, 1])
+    cfg = DecodeConfig(beam_size=beam, nbest=1)
+    search = greedy if beam == 1 else beam_search
+    together = search(model, src, cfg)
+    for i in range(src.shape[0]):
+        alone_src = src[i : i + 1, : int((src[i] != PAD).sum())]
+        alone = search(model, alone_src, cfg)[0]
+        assert alone.hypotheses[0].tokens == together[i].hypotheses[0].tokens
+        assert alone.hypotheses[0].score == pytest.approx(together[i].hypotheses[0].score, abs=1e-4)
+
+
+# -- a scripted decoder: every expected score by hand ------------------------------------------
+
+
+class ScriptedCache:
+    def __init__(self, n):
+        self.prefixes = [[] for _ in range(n)]
+        self.length = 0
+
+    def reorder(self, rows):
+        self.prefixes = [list(self.prefixes[r]) for r in rows.tolist()]
+
+    def keep_sentences(self, sentences, beam):
+        self.prefixes = [self.prefixes[s * beam + k] for s in sentences.tolist() for k in range(beam)]
+
+
+class ScriptedModel:
+    """Next-token probabilities looked up by prefix (tuple of tokens); a/b are tokens 4/5."""
+
+    V = 6
+
+    def __init__(self, script):
+        self.script = script
+        self.config = ModelConfig(src_vocab_size=self.V, tgt_vocab_size=self.V, max_positions=64)
+
+    def encode(self, src):
+        return torch.zeros(src.shape[0], src.shape[1], 1), None
+
+    def init_cache(self, memory, mask, beam, max_steps):
+        return ScriptedCache(memory.shape[0] * beam)
+
+    def decode_step(self, tokens, cache):
+        rows = []
+        for prefix, tok in zip(cache.prefixes, tokens.tolist()):
+            if tok != BOS:
+                prefix.append(tok)
+            probs = torch.full((self.V,), 1e-9)
+            for t, p in self.script.get(tuple(prefix), {EOS: 1.0}).items():
+                probs[t] = p
+            rows.append(torch.log(probs / probs.sum()))
+        cache.length += 1
+        return torch.stack(rows)
+
+
+A, B = 4, 5
+SCRIPT = {(): {EOS: 0.5, A: 0.5}, (A,): {EOS: 0.3, B: 0.7}, (A, B): {EOS: 1.0}}
+L = {(): math.log(0.5), (A,): math.log(0.5) + math.log(0.3), (A, B): math.log(0.5) + math.log(0.7)}
+
+
+def run_scripted(**kw):
+    cfg = DecodeConfig(**{"beam_size": 3, "nbest": 3, "max_length_a": 0.0, "max_length_b": 10, **kw})
+    hyps = beam_search(ScriptedModel(SCRIPT), torch.tensor([[A, EOS]]), cfg)[0].hypotheses
+    return [(tuple(h.tokens), h.score, h.hit_max_length) for h in hyps]
+
+
+def test_scripted_no_length_penalty_ranks_by_logprob():
+    got = run_scripted(length_penalty=0.0)
+    assert [g[0] for g in got] == [(), (A, B), (A,)]
+    for tokens, score, _ in got:
+        assert score == pytest.approx(L[tokens], abs=1e-6)
+
+
+def test_scripted_average_length_normalisation_prefers_the_long_hypothesis():
+    got = run_scripted(length_penalty=1.0, length_norm="average")
+    assert [g[0] for g in got] == [(A, B), (), (A,)]
+    assert got[0][1] == pytest.approx(L[(A, B)] / 3, abs=1e-6)
+
+
+def test_scripted_gnmt_penalty_values():
+    got = run_scripted(length_penalty=1.0, length_norm="gnmt")
+    expected = sorted(((L[t] / ((5 + len(t) + 1) / 6), t) for t in L), reverse=True)
+    assert [g[0] for g in got] == [t for _, t in expected]
+    for (tokens, score, _), (want, _) in zip(got, expected):
+        assert score == pytest.approx(want, abs=1e-6)
+
+
+def test_scripted_min_length_bans_early_end():
+    got = run_scripted(length_penalty=0.0, min_length=2)
+    assert got[0][0] == (A, B)
+    assert all(len(t) >= 2 for t, _, _ in got)
+
+
+def test_scripted_max_length_forces_end_and_flags_it():
+    # cap = 0·len + 2 tokens: "a" must end at its second token, scored with the real EOS probability
+    got = run_scripted(length_penalty=0.0, max_length_b=2)
+    assert {g[0] for g in got[:2]} == {(), (A,)}  # the third is one of the 1e-9 symbols
+    by_tokens = {g[0]: g for g in got}
+    assert by_tokens[(A,)][1] == pytest.approx(L[(A,)], abs=1e-6)
+    assert by_tokens[(A,)][2] is True and by_tokens[()][2] is False
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    model = tiny(seed=11)
+    src = sources([5, 7])
+    cfg = DecodeConfig(beam_size=1, sampling_topk=1)
+    # top-1 sampling is greedy
+    sampled = greedy(model, src, cfg, torch.Generator().manual_seed(0))
+    plain = greedy(model, src, DecodeConfig(beam_size=1))
+    assert [r.hypotheses[0].tokens for r in sampled] == [r.hypotheses[0].tokens for r in plain]
+    cfg = DecodeConfig(beam_size=1, sampling_topk=10, temperature=1.5)
+    a = greedy(model, src, cfg, torch.Generator().manual_seed(5))
+    b = greedy(model, src, cfg, torch.Generator().manual_seed(5))
+    assert [r.hypotheses[0].tokens for r in a] == [r.hypotheses[0].tokens for r in b]
