@@ -280,7 +280,14 @@ def translate(
     from nmt.textio import read_lines
 
     lines = read_lines(input)
-    sink = open(output, "w", encoding="utf-8") if output else sys.stdout
+    if input != "-":
+        from nmt.textio import open_binary
+
+        open_binary(input).close()  # a missing input fails before an existing output is truncated
+    try:
+        sink = open(output, "w", encoding="utf-8") if output else sys.stdout
+    except OSError as e:
+        raise NmtError(f"{output}: cannot write ({e.strerror})") from None
     try:
         for result in translator.translate(lines):
             sink.write((json.dumps(_json(result), ensure_ascii=False) if format == "jsonl" else result.text) + "\n")
@@ -353,6 +360,61 @@ def info(
         typer.echo(json.dumps(facts, indent=2, ensure_ascii=False))
     else:
         render(facts)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention, plot
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def attention(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory written by `nmt train`.")],
+    sentence: Annotated[Optional[str], typer.Argument(help="Source sentence (or use -i/-n).")] = None,
+    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Take the sentence from this file…")] = None,
+    line: Annotated[int, typer.Option("--line", "-n", help="…at this line (1-based).")] = 1,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write OUT-encoder/-decoder/-cross.png (else a terminal heatmap).")] = None,
+    beam_size: Annotated[int, typer.Option(help="Beam size for the translation.")] = 1,
+) -> None:
+    """Translate one sentence and show its attention: every layer and head, or a terminal heatmap."""
+    from nmt import checkpoint, runtime
+    from nmt.attention import maps_for_sentence
+    from nmt.config import DecodeConfig
+    from nmt.plots import attention_png, attention_terminal
+    from nmt.translate import Translator
+
+    if (sentence is None) == (input is None):
+        raise UsageError("give a sentence or --input FILE (with --line N), not both")
+    if input is not None:
+        from nmt.textio import read_lines
+
+        found = next((text for i, text in enumerate(read_lines(input), 1) if i == line), None)
+        if found is None:
+            raise NmtError(f"{input}: has no line {line}")
+        sentence = found
+    if not sentence.strip():
+        raise UsageError("the sentence is empty")
+    rt = runtime.setup("cpu", "float32", 0)
+    nmt_model, vocabs, _ = checkpoint.load_for_inference(model, rt.device)
+    result = next(iter(Translator(nmt_model, vocabs, rt, DecodeConfig(beam_size=beam_size)).translate([sentence])))
+    typer.echo(result.text)
+    maps = maps_for_sentence(nmt_model, vocabs, sentence, result.hypotheses[0][1].tokens)
+    if out is None:
+        attention_terminal(maps)
+    else:
+        for path in attention_png(maps, out):
+            log.info("wrote %s", path)
+
+
+@app.command()
+def plot(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `nmt train`.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG file. [default: RUN/training.png]")] = None,
+) -> None:
+    """Training curves (train loss, dev loss, dev BLEU against steps and time) to PNG."""
+    from nmt.plots import training_curves_png
+
+    log.info("wrote %s", training_curves_png(run, out or run / "training.png"))
 
 
 # ---------------------------------------------------------------------------------------------

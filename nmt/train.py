@@ -192,6 +192,7 @@ class Trainer:
         c = self.config
         start = time.monotonic() - self.progress.seconds
         total = c.max_steps if c.max_steps else (c.max_time or None)
+        self._check_budget()  # a finished run re-run with the same budget trains no further
         with StepProgress("train", total, log_every=30.0) as bar, _StopOnSignal(self):
             while self.stop_reason is None:
                 batches = plan_epoch(self.p.cache.src_len, self.p.cache.tgt_len, c.batch_tokens, c.seed,
@@ -207,7 +208,7 @@ class Trainer:
         window_tokens, window_start = 0, time.monotonic()
         while pr.batch_in_epoch + c.update_freq <= len(batches) and self.stop_reason is None:
             group = batches[pr.batch_in_epoch : pr.batch_in_epoch + c.update_freq]
-            loss, n_tokens = self._step(group)
+            loss, n_tokens = self.train_step(group)
             pr.batch_in_epoch += c.update_freq
             pr.step += 1
             pr.target_tokens += n_tokens
@@ -234,7 +235,7 @@ class Trainer:
         c, pr = self.config, self.progress
         return pr.step if c.max_steps else pr.seconds
 
-    def _step(self, group: list[np.ndarray]) -> tuple[float, int]:
+    def train_step(self, group: list[np.ndarray]) -> tuple[float, int]:
         c = self.config
         lr = inverse_sqrt_lr(self.progress.step + 1, c.lr, c.warmup_steps)
         for g in self.optimizer.param_groups:

@@ -88,7 +88,7 @@ class Translator:
         for batch in self._batches(order, ids):
             hyps = self._search([ids[j] for j in batch])
             for j, sentence in zip(batch, hyps):
-                texts = decode_batch(self.vocabs.tgt, [h.tokens for h in sentence.hypotheses])
+                texts = [one_line(t) for t in decode_batch(self.vocabs.tgt, [h.tokens for h in sentence.hypotheses])]
                 results[todo[j]].hypotheses = list(zip(texts, sentence.hypotheses))
         self._count(results)
         return results
@@ -124,6 +124,14 @@ class Translator:
         s.truncated += sum(r.truncated for r in results)
         s.hit_max_length += sum(r.hit_max_length for r in results)
         s.target_tokens += sum(len(r.hypotheses[0][1].tokens) + 1 for r in results if r.hypotheses)
+
+
+_LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
+def one_line(text: str) -> str:
+    """A model can emit the byte tokens of a line break; the line contract needs one line out."""
+    return text.translate(_LINE_BREAKS)
 
 
 def to_json(t: Translation) -> dict:

@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Corpora of any size: token-cache throughput, peak memory and warm start at 0.5 M and 5 M pairs.
+
+    python benchmarks/bench_cache.py [--sizes 500000,5000000] [--workdir /tmp/nmt-bench-cache]
+
+For each size, a synthetic corpus repeats the embedded training data with each copy's lines
+numbered (so de-duplication keeps them). It prints:
+- encode-and-cache throughput (pairs/s) beside raw `Tokenizer.encode_batch` on the same lines
+  in the same run (the ratio is the cache's overhead);
+- peak RSS of the process that builds the cache, and of `nmt train` (tiny preset) over its first
+  200 steps on the warm cache;
+- seconds from `nmt train` start to its first step on the warm cache;
+- the cache's size on disk.
+Each measured phase runs in its own process; its peak RSS comes from the kernel (wait4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data" / "bible-es-en"
+
+CACHE_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+from nmt.cache import Filters, load_or_build
+from nmt.corpus import ParallelCorpus
+from nmt.tokenizer import Vocabs
+corpus = ParallelCorpus.from_prefix(sys.argv[1], "es", "en")
+vocabs = Vocabs.load(Path(sys.argv[2]))
+t0 = time.perf_counter()
+cache = load_or_build([corpus], vocabs, Filters(), Path(sys.argv[3]))
+print(json.dumps({"seconds": time.perf_counter() - t0, "pairs": cache.report.read, "kept": len(cache)}))
+"""
+
+RAW_CHILD = r"""
+import json, sys, time, itertools
+from pathlib import Path
+from nmt.tokenizer import Vocabs
+vocabs = Vocabs.load(Path(sys.argv[2]))
+n = int(sys.argv[3])
+seconds = 0.0
+with open(sys.argv[1] + ".es", encoding="utf-8") as fs, open(sys.argv[1] + ".en", encoding="utf-8") as ft:
+    while True:
+        src = [l.rstrip("\n") for l in itertools.islice(fs, 20000)]
+        tgt = [l.rstrip("\n") for l in itertools.islice(ft, 20000)]
+        if not src or n <= 0:
+            break
+        n -= len(src)
+        t0 = time.perf_counter()
+        vocabs.src.encode_batch_fast(src, add_special_tokens=False)
+        vocabs.tgt.encode_batch_fast(tgt, add_special_tokens=False)
+        seconds += time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "pairs": int(sys.argv[3]) - max(n, 0)}))
+"""
+
+
+def run_child(args: list[str]) -> tuple[str, float, float]:
+    """(stdout, wall seconds, peak RSS in MiB) of one child process, its rusage taken from wait4."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(args, stdout=out, stderr=err, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            sys.exit(f"child failed: {' '.join(args[:4])}…\n{err.read().decode()[-2000:]}")
+        return out.read().decode(), wall, usage.ru_maxrss / 1024
+
+
+def make_corpus(prefix: Path, pairs: int) -> None:
+    if prefix.with_suffix(".es").exists():
+        return
+    src = (DATA / "train.es").read_text(encoding="utf-8").splitlines()
+    tgt = (DATA / "train.en").read_text(encoding="utf-8").splitlines()
+    with open(f"{prefix}.es.tmp", "w", encoding="utf-8") as fs, open(f"{prefix}.en.tmp", "w", encoding="utf-8") as ft:
+        written, copy = 0, 0
+        while written < pairs:
+            n = min(len(src), pairs - written)
+            fs.writelines(f"{copy}. {s}\n" for s in src[:n])
+            ft.writelines(f"{copy}. {t}\n" for t in tgt[:n])
+            written += n
+            copy += 1
+    os.replace(f"{prefix}.es.tmp", f"{prefix}.es")
+    os.replace(f"{prefix}.en.tmp", f"{prefix}.en")
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="500000,5000000")
+    ap.add_argument("--workdir", default="/tmp/nmt-bench-cache")
+    ap.add_argument("--steps", type=int, default=200)
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    tok_dir = work / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        run_child([py, "-m", "nmt", "train-tokenizer", "--train", str(DATA / "train"), "--out", str(tok_dir),
+                   "--preset", "tiny"])
+    print(f"{'pairs':>10} {'cache pairs/s':>14} {'raw pairs/s':>12} {'ratio':>6} {'RSS cache MiB':>14} "
+          f"{'RSS train MiB':>14} {'first step s':>13} {'cache MiB':>10}")
+    for size in (int(s) for s in args.sizes.split(",")):
+        prefix = work / f"corpus{size}"
+        make_corpus(prefix, size)
+        cache_root = work / f"cache{size}"
+        out, wall, rss_cache = run_child([py, "-c", CACHE_CHILD, str(prefix), str(tok_dir), str(cache_root)])
+        built = json.loads(out)
+        raw_out, _, _ = run_child([py, "-c", RAW_CHILD, str(prefix), str(tok_dir), str(min(size, 500_000))])
+        raw = json.loads(raw_out)
+        run = work / f"run{size}"
+        if not (run / "tokenizer.json").exists():
+            run.mkdir(exist_ok=True)
+            (run / "tokenizer.json").write_text((tok_dir / "tokenizer.json").read_text())
+        t_start = time.time()
+        _, _, rss_train = run_child([py, "-m", "nmt", "train", "--train", str(prefix), "--dev", "none", "--preset", "tiny", "--out",
+                   str(run), "--cache-dir", str(cache_root), "--max-steps", str(args.steps), "--log-every", "1",
+                   "--eval-every", "100000"])
+        first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        print(f"{size:>10,} {built['pairs'] / built['seconds']:>14,.0f} {raw['pairs'] / raw['seconds']:>12,.0f} "
+              f"{(built['pairs'] / built['seconds']) / (raw['pairs'] / raw['seconds']):>6.2f} {rss_cache:>14,.0f} "
+              f"{rss_train:>14,.0f} {first['time'] - t_start:>13.1f} {du(cache_root) / 2**20:>10,.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

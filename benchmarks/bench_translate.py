@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Translation speed and BLEU on the embedded test set: nmt's Translator (fp32, bf16, int8), the
+naive decoder without a cache, and the same model exported to CTranslate2 (fp32, int8), side by
+side, at each thread count, greedy and beam search.
+
+    python benchmarks/bench_translate.py -m RUN_DIR [--lines N] [--threads 1,2] [--beams 1,5]
+
+For each system: sentences/s and target tokens/s (EOS counted, as `nmt translate` reports
+them) over the whole set, timed with perf_counter around one full pass after a short warm-up;
+corpus BLEU (sacreBLEU, default settings) against test.en; and how many lines are identical
+to nmt fp32 with the same search. Every system gets the same decoding options (length cap
+a·|source| + b, batches of --batch-tokens source tokens, windows of 256 lines sorted by
+length). The length penalty is normalised by |Y|^α ("average", which CTranslate2 computes
+too) unless --length-norm gnmt is given, for which CTranslate2 has no equivalent; see
+nmt.export.translate_ctranslate2 for the remaining differences (the cap, beam stopping).
+
+    nmt fp32 / bf16   Translator, runtime dtype float32 / bfloat16 (autocast)
+    nmt int8          torch dynamic quantisation of every nn.Linear (as `nmt translate --dtype int8`)
+    naive greedy      nmt.search.greedy_no_cache: recomputes the whole prefix every step (on the
+                      first --naive-lines lines only, it is slow; compare with "nmt fp32 (same lines)")
+    ct2 fp32 / int8   the export, compute_type float32 / int8, intra_threads = the thread count
+
+Runs for minutes on the full set with a small model on 2 cores: use --lines to cut it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import sacrebleu
+import torch
+
+from nmt import checkpoint, runtime
+from nmt.config import DEFAULT_DATA, DecodeConfig
+from nmt.export import export_ctranslate2, load_ctranslate2, translate_ctranslate2
+from nmt.model import count_parameters
+from nmt.search import greedy_no_cache
+from nmt.tokenizer import EOS_ID, PAD_ID, decode_batch, encode_batch
+from nmt.translate import Translator
+
+WARMUP_LINES = 8
+
+
+@dataclass
+class Row:
+    system: str
+    threads: int
+    beam: int
+    lines: int
+    seconds: float
+    target_tokens: int
+    bleu: float
+    texts: list[str]
+    same: str = ""  # lines identical to nmt fp32 with the same search
+
+    @property
+    def sentences_per_s(self) -> float:
+        return self.lines / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.target_tokens / self.seconds
+
+
+def timed(run, lines: list[str]) -> tuple[float, list[str], int]:
+    """(seconds, texts, target tokens incl. EOS) of run(lines), after a warm-up on a few lines."""
+    run(lines[:WARMUP_LINES])
+    t0 = time.perf_counter()
+    texts, tokens = run(lines)
+    return time.perf_counter() - t0, texts, tokens
+
+
+def nmt_runner(model, vocabs, rt, config: DecodeConfig):
+    def run(lines):
+        results = list(Translator(model, vocabs, rt, config).translate(lines))
+        return [r.text for r in results], sum(len(r.hypotheses[0][1].tokens) + 1 for r in results if r.hypotheses)
+    return run
+
+
+def naive_runner(model, vocabs, config: DecodeConfig):
+    """greedy_no_cache behind the same sorting, truncation and token-budget batching as Translator."""
+    max_src = model.config.max_positions - 2
+
+    def run(lines):
+        ids = [s[:max_src] for s in encode_batch(vocabs.src, lines)]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out: list[list[int]] = [[] for _ in lines]
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end - start + 1) * (len(ids[order[end]]) + 1) <= config.batch_tokens:
+                end += 1
+            batch = order[start:end]
+            src = torch.full((len(batch), len(ids[batch[-1]]) + 1), PAD_ID, dtype=torch.long)
+            for row, i in enumerate(batch):
+                src[row, : len(ids[i]) + 1] = torch.tensor(ids[i] + [EOS_ID])
+            for i, hyp in zip(batch, greedy_no_cache(model, src, config.max_length_a, config.max_length_b)):
+                out[i] = hyp
+            start = end
+        texts = decode_batch(vocabs.tgt, out)
+        return [t if line.strip() else "" for t, line in zip(texts, lines)], sum(len(h) + 1 for h in out)
+    return run
+
+
+def ct2_runner(ct2_model, config: DecodeConfig):
+    def run(lines):
+        results = list(translate_ctranslate2(ct2_model, lines, config))
+        return [r.text for r in results], sum(len(r.hypotheses[0].tokens) + 1 for r in results if r.hypotheses)
+    return run
+
+
+def bench_threads(args, threads: int, ct2_dir: Path, src: list[str], ref: list[str]) -> list[Row]:
+    rows = []
+    bleu = lambda texts, refs: sacrebleu.corpus_bleu(texts, [refs]).score  # noqa: E731
+    n_naive = min(args.naive_lines, len(src))
+    for dtype in ("float32", "bfloat16", "int8"):
+        rt = runtime.setup("cpu", "float32" if dtype == "int8" else dtype, threads)
+        model, vocabs, _ = checkpoint.load_for_inference(args.model)
+        if dtype == "int8":
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        name = {"float32": "nmt fp32", "bfloat16": "nmt bf16", "int8": "nmt int8"}[dtype]
+        for beam in args.beams:
+            config = decode_config(args, beam)
+            secs, texts, toks = timed(nmt_runner(model, vocabs, rt, config), src)
+            rows.append(Row(name, threads, beam, len(src), secs, toks, bleu(texts, ref), texts))
+            if dtype == "float32" and beam == 1 and n_naive:
+                secs, texts, toks = timed(nmt_runner(model, vocabs, rt, config), src[:n_naive])
+                rows.append(Row("nmt fp32 (same lines)", threads, 1, n_naive, secs, toks, bleu(texts, ref[:n_naive]), texts))
+                secs, texts, toks = timed(naive_runner(model, vocabs, config), src[:n_naive])
+                rows.append(Row("naive greedy, no cache", threads, 1, n_naive, secs, toks, bleu(texts, ref[:n_naive]), texts))
+    for compute_type in ("float32", "int8"):
+        ct2_model = load_ctranslate2(ct2_dir, compute_type=compute_type, threads=threads)
+        for beam in args.beams:
+            config = decode_config(args, beam)
+            secs, texts, toks = timed(ct2_runner(ct2_model, config), src)
+            name = "ct2 fp32" if compute_type == "float32" else "ct2 int8"
+            rows.append(Row(name, threads, beam, len(src), secs, toks, bleu(texts, ref), texts))
+    mark_same(rows)
+    return rows
+
+
+def decode_config(args, beam: int) -> DecodeConfig:
+    return DecodeConfig(beam_size=beam, length_norm=args.length_norm, batch_tokens=args.batch_tokens)
+
+
+def mark_same(rows: list[Row]) -> None:
+    reference = {(r.beam, r.lines): r.texts for r in rows if r.system in ("nmt fp32", "nmt fp32 (same lines)")}
+    for r in rows:
+        ref = reference.get((r.beam, r.lines))
+        if ref is not None:
+            r.same = f"{sum(a == b for a, b in zip(r.texts, ref))}/{r.lines}"
+
+
+def print_machine(args, model_dir: Path, n_lines: int) -> None:
+    import ctranslate2
+
+    model, _, _ = checkpoint.load_for_inference(model_dir)
+    c = model.config
+    print(f"machine: {runtime._cpu_name()}, {os.cpu_count()} logical CPUs "
+          f"({platform.machine()}, Python {platform.python_version()})")
+    print(f"versions: torch {torch.__version__}, ctranslate2 {ctranslate2.__version__}, sacrebleu {sacrebleu.__version__}")
+    print(f"model: {model_dir} ({count_parameters(model):,} parameters, {c.encoder_layers}+{c.decoder_layers} layers, "
+          f"d_model {c.d_model}, vocabulary {c.tgt_vocab_size:,}, {'pre' if c.pre_norm else 'post'}-norm)")
+    d = decode_config(args, 1)
+    print(f"data: {n_lines} lines of {args.data}/test.es → test.en; cap {d.max_length_a}·|source| + "
+          f"{d.max_length_b}, length penalty α={d.length_penalty} ({args.length_norm}), batches of "
+          f"{args.batch_tokens} source tokens; CTranslate2 caps: exact (one call per distinct cap)")
+    print()
+
+
+def print_table(rows: list[Row]) -> None:
+    header = f"{'system':<24}{'threads':>8}{'search':>9}{'lines':>7}{'sent/s':>9}{'tok/s':>9}{'BLEU':>7}{'= nmt fp32':>12}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        search = "greedy" if r.beam == 1 else f"beam {r.beam}"
+        print(f"{r.system:<24}{r.threads:>8}{search:>9}{r.lines:>7}{r.sentences_per_s:>9.1f}{r.tokens_per_s:>9.0f}"
+              f"{r.bleu:>7.2f}{r.same:>12}")
+    print()
+
+
+def print_ratios(rows: list[Row]) -> None:
+    """nmt ÷ CTranslate2 speed (sentences/s) at equal precision, threads and search."""
+    by = {(r.system, r.threads, r.beam): r for r in rows}
+    print("speed ratio nmt ÷ CTranslate2 (sentences/s; < 1: CTranslate2 is faster)")
+    print(f"{'threads':>8}{'search':>9}{'nmt fp32':>10}{'ct2 fp32':>10}{'ratio':>7}{'nmt int8':>10}{'ct2 int8':>10}{'ratio':>7}"
+          f"{'naive÷nmt':>11}")
+    for (system, threads, beam), r in by.items():
+        if system != "nmt fp32":
+            continue
+        cells = []
+        for precision in ("fp32", "int8"):
+            ours, theirs = by.get((f"nmt {precision}", threads, beam)), by.get((f"ct2 {precision}", threads, beam))
+            cells.append(f"{ours.sentences_per_s:>10.1f}{theirs.sentences_per_s:>10.1f}"
+                         f"{ours.sentences_per_s / theirs.sentences_per_s:>7.2f}")
+        naive, same = by.get(("naive greedy, no cache", threads, beam)), by.get(("nmt fp32 (same lines)", threads, beam))
+        ratio = f"{naive.sentences_per_s / same.sentences_per_s:>11.2f}" if naive and same else f"{'':>11}"
+        search = "greedy" if beam == 1 else f"beam {beam}"
+        print(f"{threads:>8}{search:>9}{''.join(cells)}{ratio}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-m", "--model", type=Path, required=True, help="model directory written by `nmt train`")
+    p.add_argument("--lines", type=int, default=0, help="first N lines of the test set (0: all)")
+    p.add_argument("--threads", default="1,2", help="comma-separated CPU thread counts")
+    p.add_argument("--beams", default="1,5", help="comma-separated beam sizes (1 = greedy)")
+    p.add_argument("--naive-lines", type=int, default=50, help="lines for the naive no-cache decoder (0: skip it)")
+    p.add_argument("--length-norm", choices=("average", "gnmt"), default="average")
+    p.add_argument("--batch-tokens", type=int, default=DecodeConfig.batch_tokens)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="directory with test.es and test.en")
+    args = p.parse_args()
+    args.beams = [int(b) for b in args.beams.split(",")]
+    src = (args.data / "test.es").read_text(encoding="utf-8").splitlines()
+    ref = (args.data / "test.en").read_text(encoding="utf-8").splitlines()
+    if args.lines:
+        src, ref = src[: args.lines], ref[: args.lines]
+    print_machine(args, args.model, len(src))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ct2_dir = export_ctranslate2(args.model, Path(tmp) / "ct2")
+        for threads in (int(t) for t in args.threads.split(",")):
+            rows += bench_threads(args, threads, ct2_dir, src, ref)
+    print_table(rows)
+    print_ratios(rows)
+
+
+if __name__ == "__main__":
+    main()

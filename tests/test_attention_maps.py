@@ -1,0 +1,76 @@
+"""Attention maps: each row is a distribution, and the explicit weights are what the fused kernel applies."""
+
+import torch
+import torch.nn.functional as F
+
+from nmt.attention import attention_maps, weights
+from nmt.config import ModelConfig
+from nmt.model import Transformer, split_heads
+
+
+def tiny(pre_norm=True):
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(d_model=32, n_heads=4, d_ff=64, encoder_layers=2, decoder_layers=3, dropout=0.0,
+                                   src_vocab_size=30, tgt_vocab_size=30, pre_norm=pre_norm)).eval()
+
+
+def test_every_attention_row_is_a_distribution_with_masks_respected():
+    for pre_norm in (True, False):
+        model = tiny(pre_norm)
+        src, tgt = torch.randint(4, 30, (1, 7)), torch.randint(4, 30, (1, 5))
+        enc, dec, cross = attention_maps(model, src, tgt)
+        assert enc.shape == (2, 4, 7, 7) and dec.shape == (3, 4, 5, 5) and cross.shape == (3, 4, 5, 7)
+        for w in (enc, dec, cross):
+            torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
+        assert torch.all(dec.triu(1) == 0)  # nothing attends to the future
+
+
+def test_explicit_weights_reproduce_the_fused_kernel():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8)
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., 6:] = False
+    torch.testing.assert_close(weights(q, k, mask) @ v, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_cross_attention_of_a_padded_source_gives_padding_no_weight():
+    model = tiny()
+    src = torch.cat([torch.randint(4, 30, (1, 5)), torch.zeros(1, 3, dtype=torch.long)], 1)
+    _, _, cross = attention_maps(model, src, torch.randint(4, 30, (1, 4)))
+    assert torch.all(cross[..., 5:] == 0)
+
+
+def test_first_layer_encoder_map_matches_a_hand_computation():
+    model = tiny()
+    src = torch.randint(4, 30, (1, 6))
+    enc, _, _ = attention_maps(model, src, torch.randint(4, 30, (1, 3)))
+    x = model.embed(model.src_embed, src)
+    layer = model.encoder[0]
+    q, k, _ = (split_heads(t, 4) for t in layer.attn.qkv(layer.res1.norm(x)).chunk(3, dim=-1))
+    expected = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1)[0]
+    torch.testing.assert_close(enc[0], expected)
+
+
+def test_attention_and_plot_commands_draw_pngs_of_the_expected_grid(tiny_model_dir, tmp_path):
+    import json
+
+    import pytest
+
+    from conftest import run_nmt
+
+    mpimg = pytest.importorskip("matplotlib.image")
+    r = run_nmt("attention", "-m", str(tiny_model_dir), "En el principio creó Dios los cielos.", "-o",
+                str(tmp_path / "verse"))
+    assert r.returncode == 0, r.stderr.decode()
+    model = json.loads((tiny_model_dir / "config.json").read_text())["model"]
+    for kind, layers in (("encoder", model["encoder_layers"]), ("decoder", model["decoder_layers"]),
+                         ("cross", model["decoder_layers"])):
+        image = mpimg.imread(tmp_path / f"verse-{kind}.png")
+        height, width = image.shape[:2]
+        assert abs(width / height - model["n_heads"] / layers) < 0.05  # a layers × heads grid of square panels
+        assert image.std() > 0  # not blank
+    r = run_nmt("plot", str(tiny_model_dir), "-o", str(tmp_path / "curves.png"))
+    assert r.returncode == 0, r.stderr.decode()
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    r = run_nmt("attention", "-m", str(tiny_model_dir), "Hola")  # terminal heatmap, no file
+    assert r.returncode == 0 and r.stdout.strip()

@@ -1,0 +1,185 @@
+"""`nmt info` and `nmt average` end to end on one tiny run with three checkpoints, and
+`average_state_dicts` against means computed by hand."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import run_nmt, write_slice
+from nmt.average import average_state_dicts
+from nmt.errors import NmtError
+
+# The test machine is small and shared: one thread per subprocess is much faster than
+# oversubscribed cores (`nmt average` has no --threads option).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def ok(r: subprocess.CompletedProcess) -> str:
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 0, err
+    assert "Traceback" not in err
+    return r.stdout.decode("utf-8")
+
+
+def error_line(r: subprocess.CompletedProcess, code: int) -> str:
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == code, f"exit {r.returncode}, expected {code}; stderr:\n{err}"
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nmt: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("avg")
+    train = write_slice(base / "data", "train", 300)
+    dev = write_slice(base / "data", "dev", 5, split="dev")
+    out = base / "run"
+    ok(run_nmt("train", "--train", str(train), "--dev", str(dev), "--src", "es", "--tgt", "en", "--out", str(out),
+               "--preset", "tiny", "--dtype", "float32", "--device", "cpu", "--vocab-size", "400",
+               "--batch-tokens", "512", "--eval-every", "10", "--max-steps", "30", "--keep-last", "3"))
+    return out
+
+
+def safetensors_parameters(path: Path) -> int:
+    """Elements stored in a safetensors file: tied matrices are stored (and so counted) once."""
+    total = 0
+    with safe_open(str(path), "pt") as f:
+        for name in f.keys():
+            n = 1
+            for d in f.get_slice(name).get_shape():
+                n *= d
+            total += n
+    return total
+
+
+# -- info ---------------------------------------------------------------------------------------
+
+
+def test_info_json_round_trips_the_config(run):
+    facts = json.loads(ok(run_nmt("info", str(run), "--format", "json")))
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    assert facts["model"] == config["model"]
+    assert facts["tokenizer"] == config["tokenizer"]
+    assert facts["data"] == config["data"]
+    assert facts["format_version"] == 1
+    assert facts["languages"] == "es→en"
+    assert facts["preset"] == "tiny"
+    assert facts["parameters"] == safetensors_parameters(run / "model.safetensors")
+    assert facts["training"] == json.loads((run / "training.json").read_text(encoding="utf-8"))
+
+
+def test_info_text(run):
+    text = ok(run_nmt("info", str(run)))
+    params = safetensors_parameters(run / "model.safetensors")
+    assert f"{params:,}" in text
+    assert "es→en" in text
+    assert "tiny" in text
+
+
+@pytest.mark.parametrize("what", ["empty dir", "missing dir", "a file", "bad training.json"])
+def test_info_on_a_non_model_dir(tmp_path, run, what):
+    target = tmp_path / "x"
+    if what == "empty dir":
+        target.mkdir()
+    elif what == "a file":
+        target.write_text("hello\n")
+    elif what == "bad training.json":
+        import shutil
+
+        shutil.copytree(run, target, ignore=shutil.ignore_patterns("checkpoints", "cache"))
+        (target / "training.json").write_text("{oops", encoding="utf-8")
+    msg = error_line(run_nmt("info", str(target)), 1)
+    assert str(target) in msg
+
+
+def test_info_bad_format(run):
+    error_line(run_nmt("info", str(run), "--format", "xml"), 2)
+
+
+# -- average ------------------------------------------------------------------------------------
+
+
+def test_average_last_one_is_a_usage_error(run):
+    msg = error_line(run_nmt("average", "-m", str(run), "--last", "1"), 2)
+    assert "--last" in msg
+
+
+def test_average_needs_a_model_dir(tmp_path):
+    error_line(run_nmt("average", "-m", str(tmp_path / "nothing"), "--last", "2"), 1)
+
+
+def test_average_last_two(run):
+    checkpoints = sorted((run / "checkpoints").glob("step-*"))
+    assert [c.name for c in checkpoints] == ["step-00000010", "step-00000020", "step-00000030"]
+    before = hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()
+    stdout = ok(run_nmt("average", "-m", str(run), "--last", "2", "--device", "cpu"))
+    record = json.loads((run / "averaging.json").read_text(encoding="utf-8"))
+    assert record["checkpoints"] == ["step-00000020", "step-00000030"]
+    assert set(record["scores"]) == {"current", "averaged"}
+    for score in record["scores"].values():
+        assert isinstance(score["dev_bleu"], float) and score["signature"].startswith("nrefs:1|")
+    assert record["kept"] in ("current", "averaged")
+    assert f"kept the {record['kept']} model" in stdout
+    if record["scores"]["averaged"]["dev_bleu"] > record["scores"]["current"]["dev_bleu"]:
+        assert record["kept"] == "averaged"
+    else:
+        assert record["kept"] == "current"
+    # model.safetensors: the element-wise mean of the two checkpoints if kept, else untouched
+    now = load_file(str(run / "model.safetensors"))
+    if record["kept"] == "averaged":
+        a, b = (load_file(str(c / "model.safetensors")) for c in checkpoints[1:])
+        assert set(now) == set(a)
+        for name in now:
+            torch.testing.assert_close(now[name], (a[name].double() + b[name].double()).div(2).float())
+    else:
+        assert hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest() == before
+    facts = json.loads(ok(run_nmt("info", str(run), "--format", "json")))
+    assert facts["averaging"] == record
+
+
+# -- average_state_dicts ------------------------------------------------------------------------
+
+
+def test_average_state_dicts_by_hand(tmp_path):
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+               "h": torch.tensor([60000.0, -1.0], dtype=torch.float16),
+               "b": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)}, str(first))
+    save_file({"w": torch.tensor([[3.0, 6.0], [5.0, 0.0]]),
+               "h": torch.tensor([60000.0, 2.0], dtype=torch.float16),
+               "b": torch.tensor([2.0, 3.0], dtype=torch.bfloat16)}, str(second))
+    mean = average_state_dicts([first, second])
+    assert set(mean) == {"w", "h", "b"}
+    assert mean["w"].dtype == torch.float32 and mean["w"].tolist() == [[2.0, 4.0], [4.0, 2.0]]
+    # summed in float16 this would overflow (120000 > 65504)
+    assert mean["h"].dtype == torch.float16 and mean["h"].tolist() == [60000.0, 0.5]
+    assert mean["b"].dtype == torch.bfloat16 and mean["b"].tolist() == [1.5, 2.5]
+    # one file: itself
+    assert average_state_dicts([first])["w"].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_average_state_dicts_three_files(tmp_path):
+    paths = []
+    for i, values in enumerate(([0.0, 3.0], [1.0, 3.0], [5.0, 3.0])):
+        paths.append(tmp_path / f"{i}.safetensors")
+        save_file({"x": torch.tensor(values)}, str(paths[-1]))
+    assert average_state_dicts(paths)["x"].tolist() == [2.0, 3.0]
+
+
+def test_average_state_dicts_refuses_other_tensors(tmp_path):
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": torch.zeros(2)}, str(first))
+    save_file({"w": torch.zeros(2), "extra": torch.zeros(1)}, str(second))
+    with pytest.raises(NmtError, match="b.safetensors"):
+        average_state_dicts([first, second])

@@ -1,0 +1,247 @@
+"""End-to-end tests of `nmt train` as a user runs it: one-line errors (file, line, counts) with the
+right exit codes for bad data and bad options, and one tiny run whose directory is checked file
+by file, resumed, and protected against resuming with other model options or other data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import run_nmt, write_slice
+
+# The test machine is small and shared: one thread per subprocess is much faster than
+# oversubscribed cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+TINY = ("--src", "es", "--tgt", "en", "--preset", "tiny", "--dtype", "float32", "--device", "cpu",
+        "--vocab-size", "400", "--batch-tokens", "512")
+
+
+def train(*args: str):
+    return run_nmt("train", *TINY, *args)
+
+
+def error_line(r: subprocess.CompletedProcess, code: int) -> str:
+    """Assert exit `code`, no traceback, and exactly one `nmt: error: …` line, the last on stderr."""
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == code, f"exit {r.returncode}, expected {code}; stderr:\n{err}"
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("nmt: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    return errors[0]
+
+
+def ok(r: subprocess.CompletedProcess) -> str:
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 0, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("train-data")
+    return {"train": write_slice(base, "train", 300), "dev": write_slice(base, "dev", 5, split="dev")}
+
+
+# -- bad training data --------------------------------------------------------------------------
+
+
+def test_missing_training_file(tmp_path, data):
+    prefix = tmp_path / "nowhere" / "corpus"
+    msg = error_line(train("--train", str(prefix), "--dev", "none", "--out", str(tmp_path / "run"),
+                           "--max-steps", "2"), 1)
+    assert f"{prefix}.es" in msg
+
+
+def test_missing_target_side(tmp_path):
+    prefix = write_slice(tmp_path / "d", "c", 50)
+    Path(f"{prefix}.en").unlink()
+    msg = error_line(train("--train", str(prefix), "--dev", "none", "--out", str(tmp_path / "run"),
+                           "--max-steps", "2"), 1)
+    assert f"{prefix}.en" in msg
+
+
+def test_mismatched_line_counts(tmp_path):
+    prefix = write_slice(tmp_path / "d", "c", 60)
+    en = Path(f"{prefix}.en")
+    en.write_text("\n".join(en.read_text(encoding="utf-8").splitlines()[:57]) + "\n", encoding="utf-8")
+    msg = error_line(train("--train", str(prefix), "--dev", "none", "--out", str(tmp_path / "run"),
+                           "--max-steps", "2"), 1)
+    assert f"{prefix}.es" in msg and f"{prefix}.en" in msg
+    assert "60" in msg and "57" in msg
+
+
+def test_mismatched_dev_line_counts(tmp_path, data):
+    dev = write_slice(tmp_path / "d", "dev", 5, split="dev")
+    Path(f"{dev}.en").write_text("one\ntwo\n", encoding="utf-8")
+    msg = error_line(train("--train", str(data["train"]), "--dev", str(dev), "--out", str(tmp_path / "run"),
+                           "--max-steps", "2"), 1)
+    assert f"{dev}.es" in msg and f"{dev}.en" in msg and "5" in msg and "2" in msg
+
+
+def test_invalid_utf8_in_training_data(tmp_path):
+    prefix = write_slice(tmp_path / "d", "c", 40)
+    es = Path(f"{prefix}.es")
+    lines = es.read_bytes().split(b"\n")
+    lines[6] = b"ma\xf1ana \xff"
+    es.write_bytes(b"\n".join(lines))
+    msg = error_line(train("--train", str(prefix), "--dev", "none", "--out", str(tmp_path / "run"),
+                           "--max-steps", "2"), 1)
+    assert str(es) in msg and "line 7" in msg and "UTF-8" in msg
+
+
+def test_empty_training_data(tmp_path):
+    prefix = tmp_path / "d" / "c"
+    prefix.parent.mkdir()
+    Path(f"{prefix}.es").write_bytes(b"")
+    Path(f"{prefix}.en").write_bytes(b"")
+    msg = error_line(train("--train", str(prefix), "--dev", "none", "--out", str(tmp_path / "run"),
+                           "--max-steps", "2"), 1)
+    assert "empty" in msg
+
+
+# -- bad options --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--preset", "huge"], "huge"),
+    (["--max-time", "abc"], "abc"),
+    (["--dtype", "float64"], "float64"),
+    (["--device", "tpu"], "tpu"),
+    (["--max-steps", "0"], "max-steps"),
+    (["--label-smoothing", "1.5"], "label-smoothing"),
+    (["--max-steps", "many"], "max-steps"),
+])
+def test_usage_errors_exit_2(tmp_path, data, args, words):
+    msg = error_line(train("--train", str(data["train"]), "--dev", "none", "--out", str(tmp_path / "run"),
+                           "--max-steps", "2", *args), 2)
+    assert words in msg
+
+
+def test_config_file_not_json(tmp_path, data):
+    bad = tmp_path / "cfg.json"
+    bad.write_text("model: {d_model: 32}\n", encoding="utf-8")
+    msg = error_line(train("--train", str(data["train"]), "--dev", "none", "--out", str(tmp_path / "run"),
+                           "--max-steps", "2", "--config", str(bad)), 1)
+    assert str(bad) in msg
+
+
+def test_config_file_missing(tmp_path, data):
+    missing = tmp_path / "none.json"
+    msg = error_line(train("--train", str(data["train"]), "--dev", "none", "--out", str(tmp_path / "run"),
+                           "--max-steps", "2", "--config", str(missing)), 1)
+    assert str(missing) in msg
+
+
+def test_config_file_unknown_model_key(tmp_path, data):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"model": {"d_model": 32, "n_experts": 4}}), encoding="utf-8")
+    msg = error_line(train("--train", str(data["train"]), "--dev", "none", "--out", str(tmp_path / "run"),
+                           "--max-steps", "2", "--config", str(cfg)), 2)
+    assert "n_experts" in msg
+
+
+# -- one tiny run, resumed ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data) -> dict:
+    """20 steps, dev evaluation and checkpoint every 10, a train log record every 5."""
+    base = tmp_path_factory.mktemp("train-run")
+    cfg = base / "overrides.json"
+    cfg.write_text(json.dumps({"train": {"log_every": 5}}), encoding="utf-8")
+    out = base / "run"
+    args = ["--train", str(data["train"]), "--dev", str(data["dev"]), "--out", str(out), "--config", str(cfg),
+            "--eval-every", "10"]
+    first = train(*args, "--max-steps", "20")
+    return {"out": out, "args": args, "stderr": ok(first)}
+
+
+def test_run_directory(run, data):
+    out: Path = run["out"]
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["format"] == "nmt-model" and config["version"] == 1
+    assert config["src"] == "es" and config["tgt"] == "en"
+    assert config["model"]["d_model"] == 64 and config["train"]["preset"] == "tiny"
+    fingerprints = {d["path"]: d for d in config["data"]}
+    for lang in ("es", "en"):
+        path = Path(f"{data['train']}.{lang}")
+        fp = fingerprints[str(path)]
+        assert fp["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert fp["size"] == path.stat().st_size
+        assert fp["lines"] == 300
+    assert len(config["data"]) == 2
+
+    tokenizer = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    assert tokenizer["model"]["type"] == "BPE"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert len(list(f.keys())) > 10
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    events = {r["event"] for r in records}
+    assert events == {"train", "eval"}
+    assert [r["step"] for r in records if r["event"] == "eval"] == [10, 20]
+    assert [r["step"] for r in records if r["event"] == "train"] == [5, 10, 15, 20]
+    assert all(isinstance(r["loss"], float) for r in records if r["event"] == "train")
+
+    training = json.loads((out / "training.json").read_text(encoding="utf-8"))
+    assert training["steps"] == 20
+    assert [e["step"] for e in training["evaluations"]] == [10, 20]
+
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert steps == ["step-00000010", "step-00000020"]
+    for name in steps:
+        assert (out / "checkpoints" / name / "model.safetensors").is_file()
+        assert (out / "checkpoints" / name / "state.pt").is_file()
+    assert not list(out.rglob("*.tmp-*")), "no temporary files left behind"
+
+
+def test_resume(run):
+    out: Path = run["out"]
+    err = ok(train(*run["args"], "--max-steps", "30"))
+    assert "resuming" in err and "step-00000020" in err
+    training = json.loads((out / "training.json").read_text(encoding="utf-8"))
+    assert training["steps"] == 30
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in records if r["event"] == "eval"] == [10, 20, 30]
+    assert [r["step"] for r in records if r["event"] == "train"] == [5, 10, 15, 20, 25, 30]
+
+
+def test_rerunning_a_finished_run_trains_no_further(run):
+    out: Path = run["out"]
+    steps = json.loads((out / "training.json").read_text(encoding="utf-8"))["steps"]
+    ok(train(*run["args"], "--max-steps", str(steps)))
+    assert json.loads((out / "training.json").read_text(encoding="utf-8"))["steps"] == steps
+
+
+def test_resume_refused_when_a_model_option_changes(run):
+    out: Path = run["out"]
+    before = (out / "config.json").read_bytes()
+    msg = error_line(train(*run["args"], "--max-steps", "40", "--dropout", "0.3"), 1)
+    assert "dropout" in msg and str(out) in msg
+    assert (out / "config.json").read_bytes() == before, "a refused run must not rewrite the config"
+
+
+def test_resume_refused_when_the_data_changes(run, data):
+    out: Path = run["out"]
+    files = [Path(f"{data['train']}.{lang}") for lang in ("es", "en")]
+    saved = [f.read_bytes() for f in files]
+    try:
+        for f, text in zip(files, ("una línea más\n", "one more line\n")):
+            with open(f, "a", encoding="utf-8") as handle:
+                handle.write(text)
+        msg = error_line(train(*run["args"], "--max-steps", "40"), 1)
+        assert "data" in msg
+        assert str(files[0]) in msg and str(files[1]) in msg
+    finally:
+        for f, b in zip(files, saved):
+            f.write_bytes(b)
