@@ -30,6 +30,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from nmt.tokenizer import EOS_ID, PAD_ID, decode_batch, encode_batch
 from nmt.translate import Translator
 
 WARMUP_LINES = 8
+NAIVE = "naive greedy, no cache"
 
 
 @dataclass
@@ -123,17 +125,20 @@ def bench_threads(args, threads: int, ct2_dir: Path, src: list[str], ref: list[s
         rt = runtime.setup("cpu", "float32" if dtype == "int8" else dtype, threads)
         model, vocabs, _ = checkpoint.load_for_inference(args.model)
         if dtype == "int8":
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices
+                warnings.simplefilter("ignore")
+                model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         name = {"float32": "nmt fp32", "bfloat16": "nmt bf16", "int8": "nmt int8"}[dtype]
         for beam in args.beams:
             config = decode_config(args, beam)
             secs, texts, toks = timed(nmt_runner(model, vocabs, rt, config), src)
             rows.append(Row(name, threads, beam, len(src), secs, toks, bleu(texts, ref), texts))
             if dtype == "float32" and beam == 1 and n_naive:
-                secs, texts, toks = timed(nmt_runner(model, vocabs, rt, config), src[:n_naive])
-                rows.append(Row("nmt fp32 (same lines)", threads, 1, n_naive, secs, toks, bleu(texts, ref[:n_naive]), texts))
-                secs, texts, toks = timed(naive_runner(model, vocabs, config), src[:n_naive])
-                rows.append(Row("naive greedy, no cache", threads, 1, n_naive, secs, toks, bleu(texts, ref[:n_naive]), texts))
+                sub, sub_ref = src[:n_naive], ref[:n_naive]
+                for label, runner in (("nmt fp32 (same lines)", nmt_runner(model, vocabs, rt, config)),
+                                      (NAIVE, naive_runner(model, vocabs, config))):
+                    secs, texts, toks = timed(runner, sub)
+                    rows.append(Row(label, threads, 1, n_naive, secs, toks, bleu(texts, sub_ref), texts))
     for compute_type in ("float32", "int8"):
         ct2_model = load_ctranslate2(ct2_dir, compute_type=compute_type, threads=threads)
         for beam in args.beams:
@@ -150,10 +155,11 @@ def decode_config(args, beam: int) -> DecodeConfig:
 
 
 def mark_same(rows: list[Row]) -> None:
-    reference = {(r.beam, r.lines): r.texts for r in rows if r.system in ("nmt fp32", "nmt fp32 (same lines)")}
+    references = ("nmt fp32", "nmt fp32 (same lines)")
+    reference = {(r.beam, r.lines): r.texts for r in rows if r.system in references}
     for r in rows:
         ref = reference.get((r.beam, r.lines))
-        if ref is not None:
+        if ref is not None and r.system not in references:
             r.same = f"{sum(a == b for a, b in zip(r.texts, ref))}/{r.lines}"
 
 
@@ -164,7 +170,8 @@ def print_machine(args, model_dir: Path, n_lines: int) -> None:
     c = model.config
     print(f"machine: {runtime._cpu_name()}, {os.cpu_count()} logical CPUs "
           f"({platform.machine()}, Python {platform.python_version()})")
-    print(f"versions: torch {torch.__version__}, ctranslate2 {ctranslate2.__version__}, sacrebleu {sacrebleu.__version__}")
+    print(f"versions: torch {torch.__version__}, ctranslate2 {ctranslate2.__version__}, "
+          f"sacrebleu {sacrebleu.__version__}")
     print(f"model: {model_dir} ({count_parameters(model):,} parameters, {c.encoder_layers}+{c.decoder_layers} layers, "
           f"d_model {c.d_model}, vocabulary {c.tgt_vocab_size:,}, {'pre' if c.pre_norm else 'post'}-norm)")
     d = decode_config(args, 1)
@@ -175,7 +182,8 @@ def print_machine(args, model_dir: Path, n_lines: int) -> None:
 
 
 def print_table(rows: list[Row]) -> None:
-    header = f"{'system':<24}{'threads':>8}{'search':>9}{'lines':>7}{'sent/s':>9}{'tok/s':>9}{'BLEU':>7}{'= nmt fp32':>12}"
+    header = (f"{'system':<24}{'threads':>8}{'search':>9}{'lines':>7}{'sent/s':>9}{'tok/s':>9}{'BLEU':>7}"
+              f"{'= nmt fp32':>12}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -189,8 +197,8 @@ def print_ratios(rows: list[Row]) -> None:
     """nmt ÷ CTranslate2 speed (sentences/s) at equal precision, threads and search."""
     by = {(r.system, r.threads, r.beam): r for r in rows}
     print("speed ratio nmt ÷ CTranslate2 (sentences/s; < 1: CTranslate2 is faster)")
-    print(f"{'threads':>8}{'search':>9}{'nmt fp32':>10}{'ct2 fp32':>10}{'ratio':>7}{'nmt int8':>10}{'ct2 int8':>10}{'ratio':>7}"
-          f"{'naive÷nmt':>11}")
+    print(f"{'threads':>8}{'search':>9}{'nmt fp32':>10}{'ct2 fp32':>10}{'ratio':>7}{'nmt int8':>10}{'ct2 int8':>10}"
+          f"{'ratio':>7}{'naive÷nmt':>11}")
     for (system, threads, beam), r in by.items():
         if system != "nmt fp32":
             continue
@@ -199,7 +207,7 @@ def print_ratios(rows: list[Row]) -> None:
             ours, theirs = by.get((f"nmt {precision}", threads, beam)), by.get((f"ct2 {precision}", threads, beam))
             cells.append(f"{ours.sentences_per_s:>10.1f}{theirs.sentences_per_s:>10.1f}"
                          f"{ours.sentences_per_s / theirs.sentences_per_s:>7.2f}")
-        naive, same = by.get(("naive greedy, no cache", threads, beam)), by.get(("nmt fp32 (same lines)", threads, beam))
+        naive, same = by.get((NAIVE, threads, beam)), by.get(("nmt fp32 (same lines)", threads, beam))
         ratio = f"{naive.sentences_per_s / same.sentences_per_s:>11.2f}" if naive and same else f"{'':>11}"
         search = "greedy" if beam == 1 else f"beam {beam}"
         print(f"{threads:>8}{search:>9}{''.join(cells)}{ratio}")

@@ -1,4 +1,4 @@
-"""Token-budget batches from length buckets, planned with vectorised numpy, and their tensors.
+"""Token-budget batches of length-sorted pairs, planned with numpy, and their tensors.
 
 An epoch's plan is a pure function of (lengths, seed, epoch): pairs sorted by length with a
 random tie-break, cut into batches whose padded size fits the token budget, then the batches
@@ -21,26 +21,34 @@ def plan_epoch(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens: int, seed
                rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
     """Batches (arrays of pair indices) for one epoch on one rank.
 
-    Sorting by the longer side (+1 for BOS/EOS) groups pairs of equal padded length; each run of
-    one length is cut into batches of floor(batch_tokens / length) pairs, so a batch never
-    exceeds the budget in padded tokens on either side. No Python loop over pairs.
+    Pairs are sorted by padded length (the longer side + 1 for BOS/EOS, random tie-break) and
+    cut greedily into runs of consecutive pairs whose count × longest stays within
+    `batch_tokens`; the batches are then shuffled. The only Python loop is over batches.
     """
     rng = np.random.default_rng([seed, epoch])
     cost = np.maximum(src_len, tgt_len).astype(np.int64) + 1  # padded tokens per pair
     order = np.lexsort((rng.random(len(cost)), np.minimum(src_len, tgt_len), cost))
-    cost_sorted = cost[order]
-    values, run_starts, run_counts = np.unique(cost_sorted, return_index=True, return_counts=True)
-    per_batch = np.maximum(1, batch_tokens // values)  # pairs per batch in each run
-    n_batches = -(-run_counts // per_batch)  # ceil
-    # Batch b of run r covers sorted positions [run_start + b·per_batch, min(…+per_batch, run_end)).
-    run_of_batch = np.repeat(np.arange(len(values)), n_batches)
-    index_in_run = np.arange(n_batches.sum()) - np.repeat(np.cumsum(n_batches) - n_batches, n_batches)
-    starts = run_starts[run_of_batch] + index_in_run * per_batch[run_of_batch]
-    ends = np.minimum(starts + per_batch[run_of_batch], run_starts[run_of_batch] + run_counts[run_of_batch])
+    starts, ends = _cut(cost[order], batch_tokens)
     shuffled = rng.permutation(len(starts))
     if world_size > 1:  # equal counts on every rank, so collective operations stay in step
         shuffled = shuffled[: len(shuffled) // world_size * world_size][rank::world_size]
     return [order[starts[b] : ends[b]] for b in shuffled]
+
+
+def _cut(sorted_cost: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy cut of ascending costs into [start, end) runs with (end - start) × cost[end-1] ≤ budget
+    (a single pair over budget gets a batch of its own)."""
+    starts, ends = [], []
+    i, n = 0, len(sorted_cost)
+    while i < n:
+        most = max(1, budget // int(sorted_cost[i]))  # no more pairs than the cheapest allows
+        window = sorted_cost[i : i + most]
+        fits = np.arange(1, len(window) + 1) * window <= budget  # True…True False…False (costs ascend)
+        count = max(1, int(fits.sum()))
+        starts.append(i)
+        ends.append(i + count)
+        i += count
+    return np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, run_nmt, write_slice
 
 COMMON = ["--preset", "tiny", "--src", "es", "--tgt", "en", "--dev", "none", "--dtype", "float32",
-          "--batch-tokens", "400", "--eval-every", "1000", "--log-every", "1", "--vocab-size", "500",
+          "--batch-tokens", "1000", "--eval-every", "1000", "--log-every", "1", "--vocab-size", "500",
           "--threads", "1"]
 
 
