@@ -362,6 +362,20 @@ def info(
         render(facts)
 
 
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory written by `nmt train`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="CTranslate2 model directory to write (an existing export is replaced).")],
+    format: Annotated[str, typer.Option("--format", help="Export format (ctranslate2).")] = "ctranslate2",
+    quantization: Annotated[Optional[str], typer.Option(help="Weights on disk: int8, int8_float32, int16, float16, bfloat16, float32. [default: float32]")] = None,
+) -> None:
+    """Export a model to CTranslate2 (needs `pip install 'nmt[ctranslate2]'`)."""
+    from nmt.export import export_ctranslate2
+
+    _choice(format, "--format", ("ctranslate2",))
+    log.info("exported to %s", export_ctranslate2(model, out, quantization))
+
+
 # ---------------------------------------------------------------------------------------------
 # attention, plot
 # ---------------------------------------------------------------------------------------------

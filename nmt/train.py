@@ -247,7 +247,7 @@ class Trainer:
         self.train_model.train()
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
-            with _no_sync(self.train_model, sync), self.runtime.autocast():
+            with _no_sync(self.train_model, sync), self.runtime.autocast(), self.runtime.kernels():
                 keep = batch.tgt_out != PAD_ID
                 logits = self.train_model(batch.src, batch.tgt_in, keep)  # [N real tokens, V]
                 loss_sum = F.cross_entropy(logits.float(), batch.tgt_out[keep], label_smoothing=c.label_smoothing,

@@ -246,3 +246,14 @@ def test_missing_ctranslate2_is_one_clear_error(tiny_model_dir, tmp_path, monkey
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # makes `import ctranslate2` fail
     with pytest.raises(NmtError, match=r"ctranslate2 is not installed: pip install 'nmt\[ctranslate2\]'"):
         export_ctranslate2(tiny_model_dir, tmp_path / "out")
+
+
+def test_export_command_writes_a_ctranslate2_model(tiny_model_dir, tmp_path):
+    from conftest import run_nmt
+
+    r = run_nmt("export", "-m", str(tiny_model_dir), "--format", "ctranslate2", "--out", str(tmp_path / "ct2"),
+                "--quantization", "int8")
+    assert r.returncode == 0, r.stderr.decode()
+    assert (tmp_path / "ct2" / "model.bin").exists()
+    r = run_nmt("export", "-m", str(tiny_model_dir), "--format", "onnx", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and r.stderr.decode().count("\n") == 1
