@@ -7,6 +7,7 @@ happen inside the commands that need them, so `nmt --help` and `nmt evaluate` st
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -176,6 +177,7 @@ def train(
     batch_tokens: Annotated[Optional[int], typer.Option(help="Padded target tokens per batch.")] = None,
     update_freq: Annotated[Optional[int], typer.Option(help="Batches accumulated per optimizer step.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option(help="inverse-sqrt, or cosine (to 0 at the end of --max-steps/--max-time).")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option("--warmup", help="Warm-up steps.")] = None,
     label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing ε.")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Dropout rate.")] = None,
@@ -208,7 +210,7 @@ def train(
     train_config = cfg.apply(train_config, _given(
         train=train, src=src, tgt=tgt, max_time=parse_duration(max_time), max_steps=max_steps, max_epochs=max_epochs,
         seed=seed, device=device, dtype=dtype, threads=threads, batch_tokens=batch_tokens, update_freq=update_freq,
-        lr=lr, warmup_steps=warmup_steps, label_smoothing=label_smoothing, eval_every=eval_every, patience=patience,
+        lr=lr, lr_schedule=_choice(lr_schedule, "--lr-schedule", ("inverse-sqrt", "cosine")), warmup_steps=warmup_steps, label_smoothing=label_smoothing, eval_every=eval_every, patience=patience,
         keep_last=keep_last, max_length=max_length, max_ratio=max_ratio, cache_dir=cache_dir, compile=compile,
         log_every=log_every, average_last=average_last,
         dedupe=None if no_dedupe is None else not no_dedupe), "train")
@@ -263,8 +265,6 @@ def translate(
     threads: Annotated[int, typer.Option(help="CPU threads (0: all cores).")] = 0,
 ) -> None:
     """Translate lines from a file or stdin to stdout: one output line per input line."""
-    import json
-
     from nmt.config import DecodeConfig
 
     _choice(format, "--format", ("text", "jsonl"))
@@ -289,21 +289,27 @@ def translate(
     except OSError as e:
         raise NmtError(f"{output}: cannot write ({e.strerror})") from None
     try:
-        for result in translator.translate(lines):
-            sink.write((json.dumps(_json(result), ensure_ascii=False) if format == "jsonl" else result.text) + "\n")
-            if translator.stats.lines % decode.window == 0:
-                sink.flush()
-        sink.flush()
+        _write_translations(translator, lines, sink, format)
+    except BrokenPipeError:
+        raise
+    except OSError as e:  # a full disk, say: what was flushed before stays
+        raise NmtError(f"{output or '<stdout>'}: write failed ({e.strerror or e})") from None
     finally:
         if output:
-            sink.close()
+            with contextlib.suppress(OSError):  # the write error, if any, is already reported
+                sink.close()
     log.info(translator.stats.summary())
 
 
-def _json(result):
+def _write_translations(translator, lines, sink, format: str) -> None:
+    import json
+
     from nmt.translate import to_json
 
-    return to_json(result)
+    for window in translator.translate_windows(lines):
+        for result in window:
+            sink.write((json.dumps(to_json(result), ensure_ascii=False) if format == "jsonl" else result.text) + "\n")
+        sink.flush()  # each window reaches the reader as soon as it is done
 
 
 def _load_translator(model_dir: Path, decode, device: str, dtype: str, threads: int):

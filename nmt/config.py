@@ -64,7 +64,7 @@ PRESET_TOKENIZER: dict[str, dict[str, Any]] = {
 }
 
 PRESET_TRAINING: dict[str, dict[str, Any]] = {
-    "tiny": dict(batch_tokens=1024, lr=2e-3, warmup_steps=100, eval_every=200),
+    "tiny": dict(batch_tokens=1024, lr=2e-3, warmup_steps=100, eval_every=200, log_every=10),
     "small": dict(batch_tokens=3000, lr=1e-3, warmup_steps=400, eval_every=500, average_last=3),
     "base": dict(batch_tokens=25000, lr=7e-4, warmup_steps=4000, eval_every=2000),
     "big": dict(batch_tokens=25000, lr=5e-4, warmup_steps=4000, eval_every=2000),
@@ -82,6 +82,7 @@ class TrainConfig:
     batch_tokens: int = 3000  # target tokens per batch (per device), before --update-freq
     update_freq: int = 1  # gradient accumulation: batches per optimizer step
     lr: float = 1e-3
+    lr_schedule: Literal["inverse-sqrt", "cosine"] = "inverse-sqrt"  # cosine decays to 0 at the budget's end
     warmup_steps: int = 400
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01

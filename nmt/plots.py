@@ -77,7 +77,7 @@ def training_curves_png(run: Path, out: Path) -> Path:
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     train = [r for r in records if r.get("event") == "train"]
     evals = [r for r in records if r.get("event") == "eval"]
-    if not train:
+    if not train and not evals:
         raise NmtError(f"{path}: no training records yet")
     plt = _pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))

@@ -141,6 +141,13 @@ def inverse_sqrt_lr(step: int, peak: float, warmup: int) -> float:
     return peak * min(step / max(warmup, 1), math.sqrt(max(warmup, 1) / step))
 
 
+def cosine_lr(step: int, peak: float, warmup: int, budget_used: float) -> float:
+    """Linear warm-up, then half a cosine from `peak` to 0 as the step or time budget runs out
+    (budget_used in [0, 1]): with a known budget, ending at a small rate gives a better final model."""
+    warm = min(max(step, 1) / max(warmup, 1), 1.0)
+    return peak * warm * 0.5 * (1 + math.cos(math.pi * min(max(budget_used, 0.0), 1.0)))
+
+
 class Trainer:
     def __init__(self, p: Prepared, config: TrainConfig, runtime: Runtime, dist: "Distributed"):
         self.p, self.config, self.runtime, self.dist = p, config, runtime, dist
@@ -236,30 +243,60 @@ class Trainer:
         return pr.step if c.max_steps else pr.seconds
 
     def train_step(self, group: list[np.ndarray]) -> tuple[float, int]:
+        """One optimizer step over the batches of `group` (pair indices): (mean loss, target tokens)."""
         c = self.config
-        lr = inverse_sqrt_lr(self.progress.step + 1, c.lr, c.warmup_steps)
+        lr = self.learning_rate(self.progress.step + 1)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        pin = self.runtime.device.type == "cuda"
-        batches = [collate(self.p.cache, idx, pin=pin).to(self.runtime.device) for idx in group]
-        n_tokens = self.dist.sum_int(sum(b.n_tgt_tokens for b in batches))
-        total_loss = 0.0
+        local_tokens = sum(int(self.p.cache.tgt_len[idx].sum()) + len(idx) for idx in group)  # EOS included
+        n_tokens = self.dist.sum_int(local_tokens)
         self.train_model.train()
-        for i, batch in enumerate(batches):
-            sync = i == len(batches) - 1
-            with _no_sync(self.train_model, sync), self.runtime.autocast(), self.runtime.kernels():
-                keep = batch.tgt_out != PAD_ID
-                logits = self.train_model(batch.src, batch.tgt_in, keep)  # [N real tokens, V]
-                loss_sum = F.cross_entropy(logits.float(), batch.tgt_out[keep], label_smoothing=c.label_smoothing,
-                                           reduction="sum")
-            # DDP averages gradients over ranks, so scale by world size: the result is Σ loss / Σ tokens.
-            (loss_sum * self.dist.world_size / n_tokens).backward()
-            total_loss += loss_sum.item()
+        try:
+            total_loss = self._accumulate(group, n_tokens)
+        except torch.OutOfMemoryError:
+            # A rare batch too large for the device: drop its partial gradients, retry in halves.
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.runtime.device.type == "cuda":
+                torch.cuda.empty_cache()
+            halves = [h for idx in group for h in np.array_split(idx, 2) if len(h)]
+            log.warning("out of memory at step %d: retrying as %d smaller batches", self.progress.step + 1, len(halves))
+            total_loss = self._accumulate(halves, n_tokens)
         if c.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return self.dist.sum_float(total_loss) / n_tokens, n_tokens
+
+    def learning_rate(self, step: int) -> float:
+        c = self.config
+        if c.lr_schedule == "cosine" and (c.max_steps or c.max_time):
+            return cosine_lr(step, c.lr, c.warmup_steps, self.budget_used(step))
+        return inverse_sqrt_lr(step, c.lr, c.warmup_steps)
+
+    def budget_used(self, step: int) -> float:
+        """The larger share of the step or time budget spent (time makes the schedule wall-clock based)."""
+        c = self.config
+        shares = [step / c.max_steps] if c.max_steps else []
+        if c.max_time:
+            shares.append(self.progress.seconds / c.max_time)
+        return max(shares, default=0.0)
+
+    def _accumulate(self, group: list[np.ndarray], n_tokens: int) -> float:
+        """Forward and backward over each batch; gradients add up to d(Σ loss / Σ tokens)."""
+        pin = self.runtime.device.type == "cuda"
+        total_loss = 0.0
+        for i, idx in enumerate(group):
+            batch = collate(self.p.cache, idx, pin=pin).to(self.runtime.device)
+            sync = i == len(group) - 1
+            with _no_sync(self.train_model, sync), self.runtime.autocast(), self.runtime.kernels():
+                keep = batch.tgt_out != PAD_ID
+                logits = self.train_model(batch.src, batch.tgt_in, keep)  # [N real tokens, V]
+                loss_sum = F.cross_entropy(logits.float(), batch.tgt_out[keep],
+                                           label_smoothing=self.config.label_smoothing, reduction="sum")
+            # DDP averages gradients over ranks, so scale by world size: the result is Σ loss / Σ tokens.
+            (loss_sum * self.dist.world_size / n_tokens).backward()
+            total_loss += loss_sum.item()
+        return total_loss
 
     def _check_budget(self) -> None:
         c, pr = self.config, self.progress

@@ -67,12 +67,18 @@ class Translator:
         self.stats = Stats()
 
     def translate(self, lines: Iterable[str]) -> Iterator[Translation]:
-        """One Translation per input line, in order, produced window by window."""
+        """One Translation per input line, in order."""
+        for window in self.translate_windows(lines):
+            yield from window
+
+    def translate_windows(self, lines: Iterable[str]) -> Iterator[list[Translation]]:
+        """The translations of each window of input lines, in order: a caller can flush after each."""
         start = time.perf_counter()
         it = iter(lines)
         while window := list(itertools.islice(it, self.config.window)):
-            yield from self._window(window)
+            results = self._window(window)
             self.stats.seconds = time.perf_counter() - start
+            yield results
 
     def _window(self, lines: list[str]) -> list[Translation]:
         results = [Translation(line) for line in lines]

@@ -125,3 +125,40 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(data, tmp_path)
     wa, wb = weights(single, 8), weights(ddp, 8)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-4)
+
+
+def test_an_out_of_memory_batch_is_retried_in_halves_with_the_same_gradient(data, tmp_path):
+    """A batch that runs out of memory is split in two; the step's gradient is the same."""
+    from nmt import config as cfg
+    from nmt.batching import plan_epoch
+    from nmt.runtime import setup
+    from nmt.train import Distributed, Trainer, prepare
+
+    model_config, tok_config, preset = cfg.preset("tiny")
+    tok_config = cfg.apply(tok_config, {"vocab_size": 500}, "tok")
+    train_config = cfg.TrainConfig(preset="tiny", train=[str(data)], dev=None, dtype="float32",
+                                   **{**preset, "batch_tokens": 1000})
+    p = prepare(train_config, model_config, tok_config, tmp_path / "run")
+    runtime = setup("cpu", "float32", 1)
+    batch = plan_epoch(p.cache.src_len, p.cache.tgt_len, 1000, 1, 0)[0]
+    assert len(batch) >= 2
+
+    def step(fail_above):
+        trainer = Trainer(p, train_config, runtime, Distributed("cpu"))
+        real_forward = trainer.model.forward
+
+        def forward(src, tgt_in, keep=None):
+            if src.shape[0] > fail_above:
+                raise torch.OutOfMemoryError("simulated")
+            return real_forward(src, tgt_in, keep)
+
+        trainer.model.forward = forward
+        loss, tokens = trainer.train_step([batch])
+        return loss, tokens, {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    loss_a, tok_a, w_a = step(fail_above=10**9)
+    loss_b, tok_b, w_b = step(fail_above=len(batch) - 1)
+    assert tok_a == tok_b
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for name in w_a:
+        torch.testing.assert_close(w_a[name], w_b[name], rtol=1e-4, atol=1e-5)  # Adam: tiny grads, sign-like steps

@@ -459,3 +459,12 @@ def test_emitted_newline_bytes_do_not_break_the_line_contract(damaged):
     for record in map(json.loads, records):  # the crafted model emits 3 tokens ("\n") and the forced EOS
         assert record["hypotheses"][0]["tokens"] == 4 and record["flags"]["hit_max_length"]
     assert len(out_lines(r)) == len(lines)
+
+
+def test_a_full_disk_is_a_one_line_error(tiny_model_dir, tmp_path):
+    src = tmp_path / "in.es"
+    src.write_text("Hola.\nAdiós.\n", encoding="utf-8")
+    r = run_nmt("translate", "-m", str(tiny_model_dir), "--beam-size", "1", "-i", str(src), "-o", "/dev/full")
+    err = r.stderr.decode()
+    assert r.returncode == 1
+    assert err.strip().count("\n") == 0 and "write failed" in err and "Traceback" not in err

@@ -1,0 +1,44 @@
+"""The model directory's writes are atomic: a failure (a full disk) keeps the previous version."""
+
+import errno
+
+import pytest
+
+from nmt import checkpoint
+from nmt.errors import NmtError
+
+
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "config.json"
+    checkpoint.atomic_write_text(target, "old")
+
+    def full_disk(tmp):
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(NmtError, match="disk full"):
+        checkpoint.atomic_write(target, full_disk)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_a_failed_checkpoint_keeps_the_older_ones(tmp_path, monkeypatch):
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    checkpoint.save_checkpoint(tmp_path, 1, model, {"step": 1}, keep_last=3)
+
+    def broken_save(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(NmtError, match="disk full"):
+        checkpoint.save_checkpoint(tmp_path, 2, model, {"step": 2}, keep_last=3)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000001"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_reading_a_config_of_another_format_version_names_the_problem(tmp_path):
+    (tmp_path / "config.json").write_text('{"format": "nmt-model", "version": 99}')
+    with pytest.raises(NmtError, match="version 99"):
+        checkpoint.read_config(tmp_path)
