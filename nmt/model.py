@@ -179,10 +179,12 @@ class DecoderCache:
     length: int = 0  # positions already decoded
 
     def reorder(self, beam_origin: Tensor) -> None:
-        """Self-attention state follows the surviving hypotheses: row i takes row beam_origin[i]."""
+        """Self-attention state follows the surviving hypotheses: row i takes row beam_origin[i].
+        Only the filled positions are copied (in place), not the whole pre-allocated buffer."""
+        t = self.length
         for layer in self.layers:
-            layer.k = layer.k.index_select(0, beam_origin)
-            layer.v = layer.v.index_select(0, beam_origin)
+            layer.k[:, :, :t] = layer.k[beam_origin, :, :t]
+            layer.v[:, :, :t] = layer.v[beam_origin, :, :t]
 
     def keep_sentences(self, sentences: Tensor, beam: int) -> None:
         """Drop finished sentences: keep `sentences` (indices into B) and their K rows each."""
