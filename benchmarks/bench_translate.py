@@ -117,9 +117,12 @@ def ct2_runner(ct2_model, config: DecodeConfig):
     return run
 
 
-def bench_threads(args, threads: int, ct2_dir: Path, src: list[str], ref: list[str]) -> list[Row]:
+def bleu(texts: list[str], refs: list[str]) -> float:
+    return sacrebleu.corpus_bleu(texts, [refs]).score
+
+
+def bench_nmt(args, threads: int, src: list[str], ref: list[str]) -> list[Row]:
     rows = []
-    bleu = lambda texts, refs: sacrebleu.corpus_bleu(texts, [refs]).score  # noqa: E731
     n_naive = min(args.naive_lines, len(src))
     for dtype in ("float32", "bfloat16", "int8"):
         rt = runtime.setup("cpu", "float32" if dtype == "int8" else dtype, threads)
@@ -139,6 +142,11 @@ def bench_threads(args, threads: int, ct2_dir: Path, src: list[str], ref: list[s
                                       (NAIVE, naive_runner(model, vocabs, config))):
                     secs, texts, toks = timed(runner, sub)
                     rows.append(Row(label, threads, 1, n_naive, secs, toks, bleu(texts, sub_ref), texts))
+    return rows
+
+
+def bench_ct2(args, threads: int, ct2_dir: Path, src: list[str], ref: list[str]) -> list[Row]:
+    rows = []
     for compute_type in ("float32", "int8"):
         ct2_model = load_ctranslate2(ct2_dir, compute_type=compute_type, threads=threads)
         for beam in args.beams:
@@ -146,8 +154,22 @@ def bench_threads(args, threads: int, ct2_dir: Path, src: list[str], ref: list[s
             secs, texts, toks = timed(ct2_runner(ct2_model, config), src)
             name = "ct2 fp32" if compute_type == "float32" else "ct2 int8"
             rows.append(Row(name, threads, beam, len(src), secs, toks, bleu(texts, ref), texts))
-    mark_same(rows)
     return rows
+
+
+def run_isolated(args, family: str, threads: int, ct2_dir: Path) -> list[Row]:
+    """Each (family, thread count) in a process of its own: torch's and CTranslate2's OpenMP
+    thread pools spin after each parallel region and, sharing a process, slow each other down."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "-m", str(args.model), "--lines", str(args.lines), "--beams",
+           ",".join(map(str, args.beams)), "--naive-lines", str(args.naive_lines), "--length-norm", args.length_norm,
+           "--batch-tokens", str(args.batch_tokens), "--data", str(args.data), "--worker", family,
+           "--worker-threads", str(threads), "--ct2-dir", str(ct2_dir)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return [Row(**r) for r in json.loads(out)]
 
 
 def decode_config(args, beam: int) -> DecodeConfig:
@@ -223,18 +245,31 @@ def main() -> None:
     p.add_argument("--length-norm", choices=("average", "gnmt"), default="average")
     p.add_argument("--batch-tokens", type=int, default=DecodeConfig.batch_tokens)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="directory with test.es and test.en")
+    p.add_argument("--worker", choices=("nmt", "ct2"), help=argparse.SUPPRESS)
+    p.add_argument("--worker-threads", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--ct2-dir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.beams = [int(b) for b in args.beams.split(",")]
     src = (args.data / "test.es").read_text(encoding="utf-8").splitlines()
     ref = (args.data / "test.en").read_text(encoding="utf-8").splitlines()
     if args.lines:
         src, ref = src[: args.lines], ref[: args.lines]
+    if args.worker:
+        import dataclasses
+        import json
+
+        rows = (bench_nmt(args, args.worker_threads, src, ref) if args.worker == "nmt"
+                else bench_ct2(args, args.worker_threads, args.ct2_dir, src, ref))
+        print(json.dumps([dataclasses.asdict(r) for r in rows]))
+        return
     print_machine(args, args.model, len(src))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ct2_dir = export_ctranslate2(args.model, Path(tmp) / "ct2")
         for threads in (int(t) for t in args.threads.split(",")):
-            rows += bench_threads(args, threads, ct2_dir, src, ref)
+            group = run_isolated(args, "nmt", threads, ct2_dir) + run_isolated(args, "ct2", threads, ct2_dir)
+            mark_same(group)
+            rows += group
     print_table(rows)
     print_ratios(rows)
 
