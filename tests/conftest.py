@@ -46,3 +46,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
                 "--dtype", "float32")
     assert r.returncode == 0, r.stderr.decode()
     return out
+
+
+def error_line(r: subprocess.CompletedProcess, code: int, only_line: bool = True) -> str:
+    """Assert a one-line `nmt: error: …` on stderr, exit `code`, no traceback; return the message."""
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == code, f"exit {r.returncode}, expected {code}; stderr:\n{err}"
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("nmt: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    if only_line:
+        assert lines == errors, f"expected only the error line on stderr:\n{err}"
+    return errors[0]

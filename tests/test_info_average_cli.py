@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import run_nmt, write_slice
+from conftest import error_line, run_nmt, write_slice
 from nmt.average import average_state_dicts
 from nmt.errors import NmtError
 
@@ -30,13 +30,6 @@ def ok(r: subprocess.CompletedProcess) -> str:
     return r.stdout.decode("utf-8")
 
 
-def error_line(r: subprocess.CompletedProcess, code: int) -> str:
-    err = r.stderr.decode("utf-8", "replace")
-    assert r.returncode == code, f"exit {r.returncode}, expected {code}; stderr:\n{err}"
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("nmt: error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

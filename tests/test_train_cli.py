@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import error_line as conftest_error_line
 from conftest import run_nmt, write_slice
 
 # The test machine is small and shared: one thread per subprocess is much faster than
@@ -27,14 +28,8 @@ def train(*args: str):
 
 
 def error_line(r: subprocess.CompletedProcess, code: int) -> str:
-    """Assert exit `code`, no traceback, and exactly one `nmt: error: …` line, the last on stderr."""
-    err = r.stderr.decode("utf-8", "replace")
-    assert r.returncode == code, f"exit {r.returncode}, expected {code}; stderr:\n{err}"
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("nmt: error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], err
-    return errors[0]
+    """One `nmt: error: …` line, the last on stderr (log lines may come before it)."""
+    return conftest_error_line(r, code, only_line=False)
 
 
 def ok(r: subprocess.CompletedProcess) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, ROOT, run_nmt
+from conftest import DATA, ROOT, error_line, run_nmt
 
 # The test machine is small and shared: one thread per subprocess is much faster than
 # oversubscribed cores (the conftest model fixture runs its `nmt train` under this too).
@@ -52,17 +52,6 @@ def out_lines(r: subprocess.CompletedProcess) -> list[str]:
     return text.split("\n")[:-1] if text else []
 
 
-def error_line(r: subprocess.CompletedProcess, code: int, only_line: bool = True) -> str:
-    """Assert a one-line `nmt: error: …` on stderr, exit `code`, no traceback; return the message."""
-    err = r.stderr.decode("utf-8", "replace")
-    assert r.returncode == code, f"exit {r.returncode}, expected {code}; stderr:\n{err}"
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("nmt: error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], err
-    if only_line:
-        assert lines == errors, f"expected only the error line on stderr:\n{err}"
-    return errors[0]
 
 
 def varied_lines(n: int) -> list[str]:
