@@ -64,6 +64,11 @@ class Batch:
                      self.tgt_out.to(device, non_blocking=nb), self.n_tgt_tokens)
 
 
+def target_tokens(cache: TokenCache, indices: np.ndarray) -> int:
+    """Real target tokens of these pairs, EOS included (the unit of loss normalisation and tokens/s)."""
+    return int(cache.tgt_len[indices].sum()) + len(indices)
+
+
 def collate(cache: TokenCache, indices: np.ndarray, pin: bool = False) -> Batch:
     """Gather pairs from the memory-mapped cache into padded tensors."""
     pairs = [cache.pair(int(i)) for i in indices]
@@ -77,10 +82,9 @@ def collate(cache: TokenCache, indices: np.ndarray, pin: bool = False) -> Batch:
         tgt[row, 0] = BOS_ID
         tgt[row, 1 : len(t) + 1] = t
         tgt[row, len(t) + 1] = EOS_ID
-    n_tgt = int(sum(len(t) + 1 for _, t in pairs))
     tgt_in = tgt[:, :-1].copy()
     tgt_in[tgt_in == EOS_ID] = PAD_ID  # EOS is never an input
     tensors = [torch.from_numpy(a) for a in (src, tgt_in, tgt[:, 1:].copy())]
     if pin:
         tensors = [t.pin_memory() for t in tensors]
-    return Batch(*tensors, n_tgt_tokens=n_tgt)
+    return Batch(*tensors, n_tgt_tokens=target_tokens(cache, indices))

@@ -210,7 +210,8 @@ def train(
     train_config = cfg.apply(train_config, _given(
         train=train, src=src, tgt=tgt, max_time=parse_duration(max_time), max_steps=max_steps, max_epochs=max_epochs,
         seed=seed, device=device, dtype=dtype, threads=threads, batch_tokens=batch_tokens, update_freq=update_freq,
-        lr=lr, lr_schedule=_choice(lr_schedule, "--lr-schedule", ("inverse-sqrt", "cosine")), warmup_steps=warmup_steps, label_smoothing=label_smoothing, eval_every=eval_every, patience=patience,
+        lr=lr, lr_schedule=_choice(lr_schedule, "--lr-schedule", ("inverse-sqrt", "cosine")),
+        warmup_steps=warmup_steps, label_smoothing=label_smoothing, eval_every=eval_every, patience=patience,
         keep_last=keep_last, max_length=max_length, max_ratio=max_ratio, cache_dir=cache_dir, compile=compile,
         log_every=log_every, average_last=average_last,
         dedupe=None if no_dedupe is None else not no_dedupe), "train")

@@ -39,6 +39,7 @@ from typing import Any, Iterable, Iterator
 from nmt.config import DecodeConfig
 from nmt.errors import NmtError, UsageError
 from nmt.tokenizer import BOS_ID, EOS_ID, SPECIALS, UNK_ID, Vocabs, decode_batch, encode_batch
+from nmt.translate import one_line
 
 EXPORT_META = "nmt_export.json"
 EXPORT_FORMAT = "nmt-ctranslate2"
@@ -342,7 +343,7 @@ def _search(model: CT2Model, seqs: list[list[int]], caps: list[int], config: Dec
             if tokens and tokens[-1] == eos:
                 tokens = tokens[:-1]
             token_ids.append([model.tgt_ids[t] for t in tokens[: cap - 1]])
-        texts = decode_batch(model.vocabs.tgt, token_ids)
+        texts = [one_line(t) for t in decode_batch(model.vocabs.tgt, token_ids)]
         scores = out.scores if return_scores else [None] * len(token_ids)
         results.append([CT2Hypothesis(text, t, s, len(t) + 1 >= cap) for text, t, s in zip(texts, token_ids, scores)])
     return results

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from nmt import checkpoint
-from nmt.batching import collate, plan_epoch
+from nmt.batching import collate, plan_epoch, target_tokens
 from nmt.cache import Filters, TokenCache, load_or_build
 from nmt.config import DecodeConfig, ModelConfig, TokenizerConfig, TrainConfig, from_dict, to_dict
 from nmt.corpus import ParallelCorpus, sample_pairs
@@ -248,8 +248,7 @@ class Trainer:
         lr = self.learning_rate(self.progress.step + 1)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        local_tokens = sum(int(self.p.cache.tgt_len[idx].sum()) + len(idx) for idx in group)  # EOS included
-        n_tokens = self.dist.sum_int(local_tokens)
+        n_tokens = self.dist.sum_int(sum(target_tokens(self.p.cache, idx) for idx in group))
         self.train_model.train()
         try:
             total_loss = self._accumulate(group, n_tokens)

@@ -257,3 +257,30 @@ def test_export_command_writes_a_ctranslate2_model(tiny_model_dir, tmp_path):
     assert (tmp_path / "ct2" / "model.bin").exists()
     r = run_nmt("export", "-m", str(tiny_model_dir), "--format", "onnx", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and r.stderr.decode().count("\n") == 1
+
+
+def test_emitted_line_break_bytes_stay_on_one_line(tiny_model_dir, tmp_path):
+    """The CTranslate2 path keeps the line contract like nmt's own: a model that always emits the
+    byte token of "\\n" still yields one line per input line."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer
+
+    model_dir = tmp_path / "newline"
+    shutil.copytree(tiny_model_dir, model_dir)
+    newline_id = Tokenizer.from_file(str(model_dir / "tokenizer.json")).token_to_id("<0x0A>")
+    weights = load_file(str(model_dir / "model.safetensors"))
+    v = torch.randn(weights["decoder_norm.bias"].shape, generator=torch.Generator().manual_seed(0))
+    v = v / v.norm()
+    weights["decoder_norm.weight"] = torch.zeros_like(weights["decoder_norm.weight"])
+    weights["decoder_norm.bias"] = v
+    weights["output.weight"][newline_id] = 30 * v  # logit 30 for "\n" whatever the input
+    save_file(weights, str(model_dir / "model.safetensors"))
+    ct2_dir = export_ctranslate2(model_dir, tmp_path / "ct2")
+    config = DecodeConfig(beam_size=1, max_length_a=0.0, max_length_b=4)
+    results = list(ct2_translate(ct2_dir, ["Hola.", "Dios dijo.", "Amén."], config))
+    assert len(results) == 3
+    for r in results:
+        assert "\n" not in r.text and r.text.strip() == ""  # three line breaks, each now a space
