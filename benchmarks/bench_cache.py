@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -119,14 +120,15 @@ def main() -> None:
         prefix = work / f"corpus{size}"
         make_corpus(prefix, size)
         cache_root = work / f"cache{size}"
+        shutil.rmtree(cache_root, ignore_errors=True)  # measure a build, not a reuse
         out, wall, rss_cache = run_child([py, "-c", CACHE_CHILD, str(prefix), str(tok_dir), str(cache_root)])
         built = json.loads(out)
         raw_out, _, _ = run_child([py, "-c", RAW_CHILD, str(prefix), str(tok_dir), str(min(size, 500_000))])
         raw = json.loads(raw_out)
-        run = work / f"run{size}"
-        if not (run / "tokenizer.json").exists():
-            run.mkdir(exist_ok=True)
-            (run / "tokenizer.json").write_text((tok_dir / "tokenizer.json").read_text())
+        run = work / f"run{size}"  # a fresh run each time (an old one would resume), same tokenizer
+        shutil.rmtree(run, ignore_errors=True)
+        run.mkdir()
+        (run / "tokenizer.json").write_text((tok_dir / "tokenizer.json").read_text())
         t_start = time.time()
         _, _, rss_train = run_child([py, "-m", "nmt", "train", "--train", str(prefix), "--dev", "none", "--preset", "tiny", "--out",
                    str(run), "--cache-dir", str(cache_root), "--max-steps", str(args.steps), "--log-every", "1",

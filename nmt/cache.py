@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from nmt.corpus import ParallelCorpus, fingerprint
+from nmt.corpus import ParallelCorpus, fingerprints
 from nmt.errors import NmtError
 from nmt.tokenizer import Vocabs, encode_batch
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CHUNK_LINES = 20_000
 ARRAYS = ("src_start", "src_len", "tgt_start", "tgt_len")
+MEMO_FILE = "fingerprints.json"  # size, mtime and inode → SHA-256 of the training files seen
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,14 @@ class TokenCache:
     tgt_start: np.ndarray
     tgt_len: np.ndarray
     report: FilterReport = field(default_factory=FilterReport)
+    maps: list[mmap.mmap] = field(default_factory=list, repr=False)
+
+    def drop_pages(self) -> None:
+        """Unmap the pages read so far (the kernel keeps them cached): without this, resident
+        memory would grow with every page a batch touches, up to the size of the cache."""
+        for mapped in self.maps:
+            if hasattr(mapped, "madvise"):
+                mapped.madvise(mmap.MADV_DONTNEED)
 
     def __len__(self) -> int:
         return len(self.src_len)
@@ -77,8 +87,10 @@ class TokenCache:
         return self.src[s : s + int(self.src_len[i])], self.tgt[t : t + int(self.tgt_len[i])]
 
 
-def cache_key(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters) -> tuple[str, dict]:
-    prints = [asdict(fingerprint(p)) | {"path": str(p)} for c in corpora for p in (c.src_path, c.tgt_path)]
+def cache_key(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters,
+              memo_file: Path | None = None) -> tuple[str, dict]:
+    paths = [p for c in corpora for p in (c.src_path, c.tgt_path)]
+    prints = [asdict(fp) | {"path": str(p)} for p, fp in zip(paths, fingerprints(paths, memo_file))]
     described = {"format": FORMAT_VERSION, "data": [{k: v for k, v in fp.items() if k != "path"} for fp in prints],
                  "tokenizer": vocabs.fingerprint(), "filters": asdict(filters)}
     key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
@@ -87,7 +99,7 @@ def cache_key(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters) -
 
 def load_or_build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters, root: Path) -> TokenCache:
     """The cache for these corpora, tokenizer and filters: reused when valid, else (re)built."""
-    key, described = cache_key(corpora, vocabs, filters)
+    key, described = cache_key(corpora, vocabs, filters, root / MEMO_FILE)
     directory = root / key
     if directory.exists():
         problem = verify(directory, key)
@@ -125,15 +137,33 @@ def verify(directory: Path, key: str) -> str | None:
 
 def open_cache(directory: Path) -> TokenCache:
     meta = json.loads((directory / "meta.json").read_text())
+    maps: list[mmap.mmap] = []
+    arrays = {name: _map_npy(directory / f"{name}.npy", maps) for name in ARRAYS}
     dtype = np.dtype(meta["dtype"])
-    arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
-    return TokenCache(
-        directory,
-        np.memmap(directory / "src.bin", dtype=dtype, mode="r") if meta["files"]["src.bin"]["size"] else np.zeros(0, dtype),
-        np.memmap(directory / "tgt.bin", dtype=dtype, mode="r") if meta["files"]["tgt.bin"]["size"] else np.zeros(0, dtype),
-        report=FilterReport(**meta["report"]),
-        **arrays,
-    )
+    src, tgt = (_map(directory / f"{side}.bin", dtype, 0, -1, maps) for side in ("src", "tgt"))
+    return TokenCache(directory, src, tgt, report=FilterReport(**meta["report"]), maps=maps, **arrays)
+
+
+def _map(path: Path, dtype: np.dtype, offset: int, count: int, maps: list[mmap.mmap]) -> np.ndarray:
+    """A read-only array over a file's bytes, the mapping told to expect random access (no
+    read-ahead: a batch touches one page per sentence, not 32)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size <= offset:
+            return np.zeros(0, dtype)
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    maps.append(mapped)
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
+
+
+def _map_npy(path: Path, maps: list[mmap.mmap]) -> np.ndarray:
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        offset = f.tell()
+    return _map(path, dtype, offset, int(np.prod(shape)), maps)
 
 
 def build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters, directory: Path, described: dict) -> None:

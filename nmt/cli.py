@@ -174,7 +174,7 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto (measured), float32 or bfloat16.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (0: all cores).")] = None,
-    batch_tokens: Annotated[Optional[int], typer.Option(help="Padded target tokens per batch.")] = None,
+    batch_tokens: Annotated[Optional[str], typer.Option(help="Padded target tokens per batch, or 'auto': the largest that fits in GPU memory.")] = None,
     update_freq: Annotated[Optional[int], typer.Option(help="Batches accumulated per optimizer step.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
     lr_schedule: Annotated[Optional[str], typer.Option(help="inverse-sqrt, or cosine (to 0 at the end of --max-steps/--max-time).")] = None,
@@ -209,7 +209,8 @@ def train(
     dev_value = dev if dev is not None else train_config.dev
     train_config = cfg.apply(train_config, _given(
         train=train, src=src, tgt=tgt, max_time=parse_duration(max_time), max_steps=max_steps, max_epochs=max_epochs,
-        seed=seed, device=device, dtype=dtype, threads=threads, batch_tokens=batch_tokens, update_freq=update_freq,
+        seed=seed, device=device, dtype=dtype, threads=threads, batch_tokens=_batch_tokens(batch_tokens),
+        update_freq=update_freq,
         lr=lr, lr_schedule=_choice(lr_schedule, "--lr-schedule", ("inverse-sqrt", "cosine")),
         warmup_steps=warmup_steps, label_smoothing=label_smoothing, eval_every=eval_every, patience=patience,
         keep_last=keep_last, max_length=max_length, max_ratio=max_ratio, cache_dir=cache_dir, compile=compile,
@@ -224,8 +225,21 @@ def train(
     run_training(train_config, model_config, tok_config, out)
 
 
+def _batch_tokens(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"--batch-tokens must be a number of tokens or 'auto' (got {value!r})") from None
+
+
 def _check_train_values(c) -> None:
-    for name in ("batch_tokens", "update_freq", "eval_every", "log_every"):
+    if c.batch_tokens == "auto":
+        pass
+    elif not isinstance(c.batch_tokens, int) or c.batch_tokens < 1:
+        raise UsageError(f"--batch-tokens must be ≥ 1 or 'auto' (got {c.batch_tokens!r})")
+    for name in ("update_freq", "eval_every", "log_every"):
         if getattr(c, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be ≥ 1 (got {getattr(c, name)})")
     for name in ("max_steps", "max_epochs", "max_time"):

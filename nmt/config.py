@@ -79,7 +79,7 @@ class TrainConfig:
     train: list[str] = field(default_factory=lambda: [str(DEFAULT_DATA / "train")])
     dev: str | None = str(DEFAULT_DATA / "dev")
     seed: int = 1
-    batch_tokens: int = 3000  # target tokens per batch (per device), before --update-freq
+    batch_tokens: int | str = 3000  # target tokens per batch (per device), before --update-freq; or "auto"
     update_freq: int = 1  # gradient accumulation: batches per optimizer step
     lr: float = 1e-3
     lr_schedule: Literal["inverse-sqrt", "cosine"] = "inverse-sqrt"  # cosine decays to 0 at the budget's end

@@ -8,7 +8,10 @@ invalid UTF-8 are reported with file names and line numbers. Turning text into i
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
@@ -89,6 +92,49 @@ def fingerprint(path: Path) -> Fingerprint:
     else:
         lines += last != b"\n"
     return Fingerprint(str(path), size, lines, h.hexdigest())
+
+
+# A file last modified this recently is hashed again on every run, whatever its stat says: a
+# rewrite within the file system's timestamp granularity could otherwise keep size and mtime.
+SETTLED_NS = 2_000_000_000
+
+
+def fingerprints(paths: list[Path], memo_file: Path | None = None) -> list[Fingerprint]:
+    """Fingerprints of these files. With `memo_file`, a file whose size, mtime and inode match
+    what was recorded there is not read again (git's index does the same), so a warm start on a
+    50 GB corpus does not hash 50 GB; new fingerprints are recorded for the next run."""
+    memo: dict[str, dict] = {}
+    if memo_file is not None:
+        try:
+            memo = json.loads(memo_file.read_text())
+        except (OSError, ValueError):
+            memo = {}
+    out, changed = [], False
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise NmtError(f"{path}: cannot read ({e.strerror})") from None
+        stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "device": st.st_dev}
+        key = str(Path(path).resolve())
+        record = memo.get(key)
+        if record is not None and record.get("stamp") == stamp:
+            out.append(Fingerprint(str(path), st.st_size, record["lines"], record["sha256"]))
+            continue
+        fp = fingerprint(path)
+        out.append(fp)
+        if time.time_ns() - st.st_mtime_ns > SETTLED_NS:
+            memo[key] = {"stamp": stamp, "lines": fp.lines, "sha256": fp.sha256}
+            changed = True
+    if memo_file is not None and changed:
+        try:
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo_file.with_name(f".{memo_file.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(memo, indent=1))
+            os.replace(tmp, memo_file)
+        except OSError:
+            pass  # only an optimisation: the next run hashes again
+    return out
 
 
 def reservoir_sample(items: Iterable[T], k: int, seed: int) -> list[T]:

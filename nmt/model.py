@@ -196,6 +196,9 @@ class DecoderCache:
             self.src_mask = self.src_mask.index_select(0, sentences)
 
 
+OUTPUT_ROWS_MULTIPLE = 64
+
+
 class Transformer(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -264,7 +267,14 @@ class Transformer(nn.Module):
         [N, V]: the output layer, the largest matrix product, then skips the padding."""
         memory, mask = self.encode(src)
         hidden = self.decode_hidden(tgt_in, memory, mask)
-        return self.output(hidden if keep is None else hidden[keep])
+        if keep is None:
+            return self.output(hidden)
+        rows = hidden[keep]
+        n = rows.shape[0]
+        # Padding the row count to a multiple of 64 bounds the distinct shapes the output layer
+        # sees (on CPU with bf16, each new shape costs a kernel kept in memory; see batching.py).
+        rows = F.pad(rows, (0, 0, 0, -n % OUTPUT_ROWS_MULTIPLE))
+        return self.output(rows)[:n]
 
     def init_cache(self, memory: Tensor, src_mask: Tensor, beam: int, max_steps: int) -> DecoderCache:
         """Pre-allocate self-attention buffers for B·K rows and max_steps positions; compute each

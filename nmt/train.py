@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from nmt import checkpoint
-from nmt.batching import collate, plan_epoch, target_tokens
+from nmt.batching import Batch, Plan, collate, padded, plan_epoch, target_tokens
 from nmt.cache import Filters, TokenCache, load_or_build
-from nmt.config import DecodeConfig, ModelConfig, TokenizerConfig, TrainConfig, from_dict, to_dict
+from nmt.config import PRESET_TRAINING, DecodeConfig, ModelConfig, TokenizerConfig, TrainConfig, from_dict, to_dict
 from nmt.corpus import ParallelCorpus, sample_pairs
 from nmt.errors import NmtError
 from nmt.model import Transformer, count_parameters
@@ -133,6 +133,7 @@ class Progress:
     best_step: int = 0
     evals_without_gain: int = 0
     history: list[dict] = field(default_factory=list)
+    batch_tokens: int = 0  # the budget --batch-tokens auto settled on (kept for an exact resume)
 
 
 def inverse_sqrt_lr(step: int, peak: float, warmup: int) -> float:
@@ -200,9 +201,10 @@ class Trainer:
         start = time.monotonic() - self.progress.seconds
         total = c.max_steps if c.max_steps else (c.max_time or None)
         self._check_budget()  # a finished run re-run with the same budget trains no further
+        budget = self.batch_tokens()
         with StepProgress("train", total, log_every=30.0) as bar, _StopOnSignal(self):
             while self.stop_reason is None:
-                batches = plan_epoch(self.p.cache.src_len, self.p.cache.tgt_len, c.batch_tokens, c.seed,
+                batches = plan_epoch(self.p.cache.src_len, self.p.cache.tgt_len, budget, c.seed,
                                      self.progress.epoch, self.dist.rank, self.dist.world_size)
                 if not batches:
                     raise NmtError("no batch fits the token budget (raise --batch-tokens)")
@@ -210,7 +212,28 @@ class Trainer:
         self.progress.seconds = time.monotonic() - start
         return self.progress
 
-    def _epoch(self, batches: list[np.ndarray], start: float, bar: StepProgress) -> None:
+    def batch_tokens(self) -> int:
+        """The token budget per batch: --batch-tokens, or with `auto` the largest that fits in GPU
+        memory (probed once, then kept with the checkpoints; on CPU the preset's default)."""
+        c, pr = self.config, self.progress
+        if c.batch_tokens != "auto":
+            return int(c.batch_tokens)
+        if not pr.batch_tokens:
+            if self.runtime.device.type == "cuda":
+                from nmt import autobatch
+
+                cache = self.p.cache
+                longest = padded(int(max(cache.src_len.max(), cache.tgt_len.max())) + 1)  # EOS included
+                found = autobatch.probe(lambda b: self._forward_backward(b, b.n_tgt_tokens, sync=True), self.model,
+                                        longest, self.p.model_config.tgt_vocab_size, self.runtime.device)
+                pr.batch_tokens = self.dist.min_int(found)  # every rank plans with the same budget
+            else:
+                pr.batch_tokens = PRESET_TRAINING[c.preset]["batch_tokens"]
+                log.info("--batch-tokens auto sizes batches to GPU memory; on CPU the %s preset's %d is used",
+                         c.preset, pr.batch_tokens)
+        return pr.batch_tokens
+
+    def _epoch(self, batches: Plan, start: float, bar: StepProgress) -> None:
         c, pr = self.config, self.progress
         window_tokens, window_start = 0, time.monotonic()
         while pr.batch_in_epoch + c.update_freq <= len(batches) and self.stop_reason is None:
@@ -286,16 +309,19 @@ class Trainer:
         total_loss = 0.0
         for i, idx in enumerate(group):
             batch = collate(self.p.cache, idx, pin=pin).to(self.runtime.device)
-            sync = i == len(group) - 1
-            with _no_sync(self.train_model, sync), self.runtime.autocast(), self.runtime.kernels():
-                keep = batch.tgt_out != PAD_ID
-                logits = self.train_model(batch.src, batch.tgt_in, keep)  # [N real tokens, V]
-                loss_sum = F.cross_entropy(logits.float(), batch.tgt_out[keep],
-                                           label_smoothing=self.config.label_smoothing, reduction="sum")
-            # DDP averages gradients over ranks, so scale by world size: the result is Σ loss / Σ tokens.
-            (loss_sum * self.dist.world_size / n_tokens).backward()
-            total_loss += loss_sum.item()
+            total_loss += self._forward_backward(batch, n_tokens, sync=i == len(group) - 1)
         return total_loss
+
+    def _forward_backward(self, batch: Batch, n_tokens: int, sync: bool) -> float:
+        """Add this batch's gradients of Σ loss / n_tokens; return its summed loss."""
+        with _no_sync(self.train_model, sync), self.runtime.autocast(), self.runtime.kernels():
+            keep = batch.tgt_out != PAD_ID
+            logits = self.train_model(batch.src, batch.tgt_in, keep)  # [N real tokens, V]
+            loss_sum = F.cross_entropy(logits.float(), batch.tgt_out[keep],
+                                       label_smoothing=self.config.label_smoothing, reduction="sum")
+        # DDP averages gradients over ranks, so scale by world size: the result is Σ loss / Σ tokens.
+        (loss_sum * self.dist.world_size / n_tokens).backward()
+        return loss_sum.item()
 
     def _check_budget(self) -> None:
         c, pr = self.config, self.progress
@@ -479,6 +505,13 @@ class Distributed:
         import torch.distributed as dist
 
         return int(self._all_reduce(float(value), dist.ReduceOp.SUM if self.world_size > 1 else None))
+
+    def min_int(self, value: int) -> int:
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        return int(self._all_reduce(value, dist.ReduceOp.MIN))
 
     def sum_float(self, value: float) -> float:
         import torch.distributed as dist

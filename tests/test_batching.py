@@ -4,6 +4,7 @@ flat arrays."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nmt.batching import collate, plan_epoch
+from nmt.batching import _cut, collate, plan_epoch
 from nmt.cache import Filters, load_or_build
 from nmt.config import TokenizerConfig
 from nmt.corpus import ParallelCorpus
@@ -44,8 +45,9 @@ def synthetic_lengths(n: int, seed: int, high: int = 200, dtype=np.uint16) -> tu
 
 
 def padded_costs(batches: list[np.ndarray], src_len: np.ndarray, tgt_len: np.ndarray) -> np.ndarray:
-    """count × (longest side in the batch + 1), per batch: the padded size of either tensor."""
-    return np.array([len(b) * (int(max(src_len[b].max(), tgt_len[b].max())) + 1) for b in batches])
+    """count × (longest side in the batch + 1, rounded up to a multiple of 8), per batch: the
+    padded size of either tensor."""
+    return np.array([len(b) * math.ceil((int(max(src_len[b].max(), tgt_len[b].max())) + 1) / 8) * 8 for b in batches])
 
 
 def as_set(batches: list[np.ndarray]) -> set[tuple[int, ...]]:
@@ -146,9 +148,31 @@ def test_ranks_split_one_plan(world_size, n, batch_tokens):
     assert [b.tolist() for b in again] == [b.tolist() for b in ranks[1]]
 
 
+def greedy_cut_pair_by_pair(sorted_cost: np.ndarray, budget: int) -> tuple[list[int], list[int]]:
+    """The plain greedy loop: each batch takes pairs while count × cost of the newest ≤ budget."""
+    starts, ends, i = [], [], 0
+    while i < len(sorted_cost):
+        count = 1
+        while i + count < len(sorted_cost) and (count + 1) * int(sorted_cost[i + count]) <= budget:
+            count += 1
+        starts.append(i)
+        ends.append(i + count)
+        i += count
+    return starts, ends
+
+
+def test_cut_equals_the_pair_by_pair_greedy_loop():
+    rng = np.random.default_rng(0)
+    for _ in range(1500):
+        n, high, budget = int(rng.integers(0, 200)), int(rng.integers(1, 300)), int(rng.integers(1, 1500))
+        costs = np.sort(rng.integers(1, high + 1, n)).astype(np.int64)
+        starts, ends = _cut(costs, budget)
+        assert (starts.tolist(), ends.tolist()) == greedy_cut_pair_by_pair(costs, budget), (n, high, budget)
+
+
 def test_empty_lengths_give_no_batches():
     empty = np.zeros(0, dtype=np.int32)
-    assert plan_epoch(empty, empty, 1000, seed=1, epoch=0) == []
+    assert len(plan_epoch(empty, empty, 1000, seed=1, epoch=0)) == 0
 
 
 @pytest.mark.slow
@@ -173,15 +197,15 @@ def test_plan_five_million_pairs_is_fast():
 
 def expected_tensors(cache, indices) -> tuple[list[list[int]], list[list[int]], list[list[int]], int]:
     """The batch built by hand from the flat arrays: src = ids+EOS, tgt_in = BOS+ids,
-    tgt_out = ids+EOS, each padded with PAD_ID to its longest row."""
+    tgt_out = ids+EOS, each padded with PAD_ID to its longest row rounded up to a multiple of 8."""
     srcs, tgts = [], []
     for i in indices:
         s0, sn = int(cache.src_start[i]), int(cache.src_len[i])
         t0, tn = int(cache.tgt_start[i]), int(cache.tgt_len[i])
         srcs.append([int(x) for x in cache.src[s0:s0 + sn]])
         tgts.append([int(x) for x in cache.tgt[t0:t0 + tn]])
-    width_s = max(len(s) for s in srcs) + 1
-    width_t = max(len(t) for t in tgts) + 1
+    width_s = math.ceil((max(len(s) for s in srcs) + 1) / 8) * 8  # lengths padded to a multiple of 8
+    width_t = math.ceil((max(len(t) for t in tgts) + 1) / 8) * 8
 
     def pad(row, width):
         return row + [PAD_ID] * (width - len(row))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import logging
 import math
 import os
@@ -323,6 +324,74 @@ def test_fingerprint_missing_file(tmp_path):
     assert str(tmp_path / "nope") in str(err.value)
 
 
+def test_fingerprint_memo_skips_only_settled_unchanged_files(tmp_path, monkeypatch):
+    """A file whose size, mtime and inode match the memo is not read again; a changed or a
+    just-written file is, and every answer equals a fresh hash of the bytes."""
+    import nmt.corpus as corpus_mod
+
+    memo = tmp_path / "memo.json"
+    old, new = tmp_path / "old.txt", tmp_path / "new.txt"
+    old.write_bytes(b"uno\ndos\n")
+    os.utime(old, ns=(10**18, 10**18))  # modified long ago: its stamp can be trusted
+    new.write_bytes(b"tres\n")  # modified just now: hashed on every run
+    reads = Counter()
+    real = corpus_mod.fingerprint
+
+    def counting(path):
+        reads[Path(path).name] += 1
+        return real(path)
+
+    monkeypatch.setattr(corpus_mod, "fingerprint", counting)
+
+    def check():
+        prints = corpus_mod.fingerprints([old, new], memo)
+        for path, fp in zip((old, new), prints):
+            assert (fp.sha256, fp.size, fp.lines) == (hashlib.sha256(path.read_bytes()).hexdigest(),
+                                                      path.stat().st_size, path.read_bytes().count(b"\n"))
+
+    check()
+    check()
+    assert reads == {"old.txt": 1, "new.txt": 2}
+    old.write_bytes(b"uno\ntres\n")  # changed content, a new mtime
+    os.utime(old, ns=(2 * 10**18, 2 * 10**18))
+    check()
+    assert reads["old.txt"] == 2
+    memo.write_text("{not json")  # a broken memo only costs a re-hash
+    check()
+    assert reads["old.txt"] == 3
+
+
+def test_reading_batches_does_not_keep_the_cache_resident(tmp_path):
+    """Resident memory stays near one batch: after gathering batches from all over a 64 MiB
+    cache, the process maps almost none of its pages (without dropping them it maps all 64 MiB)."""
+    from nmt.batching import collate
+
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("needs Linux /proc")
+
+    def rss_file_kib() -> int:
+        return int(re.search(r"RssFile:\s+(\d+)", status.read_text()).group(1))
+
+    n, length = 1_000_000, 16  # ids per side: 2 × 32 MiB of uint16
+    directory = tmp_path / "cache"
+    directory.mkdir()
+    rng = np.random.default_rng(0)
+    for side in ("src", "tgt"):
+        rng.integers(4, 1000, n * length, dtype=np.uint16).tofile(directory / f"{side}.bin")
+        np.save(directory / f"{side}_start.npy", np.arange(n, dtype=np.int64) * length)
+        np.save(directory / f"{side}_len.npy", np.full(n, length, dtype=np.int32))
+    (directory / "meta.json").write_text(json.dumps({"dtype": "uint16", "report": {}}))
+    cache = open_cache(directory)
+    before = rss_file_kib()
+    every_page = rng.permutation(np.arange(0, n, 64))  # 64 pairs × 16 ids × 2 bytes = 2 KiB apart
+    for indices in np.array_split(every_page, 32):
+        batch = collate(cache, indices)
+        assert batch.src.shape == (len(indices), 24)  # 16 ids + EOS, padded to a multiple of 8
+    grown_mib = (rss_file_kib() - before) / 1024
+    assert grown_mib < 8, f"{grown_mib:.0f} MiB of the cache still mapped"
+
+
 # --- token cache: content ---------------------------------------------------------------------
 
 
@@ -399,7 +468,7 @@ def test_unchanged_inputs_reuse_the_cache_without_encoding(tmp_path, bible, voca
     assert _mtimes(again.directory) == before
     assert "reused" in caplog.text and "building" not in caplog.text
     assert_same_arrays(snapshot(again), first_arrays)
-    assert [p.name for p in root.iterdir()] == [first.directory.name]
+    assert [p.name for p in root.iterdir() if p.is_dir()] == [first.directory.name]
 
 
 def test_changed_data_tokenizer_or_filters_rebuild(tmp_path, bible, vocabs, separate_vocabs, caplog):
@@ -429,7 +498,7 @@ def test_changed_data_tokenizer_or_filters_rebuild(tmp_path, bible, vocabs, sepa
 
     other_filters = load_or_build([corpus], vocabs, Filters(max_length=10**6, max_ratio=1e9, dedupe=True), root)
     assert other_filters.directory != base_dir
-    assert len({p.name for p in root.iterdir()}) == 4
+    assert len({p.name for p in root.iterdir() if p.is_dir()}) == 4
 
 
 def _truncate(path: Path) -> None:
@@ -492,7 +561,7 @@ def test_failed_build_leaves_no_cache_directory(tmp_path, bible, vocabs, monkeyp
         load_or_build([corpus], vocabs, PERMISSIVE, root)
     assert len(calls) == 2
     assert not (root / key).exists()
-    assert list(root.iterdir()) == []  # nor a half-written temporary directory
+    assert [p for p in root.iterdir() if p.name != cache_mod.MEMO_FILE] == []  # nor a half-written temporary directory
     monkeypatch.setattr(cache_mod, "_encode_chunk", real)
     cache = load_or_build([corpus], vocabs, PERMISSIVE, root)
     assert cache.directory == root / key
