@@ -34,14 +34,16 @@ def plan_epoch(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens: int, seed
                rank: int = 0, world_size: int = 1) -> "Plan":
     """Batches (arrays of pair indices) for one epoch on one rank.
 
-    Pairs are sorted by padded length (the longer side + 1 for BOS/EOS, then the shorter side,
+    Pairs are sorted by padded length (the longer side + 1 for BOS/EOS, then the source length,
     random tie-break) and cut greedily into runs of consecutive pairs whose count × longest stays
     within `batch_tokens`; the batches are then shuffled. Vectorised: 5 million pairs take about
     a second.
     """
     rng = np.random.default_rng([seed, epoch])
-    cost = padded(np.maximum(src_len, tgt_len).astype(np.int32) + 1)  # padded tokens per pair
-    order = _sort_with_random_ties(cost, np.minimum(src_len, tgt_len), rng)
+    cost = padded(np.maximum(_uint16(src_len), _uint16(tgt_len)) + 1)  # padded tokens per pair
+    # then by source length: on the Bible corpus 86.8% of the padded tokens are real, 85.5%
+    # with the shorter side as the second key, 85.5% with none
+    order = _sort_with_random_ties(cost, _uint16(src_len), rng)
     starts, ends = _cut(cost[order], batch_tokens)
     shuffled = rng.permutation(len(starts))
     if world_size > 1:  # equal counts on every rank, so collective operations stay in step
@@ -65,13 +67,17 @@ class Plan(Sequence):
         return self.order[self.starts[b] : self.ends[b]]
 
 
+def _uint16(lengths: np.ndarray) -> np.ndarray:
+    """Lengths as 16-bit sort keys (2 bytes a pair; no filter lets 65,535-token lines through)."""
+    return np.minimum(lengths, np.iinfo(np.uint16).max - PAD_MULTIPLE).astype(np.uint16)
+
+
 def _sort_with_random_ties(primary: np.ndarray, secondary: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Indices sorted by (primary, secondary), ties in random order: a random permutation then
     two stable sorts (least significant key first) on 16-bit keys, which numpy radix-sorts."""
-    order = rng.permutation(len(primary)).astype(np.int32 if len(primary) < 2**31 else np.int64)
+    order = rng.permutation(np.arange(len(primary), dtype=np.int32 if len(primary) < 2**31 else np.int64))
     for key in (secondary, primary):
-        small = np.minimum(key, np.iinfo(np.uint16).max).astype(np.uint16)
-        order = order[np.argsort(small[order], kind="stable")]
+        order = order[np.argsort(key[order], kind="stable")]
     return order
 
 
@@ -85,7 +91,8 @@ def _cut(sorted_cost: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
     n = len(sorted_cost)
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    values, block_starts = np.unique(sorted_cost, return_index=True)
+    block_starts = np.concatenate(([0], np.flatnonzero(sorted_cost[1:] != sorted_cost[:-1]) + 1))
+    values = sorted_cost[block_starts].astype(np.int64)
     block_ends = np.append(block_starts[1:], n)
     starts: list[np.ndarray] = []
     open_start = -1  # the start of a partial batch carried over from earlier blocks, or -1

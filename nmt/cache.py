@@ -17,6 +17,7 @@ import logging
 import mmap
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -175,9 +176,17 @@ def build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters, direc
     tmp.mkdir(parents=True)
     report = FilterReport()
     try:
-        with _Writer(tmp, dtype) as writer:
+        # A pipeline of two: while the tokenizer (which releases the GIL) encodes one chunk in a
+        # worker thread, this thread reads the next chunk and writes the previous one.
+        with _Writer(tmp, dtype) as writer, ThreadPoolExecutor(max_workers=1) as worker:
+            pending: Future | None = None
             for src_chunk, tgt_chunk in _chunks(corpora):
-                _encode_chunk(src_chunk, tgt_chunk, vocabs, filters, writer, report)
+                submitted = worker.submit(_encode_chunk, src_chunk, tgt_chunk, vocabs)
+                if pending is not None:
+                    _write_chunk(pending.result(), filters, writer, report)
+                pending = submitted
+            if pending is not None:
+                _write_chunk(pending.result(), filters, writer, report)
         _finish_index(tmp, writer, filters, report)
         if report.kept == 0:
             raise NmtError(f"no training pairs left after filtering ({report.summary()})")
@@ -237,18 +246,36 @@ class _Writer:
         self.count += len(src_ids)
 
 
-def _encode_chunk(src: list[str], tgt: list[str], vocabs: Vocabs, filters: Filters,
-                  writer: _Writer, report: FilterReport) -> None:
-    report.read += len(src)
+@dataclass
+class _Encoded:
+    """One chunk after the text checks and the tokenizer: what `_write_chunk` needs."""
+
+    src: list[str]
+    tgt: list[str]
+    keep: list[int]  # lines left after the empty and identical checks
+    src_ids: list[list[int]]
+    tgt_ids: list[list[int]]
+    empty: int
+    identical: int
+
+
+def _encode_chunk(src: list[str], tgt: list[str], vocabs: Vocabs) -> _Encoded:
     keep = [i for i in range(len(src)) if src[i].strip() and tgt[i].strip()]
-    report.empty += len(src) - len(keep)
+    empty = len(src) - len(keep)
     n_keep = len(keep)
     keep = [i for i in keep if src[i].strip() != tgt[i].strip()]
-    report.identical += n_keep - len(keep)
-    src_ids = encode_batch(vocabs.src, [src[i] for i in keep])
-    tgt_ids = encode_batch(vocabs.tgt, [tgt[i] for i in keep])
+    return _Encoded(src, tgt, keep, encode_batch(vocabs.src, [src[i] for i in keep]),
+                    encode_batch(vocabs.tgt, [tgt[i] for i in keep]), empty, n_keep - len(keep))
+
+
+def _write_chunk(enc: _Encoded, filters: Filters, writer: _Writer, report: FilterReport) -> None:
+    """Apply the length filters, hash the pairs for de-duplication, append the rest."""
+    report.read += len(enc.src)
+    report.empty += enc.empty
+    report.identical += enc.identical
+    src, tgt = enc.src, enc.tgt
     kept_s, kept_t, hashes = [], [], []
-    for i, s_ids, t_ids in zip(keep, src_ids, tgt_ids):
+    for i, s_ids, t_ids in zip(enc.keep, enc.src_ids, enc.tgt_ids):
         ls, lt = len(s_ids) + 1, len(t_ids) + 1  # + end of sentence
         if max(ls, lt) > filters.max_length:
             report.too_long += 1

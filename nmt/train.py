@@ -33,7 +33,7 @@ from nmt.corpus import ParallelCorpus, sample_pairs
 from nmt.errors import NmtError
 from nmt.model import Transformer, count_parameters
 from nmt.progress import StepProgress
-from nmt.runtime import Runtime, setup
+from nmt.runtime import Runtime, setup, trim_heap
 from nmt.tokenizer import PAD_ID, Vocabs, train_vocabs
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,7 @@ class Trainer:
                                      self.progress.epoch, self.dist.rank, self.dist.world_size)
                 if not batches:
                     raise NmtError("no batch fits the token budget (raise --batch-tokens)")
+                trim_heap()  # the plan's temporaries: memory stays flat as the corpus grows
                 self._epoch(batches, start, bar)
         self.progress.seconds = time.monotonic() - start
         return self.progress

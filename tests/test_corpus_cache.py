@@ -559,7 +559,7 @@ def test_failed_build_leaves_no_cache_directory(tmp_path, bible, vocabs, monkeyp
     monkeypatch.setattr(cache_mod, "_encode_chunk", fail_on_second)
     with pytest.raises(RuntimeError, match="disk full"):
         load_or_build([corpus], vocabs, PERMISSIVE, root)
-    assert len(calls) == 2
+    assert len(calls) in (2, 3)  # the build stops there (with at most one chunk encoded ahead)
     assert not (root / key).exists()
     assert [p for p in root.iterdir() if p.name != cache_mod.MEMO_FILE] == []  # nor a half-written temporary directory
     monkeypatch.setattr(cache_mod, "_encode_chunk", real)
