@@ -133,12 +133,12 @@ class Batch:
 
 def target_tokens(cache: TokenCache, indices: np.ndarray) -> int:
     """Real target tokens of these pairs, EOS included (the unit of loss normalisation and tokens/s)."""
-    return int(cache.tgt_len[indices].sum()) + len(indices)
+    return sum(cache.target_lengths(indices)) + len(indices)
 
 
 def collate(cache: TokenCache, indices: np.ndarray, pin: bool = False) -> Batch:
-    """Gather pairs from the memory-mapped cache into padded tensors."""
-    pairs = [cache.pair(int(i)) for i in indices]
+    """Gather pairs from the cache into padded tensors."""
+    pairs = list(zip(*cache.gather(indices)))
     s_max = padded(max(len(s) for s, _ in pairs) + 1)
     t_max = padded(max(len(t) for _, t in pairs) + 1)
     src = np.full((len(pairs), s_max), PAD_ID, dtype=np.int64)
@@ -151,8 +151,7 @@ def collate(cache: TokenCache, indices: np.ndarray, pin: bool = False) -> Batch:
         tgt[row, len(t) + 1] = EOS_ID
     tgt_in = tgt[:, :-1].copy()
     tgt_in[tgt_in == EOS_ID] = PAD_ID  # EOS is never an input
-    cache.drop_pages()  # the ids are copied: resident memory stays near one batch
     tensors = [torch.from_numpy(a) for a in (src, tgt_in, tgt[:, 1:].copy())]
     if pin:
         tensors = [t.pin_memory() for t in tensors]
-    return Batch(*tensors, n_tgt_tokens=target_tokens(cache, indices))
+    return Batch(*tensors, n_tgt_tokens=sum(len(t) for _, t in pairs) + len(pairs))  # = target_tokens()

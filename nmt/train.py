@@ -209,6 +209,7 @@ class Trainer:
                 if not batches:
                     raise NmtError("no batch fits the token budget (raise --batch-tokens)")
                 trim_heap()  # the plan's temporaries: memory stays flat as the corpus grows
+                self.p.cache.drop_pages()  # and so do the pages of the lengths it read
                 self._epoch(batches, start, bar)
         self.progress.seconds = time.monotonic() - start
         return self.progress

@@ -363,7 +363,8 @@ def test_fingerprint_memo_skips_only_settled_unchanged_files(tmp_path, monkeypat
 
 def test_reading_batches_does_not_keep_the_cache_resident(tmp_path):
     """Resident memory stays near one batch: after gathering batches from all over a 64 MiB
-    cache, the process maps almost none of its pages (without dropping them it maps all 64 MiB)."""
+    cache, the process maps almost none of its pages (reading through the memory mapping, it
+    mapped all 64 MiB)."""
     from nmt.batching import collate
 
     status = Path("/proc/self/status")
