@@ -1,12 +1,14 @@
-"""Tokenise once: the training text as flat arrays of token ids on disk, read memory-mapped.
+"""Tokenise once: the training text as flat arrays of token ids on disk.
 
 A cache directory holds `src.bin`/`tgt.bin` (ids, uint16 when the vocabulary fits, else uint32)
 and per-pair arrays `src_start`, `src_len`, `tgt_start`, `tgt_len` (.npy) of the pairs kept by the
 filters, plus `meta.json` with the key, the filter report and each file's size and SHA-256.
 It is named by a key over the data fingerprints, the tokenizer and the filter settings, built
 under a temporary name and renamed when complete, and verified before use: a cut-short or
-corrupted cache is rebuilt, never trained on. Memory stays near one chunk of lines, whatever the
-corpus size (plus 8 bytes per pair for de-duplication hashes and 12 for the final index).
+corrupted cache is rebuilt, never trained on. Building holds one chunk of lines in memory,
+whatever the corpus size (plus 1 byte per pair for the de-duplication mask, and one of 16 hash
+buckets). Whole passes (batch planning) read the arrays memory-mapped; training gathers its
+batches with pread (see `TokenCache.gather`), so resident memory stays near one batch.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CHUNK_LINES = 20_000
 ARRAYS = ("src_start", "src_len", "tgt_start", "tgt_len")
+HASH_BUCKET_BITS = 4
+HASH_BUCKETS = 1 << HASH_BUCKET_BITS  # de-duplication works on 1/16 of the pair hashes at a time
+CHUNK_RECORDS = 1 << 20  # per-pair records read back per chunk when writing the index
 MEMO_FILE = "fingerprints.json"  # size, mtime and inode → SHA-256 of the training files seen
 
 
@@ -263,7 +268,7 @@ class _Writer:
         self.count = 0
 
     def __enter__(self) -> "_Writer":
-        for name in ("src.bin", "tgt.bin", "records.tmp", "hashes.tmp"):
+        for name in ("src.bin", "tgt.bin", "records.tmp", *(_bucket(b) for b in range(HASH_BUCKETS))):
             self.files[name] = open(self.directory / name, "wb")
         return self
 
@@ -281,7 +286,13 @@ class _Writer:
             records[:, col + 1] = lens
             self.offsets[side] += int(lens.sum())
         self.files["records.tmp"].write(records.tobytes())
-        self.files["hashes.tmp"].write(hashes.astype(np.uint64).tobytes())
+        # (hash, pair index) into one of HASH_BUCKETS files by the hash's top bits, so that
+        # de-duplication later holds one bucket in memory at a time
+        rows = np.zeros(len(hashes), dtype=[("hash", np.uint64), ("index", np.int64)])
+        rows["hash"], rows["index"] = hashes, self.count + np.arange(len(hashes))
+        bucket = (rows["hash"] >> np.uint64(64 - HASH_BUCKET_BITS)).astype(np.int64)
+        for b in np.unique(bucket).tolist():
+            self.files[_bucket(b)].write(rows[bucket == b].tobytes())
         self.count += len(src_ids)
 
 
@@ -330,24 +341,45 @@ def _write_chunk(enc: _Encoded, filters: Filters, writer: _Writer, report: Filte
 
 
 def _finish_index(directory: Path, writer: _Writer, filters: Filters, report: FilterReport) -> None:
-    """Drop exact duplicate pairs (all but the first) and write the per-pair index arrays."""
+    """Drop exact duplicate pairs (all but the first) and write the per-pair index arrays, one
+    hash bucket and one chunk of records at a time: memory stays near 1 byte per pair."""
     n = writer.count
-    records = np.memmap(directory / "records.tmp", dtype=np.int64, mode="r", shape=(n, 4)) if n else np.zeros((0, 4), np.int64)
-    keep = np.ones(n, dtype=bool)
-    if filters.dedupe and n:
-        hashes = np.fromfile(directory / "hashes.tmp", dtype=np.uint64)
-        _, first = np.unique(hashes, return_index=True)
-        keep[:] = False
-        keep[first] = True
-        del hashes
+    if filters.dedupe:
+        keep = np.zeros(n, dtype=bool)
+        for b in range(HASH_BUCKETS):
+            rows = np.fromfile(directory / _bucket(b), dtype=[("hash", np.uint64), ("index", np.int64)])
+            order = np.argsort(rows["hash"], kind="stable")  # indices ascend within a bucket: firsts first
+            hashes = rows["hash"][order]
+            first = np.concatenate(([True], hashes[1:] != hashes[:-1])) if len(rows) else np.zeros(0, bool)
+            keep[rows["index"][order[first]]] = True
+            del rows, order, hashes, first
+    else:
+        keep = np.ones(n, dtype=bool)
     report.duplicate = int(n - keep.sum())
     report.kept = int(keep.sum())
-    for col, name in enumerate(ARRAYS):
-        dtype = np.int64 if name.endswith("start") else np.int32
-        np.save(directory / f"{name}.npy", np.ascontiguousarray(records[keep, col]).astype(dtype))
-    del records
-    for tmp in ("records.tmp", "hashes.tmp"):
+    outputs = {}
+    try:
+        for name in ARRAYS:
+            f = outputs[name] = open(directory / f"{name}.npy", "wb")
+            dtype = np.dtype(np.int64 if name.endswith("start") else np.int32)
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                     "fortran_order": False, "shape": (report.kept,)})
+        with open(directory / "records.tmp", "rb") as records:
+            for start in range(0, n, CHUNK_RECORDS):
+                chunk = np.fromfile(records, dtype=np.int64, count=min(CHUNK_RECORDS, n - start) * 4).reshape(-1, 4)
+                chunk = chunk[keep[start : start + len(chunk)]]
+                for col, name in enumerate(ARRAYS):
+                    dtype = np.int64 if name.endswith("start") else np.int32
+                    outputs[name].write(chunk[:, col].astype(dtype).tobytes())
+    finally:
+        for f in outputs.values():
+            f.close()
+    for tmp in ("records.tmp", *(_bucket(b) for b in range(HASH_BUCKETS))):
         (directory / tmp).unlink()
+
+
+def _bucket(b: int) -> str:
+    return f"hashes-{b:02d}.tmp"
 
 
 def _sha256(path: Path) -> str:

@@ -200,16 +200,18 @@ def _collect_finished(cand: Candidates, ends: Tensor, history: Tensor, step: int
 
 def _sentences_done(finished: list[list[Hypothesis]], active: Tensor, best_live: Tensor, step: int,
                     config: DecodeConfig) -> Tensor:
-    """A sentence is done when it has K finished hypotheses and its best live one, ending at the
-    next step, would not beat the worst of them (exact without a length penalty, since
-    log-probabilities only fall; with one, the usual heuristic)."""
+    """A sentence is done when the n-best list it will return is settled: it has nbest finished
+    hypotheses and its best live one, ending at the next step, would not beat the nbest-th of
+    them (exact without a length penalty, since log-probabilities only fall; with one, the
+    usual heuristic). Waiting for K finished hypotheses instead (fairseq's rule) decodes
+    longer for the same output whenever nbest < K."""
     bound = best_live.tolist()
     penalty = _lp(step + 2, config)
     done = []
     for i, sentence in enumerate(active.tolist()):
         kept = finished[sentence]
-        done.append(len(kept) >= config.beam_size and
-                    bound[i] / penalty <= min(h.score for h in kept))
+        done.append(len(kept) >= config.nbest and
+                    bound[i] / penalty <= sorted((h.score for h in kept), reverse=True)[config.nbest - 1])
     return torch.tensor(done, device=active.device)
 
 
