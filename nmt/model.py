@@ -167,6 +167,8 @@ class LayerCache:
     v: Tensor
     mem_k: Tensor  # [B, H, S, Dh] cross-attention keys of the memory, computed once per sentence
     mem_v: Tensor
+    k_spare: Tensor  # buffers of k's and v's shape that a reorder copies into (then the two swap)
+    v_spare: Tensor
 
 
 @dataclass
@@ -178,22 +180,27 @@ class DecoderCache:
     src_mask: Tensor | None  # [B, 1, 1, S] True where attention is allowed
     length: int = 0  # positions already decoded
 
-    def reorder(self, beam_origin: Tensor) -> None:
-        """Self-attention state follows the surviving hypotheses: row i takes row beam_origin[i].
-        Only the filled positions are copied (in place), not the whole pre-allocated buffer."""
-        t = self.length
+    def reorder(self, beam_origin: Tensor, sentences: Tensor | None = None) -> None:
+        """Self-attention state follows the surviving hypotheses: row i takes row beam_origin[i]
+        (fewer rows than before when sentences have finished; `sentences` then lists the ones
+        kept, indices into B, for the per-sentence memory). Only the filled positions are
+        copied, into the spare buffer, whose first rows then serve."""
+        t, n = self.length, len(beam_origin)
         for layer in self.layers:
-            layer.k[:, :, :t] = layer.k[beam_origin, :, :t]
-            layer.v[:, :, :t] = layer.v[beam_origin, :, :t]
+            # one copy into the spare buffer (copying in place would need a temporary: two)
+            torch.index_select(layer.k[:, :, :t], 0, beam_origin, out=layer.k_spare[:n, :, :t])
+            torch.index_select(layer.v[:, :, :t], 0, beam_origin, out=layer.v_spare[:n, :, :t])
+            layer.k, layer.k_spare = layer.k_spare[:n], layer.k
+            layer.v, layer.v_spare = layer.v_spare[:n], layer.v
+            if sentences is not None:
+                layer.mem_k, layer.mem_v = layer.mem_k[sentences], layer.mem_v[sentences]
+        if sentences is not None and self.src_mask is not None:
+            self.src_mask = self.src_mask[sentences]
 
     def keep_sentences(self, sentences: Tensor, beam: int) -> None:
         """Drop finished sentences: keep `sentences` (indices into B) and their K rows each."""
         rows = (sentences[:, None] * beam + torch.arange(beam, device=sentences.device)).reshape(-1)
-        for layer in self.layers:
-            layer.k, layer.v = layer.k.index_select(0, rows), layer.v.index_select(0, rows)
-            layer.mem_k, layer.mem_v = layer.mem_k.index_select(0, sentences), layer.mem_v.index_select(0, sentences)
-        if self.src_mask is not None:
-            self.src_mask = self.src_mask.index_select(0, sentences)
+        self.reorder(rows, sentences)
 
 
 OUTPUT_ROWS_MULTIPLE = 64
@@ -285,8 +292,9 @@ class Transformer(nn.Module):
         layers = []
         for layer in self.decoder:
             mem_k, mem_v = layer.cross_attn.memory_kv(memory)
-            buf = memory.new_zeros(2, n, c.n_heads, max_steps, dh)
-            layers.append(LayerCache(buf[0], buf[1], mem_k, mem_v))
+            # uninitialised: only filled positions are ever read, and untouched pages cost nothing
+            buf = memory.new_empty(4, n, c.n_heads, max_steps, dh)
+            layers.append(LayerCache(buf[0], buf[1], mem_k, mem_v, buf[2], buf[3]))
         return DecoderCache(layers, src_mask)
 
     def decode_step(self, tokens: Tensor, cache: DecoderCache) -> Tensor:

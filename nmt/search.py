@@ -170,12 +170,13 @@ def beam_search(model, src: Tensor, config: DecodeConfig) -> list[SentenceResult
         done = _sentences_done(finished, active, scores[:, 0], step, config)
         if done.all():
             break
-        rows = (torch.arange(len(active), device=src.device)[:, None] * k + origins).view(-1)
-        cache.reorder(rows)
-        if done.any():
+        rows = torch.arange(len(active), device=src.device)[:, None] * k + origins  # [B, K]
+        if done.any():  # one copy both reorders the cache and drops the finished sentences
             keep = (~done).nonzero()[:, 0]
-            cache.keep_sentences(keep, k)
+            cache.reorder(rows[keep].view(-1), keep)
             active, scores, history, tokens = active[keep], scores[keep], history[keep], tokens[keep]
+        else:
+            cache.reorder(rows.view(-1))
         last = tokens.reshape(-1)
     return [_best(hyps, config.nbest) for hyps in finished]
 
