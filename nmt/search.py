@@ -204,8 +204,10 @@ def _sentences_done(finished: list[list[Hypothesis]], active: Tensor, best_live:
     """A sentence is done when the n-best list it will return is settled: it has nbest finished
     hypotheses and its best live one, ending at the next step, would not beat the nbest-th of
     them (exact without a length penalty, since log-probabilities only fall; with one, the
-    usual heuristic). Waiting for K finished hypotheses instead (fairseq's rule) decodes
-    longer for the same output whenever nbest < K."""
+    usual heuristic). Waiting for K finished hypotheses instead (fairseq's rule) decodes longer:
+    without a length penalty for the same output; with the default one, measured on the
+    Bible test set (small model, beam 5), 11% slower, 25 of 300 lines different, and BLEU
+    19.85 instead of 19.77 on 500 lines (CTranslate2: 19.74)."""
     bound = best_live.tolist()
     penalty = _lp(step + 2, config)
     done = []
