@@ -361,6 +361,19 @@ def test_fingerprint_memo_skips_only_settled_unchanged_files(tmp_path, monkeypat
     assert reads["old.txt"] == 3
 
 
+def test_gather_reads_what_the_arrays_hold(tmp_path, bible, vocabs):
+    """Training's pread path returns the same ids and lengths as the memory-mapped arrays."""
+    corpus = write_corpus(tmp_path, "c", bible[0][:300], bible[1][:300])
+    cache = load_or_build([corpus], vocabs, PERMISSIVE, tmp_path / "cache")
+    indices = np.random.default_rng(0).permutation(len(cache))
+    src, tgt = cache.gather(indices)
+    for i, s, t in zip(indices, src, tgt):
+        ms, mt = cache.pair(int(i))
+        assert s.tolist() == ms.tolist() and t.tolist() == mt.tolist()
+    assert cache.target_lengths(indices) == [int(cache.tgt_len[i]) for i in indices]
+    assert cache.gather(np.zeros(0, np.int64)) == ([], [])
+
+
 def test_reading_batches_does_not_keep_the_cache_resident(tmp_path):
     """Resident memory stays near one batch: after gathering batches from all over a 64 MiB
     cache, the process maps almost none of its pages (reading through the memory mapping, it
@@ -639,6 +652,7 @@ def _crafted_pairs(vocabs: Vocabs, bible) -> tuple[list[tuple[str, str]], list[s
 
 def test_filters_drop_exactly_the_crafted_pairs(tmp_path, bible, vocabs, monkeypatch):
     monkeypatch.setattr(cache_mod, "CHUNK_LINES", 7)  # duplicates across chunk boundaries too
+    monkeypatch.setattr(cache_mod, "CHUNK_RECORDS", 5)  # and the index written in small chunks
     pairs, labels = _crafted_pairs(vocabs, bible)
     counts = Counter(labels)
     assert all(counts[c] >= 2 for c in ("empty", "too_long", "ratio", "identical", "duplicate"))
