@@ -14,6 +14,7 @@ batches with pread (see `TokenCache.gather`), so resident memory stays near one 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import mmap
@@ -246,14 +247,15 @@ def build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters, direc
 
 
 def _chunks(corpora: list[ParallelCorpus]) -> Iterator[tuple[list[str], list[str]]]:
-    src, tgt = [], []
+    src: list[str] = []
+    tgt: list[str] = []
     for corpus in corpora:
-        for s, t in corpus.pairs():
-            src.append(s)
-            tgt.append(t)
-            if len(src) == CHUNK_LINES:
-                yield src, tgt
-                src, tgt = [], []
+        for s, t in corpus.chunks(CHUNK_LINES):
+            src.extend(s)
+            tgt.extend(t)
+            if len(src) >= CHUNK_LINES:
+                yield src[:CHUNK_LINES], tgt[:CHUNK_LINES]
+                del src[:CHUNK_LINES], tgt[:CHUNK_LINES]
     if src:
         yield src, tgt
 
@@ -280,7 +282,7 @@ class _Writer:
         records = np.zeros((len(src_ids), 4), dtype=np.int64)  # src_start, src_len, tgt_start, tgt_len
         for side, ids, col in (("src", src_ids, 0), ("tgt", tgt_ids, 2)):
             lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-            flat = np.fromiter((i for x in ids for i in x), dtype=self.dtype, count=int(lens.sum()))
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=int(lens.sum()))
             self.files[f"{side}.bin"].write(flat.tobytes())
             records[:, col] = self.offsets[side] + np.concatenate(([0], np.cumsum(lens)[:-1]))
             records[:, col + 1] = lens

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
 from nmt.errors import NmtError, UsageError
-from nmt.textio import count_lines, open_binary, read_lines
+from nmt.textio import count_lines, open_binary, read_line_blocks, read_lines
 
 T = TypeVar("T")
 
@@ -43,6 +43,28 @@ class ParallelCorpus:
                 raise NmtError(self._mismatch())
             yield s, t
         if next(tgt_lines, None) is not None:
+            raise NmtError(self._mismatch())
+
+    def chunks(self, n: int) -> Iterator[tuple[list[str], list[str]]]:
+        """The pairs of `pairs()` as (sources, targets) lists of n (the last may be shorter),
+        read a block at a time."""
+        sides = (read_line_blocks(self.src_path), read_line_blocks(self.tgt_path))
+        buffers: tuple[list[str], list[str]] = ([], [])
+        open_sides = [True, True]
+        while True:
+            for k in (0, 1):
+                while open_sides[k] and len(buffers[k]) < n:
+                    block = next(sides[k], None)
+                    if block is None:
+                        open_sides[k] = False
+                    else:
+                        buffers[k].extend(block)
+            m = min(n, len(buffers[0]), len(buffers[1]))
+            if m == 0:
+                break
+            yield buffers[0][:m], buffers[1][:m]
+            del buffers[0][:m], buffers[1][:m]
+        if buffers[0] or buffers[1]:
             raise NmtError(self._mismatch())
 
     def _mismatch(self) -> str:

@@ -361,6 +361,47 @@ def test_fingerprint_memo_skips_only_settled_unchanged_files(tmp_path, monkeypat
     assert reads["old.txt"] == 3
 
 
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 22])
+@pytest.mark.parametrize("gz", [False, True])
+def test_block_reading_equals_line_reading(tmp_path, bible, block, gz, monkeypatch):
+    """chunks() (whole blocks decoded at once, for the cache) yields exactly the pairs of
+    pairs() (a line at a time), with CRLF, blank lines, a missing final newline and any block
+    size; invalid UTF-8 and mismatched counts raise the same one-line errors."""
+    import nmt.textio as textio
+
+    real = textio.read_line_blocks
+    monkeypatch.setattr("nmt.corpus.read_line_blocks", lambda path: real(path, block_bytes=block))
+    src = bible[0][:40] + ["", "  ", "último"]
+    tgt = bible[1][:40] + ["x", "", "last"]
+    raw_src = ("\r\n".join(src) + "\r\n").encode()  # CRLF
+    raw_tgt = "\n".join(tgt).encode()  # no final newline
+    for name, data in (("c.es", raw_src), ("c.en", raw_tgt)):
+        path = tmp_path / (name + (".gz" if gz else ""))
+        path.write_bytes(gzip.compress(data) if gz else data)
+    corpus = ParallelCorpus.from_prefix(tmp_path / "c", SRC, TGT)
+    for n in (1, 3, 1000):
+        chunks = list(corpus.chunks(n))
+        assert all(len(s) == len(t) == n for s, t in chunks[:-1])
+        assert [p for s, t in chunks for p in zip(s, t)] == list(corpus.pairs()) == list(zip(src, tgt))
+
+    bad = raw_src.replace("último".encode(), b"\xff" + "ltimo".encode())
+    (tmp_path / "c.es").unlink(missing_ok=True)
+    (tmp_path / "c.es.gz").unlink(missing_ok=True)
+    (tmp_path / "c.es").write_bytes(bad)
+    corpus = ParallelCorpus.from_prefix(tmp_path / "c", SRC, TGT)
+    errors = []
+    for read in (lambda: list(corpus.pairs()), lambda: list(corpus.chunks(5))):
+        with pytest.raises(NmtError) as e:
+            read()
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and f"line {len(src)}: invalid UTF-8 at byte 0" in errors[0]
+
+    (tmp_path / "c.es").write_bytes(raw_src + b"one more\n")
+    corpus = ParallelCorpus.from_prefix(tmp_path / "c", SRC, TGT)
+    with pytest.raises(NmtError, match="line counts differ"):
+        list(corpus.chunks(4))
+
+
 def test_gather_reads_what_the_arrays_hold(tmp_path, bible, vocabs):
     """Training's pread path returns the same ids and lengths as the memory-mapped arrays."""
     corpus = write_corpus(tmp_path, "c", bible[0][:300], bible[1][:300])
