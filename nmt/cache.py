@@ -278,10 +278,10 @@ class _Writer:
         for f in self.files.values():
             f.close()
 
-    def add(self, src_ids: list[list[int]], tgt_ids: list[list[int]], hashes: np.ndarray) -> None:
+    def add(self, src_ids: list[list[int]], tgt_ids: list[list[int]], hashes: np.ndarray,
+            src_lens: np.ndarray, tgt_lens: np.ndarray) -> None:
         records = np.zeros((len(src_ids), 4), dtype=np.int64)  # src_start, src_len, tgt_start, tgt_len
-        for side, ids, col in (("src", src_ids, 0), ("tgt", tgt_ids, 2)):
-            lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        for side, ids, lens, col in (("src", src_ids, src_lens, 0), ("tgt", tgt_ids, tgt_lens, 2)):
             flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=int(lens.sum()))
             self.files[f"{side}.bin"].write(flat.tobytes())
             records[:, col] = self.offsets[side] + np.concatenate(([0], np.cumsum(lens)[:-1]))
@@ -312,12 +312,12 @@ class _Encoded:
 
 
 def _encode_chunk(src: list[str], tgt: list[str], vocabs: Vocabs) -> _Encoded:
-    keep = [i for i in range(len(src)) if src[i].strip() and tgt[i].strip()]
-    empty = len(src) - len(keep)
-    n_keep = len(keep)
-    keep = [i for i in keep if src[i].strip() != tgt[i].strip()]
+    stripped = [(s.strip(), t.strip()) for s, t in zip(src, tgt)]
+    non_empty = [i for i, (s, t) in enumerate(stripped) if s and t]
+    keep = [i for i in non_empty if stripped[i][0] != stripped[i][1]]
     return _Encoded(src, tgt, keep, encode_batch(vocabs.src, [src[i] for i in keep]),
-                    encode_batch(vocabs.tgt, [tgt[i] for i in keep]), empty, n_keep - len(keep))
+                    encode_batch(vocabs.tgt, [tgt[i] for i in keep]), len(src) - len(non_empty),
+                    len(non_empty) - len(keep))
 
 
 def _write_chunk(enc: _Encoded, filters: Filters, writer: _Writer, report: FilterReport) -> None:
@@ -325,21 +325,21 @@ def _write_chunk(enc: _Encoded, filters: Filters, writer: _Writer, report: Filte
     report.read += len(enc.src)
     report.empty += enc.empty
     report.identical += enc.identical
-    src, tgt = enc.src, enc.tgt
-    kept_s, kept_t, hashes = [], [], []
-    for i, s_ids, t_ids in zip(enc.keep, enc.src_ids, enc.tgt_ids):
-        ls, lt = len(s_ids) + 1, len(t_ids) + 1  # + end of sentence
-        if max(ls, lt) > filters.max_length:
-            report.too_long += 1
-        elif max(ls, lt) > filters.max_ratio * min(ls, lt):
-            report.ratio += 1
-        else:
-            kept_s.append(s_ids)
-            kept_t.append(t_ids)
-            # Python's own 64-bit string hash (SipHash, salted per process: only compared within
-            # this build); 1 µs a pair cheaper than blake2b, as unlikely to collide
-            hashes.append(hash((src[i], tgt[i])))
-    writer.add(kept_s, kept_t, np.array(hashes, dtype=np.int64).view(np.uint64))
+    n = len(enc.keep)
+    ls = np.fromiter(map(len, enc.src_ids), dtype=np.int64, count=n) + 1  # + end of sentence
+    lt = np.fromiter(map(len, enc.tgt_ids), dtype=np.int64, count=n) + 1
+    longer, shorter = np.maximum(ls, lt), np.minimum(ls, lt)
+    too_long = longer > filters.max_length
+    bad_ratio = ~too_long & (longer > filters.max_ratio * shorter)
+    report.too_long += int(too_long.sum())
+    report.ratio += int(bad_ratio.sum())
+    ok = ~(too_long | bad_ratio)
+    rows = np.flatnonzero(ok).tolist()
+    src, tgt, lines = enc.src, enc.tgt, [enc.keep[j] for j in rows]
+    # Python's own 64-bit hash of the pair (SipHash, salted per process: only compared within
+    # this build): 1 µs a pair cheaper than blake2b, as unlikely to collide
+    hashes = np.array([hash((src[i], tgt[i])) for i in lines], dtype=np.int64).view(np.uint64)
+    writer.add([enc.src_ids[j] for j in rows], [enc.tgt_ids[j] for j in rows], hashes, ls[ok] - 1, lt[ok] - 1)
 
 
 def _finish_index(directory: Path, writer: _Writer, filters: Filters, report: FilterReport) -> None:
