@@ -226,7 +226,8 @@ class Trainer:
 
                 cache = self.p.cache
                 longest = padded(int(max(cache.src_len.max(), cache.tgt_len.max())) + 1)  # EOS included
-                found = autobatch.probe(lambda b: self._forward_backward(b, b.n_tgt_tokens, sync=True), self.model,
+                # the bare model, not the DDP wrapper: ranks probe independently, with no collectives
+                found = autobatch.probe(lambda b: self._forward_backward(b, b.n_tgt_tokens, True, self.model), self.model,
                                         longest, self.p.model_config.tgt_vocab_size, self.runtime.device)
                 pr.batch_tokens = self.dist.min_int(found)  # every rank plans with the same budget
             else:
@@ -314,11 +315,12 @@ class Trainer:
             total_loss += self._forward_backward(batch, n_tokens, sync=i == len(group) - 1)
         return total_loss
 
-    def _forward_backward(self, batch: Batch, n_tokens: int, sync: bool) -> float:
+    def _forward_backward(self, batch: Batch, n_tokens: int, sync: bool, model=None) -> float:
         """Add this batch's gradients of Σ loss / n_tokens; return its summed loss."""
-        with _no_sync(self.train_model, sync), self.runtime.autocast(), self.runtime.kernels():
+        model = model if model is not None else self.train_model
+        with _no_sync(model, sync), self.runtime.autocast(), self.runtime.kernels():
             keep = batch.tgt_out != PAD_ID
-            logits = self.train_model(batch.src, batch.tgt_in, keep)  # [N real tokens, V]
+            logits = model(batch.src, batch.tgt_in, keep)  # [N real tokens, V]
             loss_sum = F.cross_entropy(logits.float(), batch.tgt_out[keep],
                                        label_smoothing=self.config.label_smoothing, reduction="sum")
         # DDP averages gradients over ranks, so scale by world size: the result is Σ loss / Σ tokens.
