@@ -77,8 +77,8 @@ def probe(step: Callable[[Batch], None], model: torch.nn.Module, max_length: int
           device: torch.device) -> int:
     """The token budget to train with: `step` runs forward and backward on a batch (it raises
     torch.OutOfMemoryError when the batch does not fit)."""
-    # Adam keeps two moments per parameter: hold that much memory while trying, unless the
-    # optimizer state exists already.
+    # Adam keeps two moments per parameter, allocated at the first optimizer step (after this
+    # probe): hold that much memory while trying.
     reserve = [torch.empty_like(p) for p in model.parameters() for _ in range(2)]
 
     def fits(tokens: int) -> bool:

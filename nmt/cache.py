@@ -197,8 +197,6 @@ def _map(path: Path, dtype: np.dtype, offset: int, count: int, maps: list[mmap.m
         if os.fstat(f.fileno()).st_size <= offset:
             return np.zeros(0, dtype)
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if hasattr(mapped, "madvise"):
-        mapped.madvise(mmap.MADV_RANDOM)
     maps.append(mapped)
     return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
 
@@ -359,20 +357,19 @@ def _finish_index(directory: Path, writer: _Writer, filters: Filters, report: Fi
         keep = np.ones(n, dtype=bool)
     report.duplicate = int(n - keep.sum())
     report.kept = int(keep.sum())
+    dtypes = {name: np.dtype(np.int64 if name.endswith("start") else np.int32) for name in ARRAYS}
     outputs = {}
     try:
         for name in ARRAYS:
             f = outputs[name] = open(directory / f"{name}.npy", "wb")
-            dtype = np.dtype(np.int64 if name.endswith("start") else np.int32)
-            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtypes[name]),
                                                      "fortran_order": False, "shape": (report.kept,)})
         with open(directory / "records.tmp", "rb") as records:
             for start in range(0, n, CHUNK_RECORDS):
                 chunk = np.fromfile(records, dtype=np.int64, count=min(CHUNK_RECORDS, n - start) * 4).reshape(-1, 4)
                 chunk = chunk[keep[start : start + len(chunk)]]
                 for col, name in enumerate(ARRAYS):
-                    dtype = np.int64 if name.endswith("start") else np.int32
-                    outputs[name].write(chunk[:, col].astype(dtype).tobytes())
+                    outputs[name].write(chunk[:, col].astype(dtypes[name]).tobytes())
     finally:
         for f in outputs.values():
             f.close()

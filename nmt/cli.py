@@ -235,9 +235,7 @@ def _batch_tokens(value: str | None) -> int | str | None:
 
 
 def _check_train_values(c) -> None:
-    if c.batch_tokens == "auto":
-        pass
-    elif not isinstance(c.batch_tokens, int) or c.batch_tokens < 1:
+    if c.batch_tokens != "auto" and (not isinstance(c.batch_tokens, int) or c.batch_tokens < 1):
         raise UsageError(f"--batch-tokens must be ≥ 1 or 'auto' (got {c.batch_tokens!r})")
     for name in ("update_freq", "eval_every", "log_every"):
         if getattr(c, name) < 1:
