@@ -13,6 +13,7 @@ batches with pread (see `TokenCache.gather`), so resident memory stays near one 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import json
@@ -22,6 +23,7 @@ import os
 import shutil
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -35,11 +37,11 @@ from nmt.tokenizer import Vocabs, encode_batch
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-CHUNK_LINES = 20_000
+CHUNK_LINES = 10_000  # pairs encoded at a time (measured: 20,000 held 90 MiB more, no faster)
 ARRAYS = ("src_start", "src_len", "tgt_start", "tgt_len")
 HASH_BUCKET_BITS = 4
 HASH_BUCKETS = 1 << HASH_BUCKET_BITS  # de-duplication works on 1/16 of the pair hashes at a time
-CHUNK_RECORDS = 1 << 20  # per-pair records read back per chunk when writing the index
+CHUNK_RECORDS = 1 << 18  # per-pair records (32 bytes each) read back per chunk when writing the index
 MEMO_FILE = "fingerprints.json"  # size, mtime and inode → SHA-256 of the training files seen
 
 
@@ -221,7 +223,7 @@ def build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters, direc
     try:
         # A pipeline of two: while the tokenizer (which releases the GIL) encodes one chunk in a
         # worker thread, this thread reads the next chunk and writes the previous one.
-        with _Writer(tmp, dtype) as writer, ThreadPoolExecutor(max_workers=1) as worker:
+        with _gc_paused(), _Writer(tmp, dtype) as writer, ThreadPoolExecutor(max_workers=1) as worker:
             pending: Future | None = None
             for src_chunk, tgt_chunk in _chunks(corpora):
                 submitted = worker.submit(_encode_chunk, src_chunk, tgt_chunk, vocabs)
@@ -242,6 +244,21 @@ def build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters, direc
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("token cache: %s", report.summary())
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while encoding: each chunk makes some 10⁵ lists and
+    tuples that live until the chunk is written, so the collector ran often and traversed them all
+    (measured: 55% of the time of turning 20,000 encodings into lists of ids). The build makes no
+    reference cycles; reference counting frees everything as before."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _chunks(corpora: list[ParallelCorpus]) -> Iterator[tuple[list[str], list[str]]]:

@@ -8,6 +8,7 @@ Corpora are slices of the Bible corpus written to temporary files.
 
 from __future__ import annotations
 
+import gc
 import gzip
 import hashlib
 import json
@@ -597,6 +598,27 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, bible, vocabs, damage, 
     assert cached_pairs(rebuilt) == _expected(vocabs, bible[0][:300], bible[1][:300])
 
 
+def test_build_pauses_the_garbage_collector_and_restores_it(tmp_path, bible, vocabs, monkeypatch):
+    corpus = write_corpus(tmp_path, "c", bible[0][:120], bible[1][:120])
+    monkeypatch.setattr(cache_mod, "CHUNK_LINES", 50)
+    real, seen = cache_mod._encode_chunk, []
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "_encode_chunk", spy)
+    gc.disable()
+    try:
+        load_or_build([corpus], vocabs, PERMISSIVE, tmp_path / "off")
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()
+    cache = load_or_build([corpus], vocabs, PERMISSIVE, tmp_path / "on")
+    assert seen == [False] * 6 and gc.isenabled()
+    assert cached_pairs(cache) == _expected(vocabs, bible[0][:120], bible[1][:120])
+
+
 def test_failed_build_leaves_no_cache_directory(tmp_path, bible, vocabs, monkeypatch):
     corpus = write_corpus(tmp_path, "c", bible[0][:200], bible[1][:200])
     root = tmp_path / "cache"
@@ -617,6 +639,7 @@ def test_failed_build_leaves_no_cache_directory(tmp_path, bible, vocabs, monkeyp
     assert len(calls) in (2, 3)  # the build stops there (with at most one chunk encoded ahead)
     assert not (root / key).exists()
     assert [p for p in root.iterdir() if p.name != cache_mod.MEMO_FILE] == []  # nor a half-written temporary directory
+    assert gc.isenabled()  # the collector, paused while encoding, is back on after a failure
     monkeypatch.setattr(cache_mod, "_encode_chunk", real)
     cache = load_or_build([corpus], vocabs, PERMISSIVE, root)
     assert cache.directory == root / key
