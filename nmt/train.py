@@ -320,9 +320,7 @@ class Trainer:
         model = model if model is not None else self.train_model
         with _no_sync(model, sync), self.runtime.autocast(), self.runtime.kernels():
             keep = batch.tgt_out != PAD_ID
-            logits = model(batch.src, batch.tgt_in, keep)  # [N real tokens, V]
-            loss_sum = F.cross_entropy(logits.float(), batch.tgt_out[keep],
-                                       label_smoothing=self.config.label_smoothing, reduction="sum")
+            loss_sum = model(batch.src, batch.tgt_in, keep, batch.tgt_out[keep], self.config.label_smoothing)
         # DDP averages gradients over ranks, so scale by world size: the result is Σ loss / Σ tokens.
         (loss_sum * self.dist.world_size / n_tokens).backward()
         return loss_sum.item()

@@ -147,10 +147,10 @@ def test_an_out_of_memory_batch_is_retried_in_halves_with_the_same_gradient(data
         trainer = Trainer(p, train_config, runtime, Distributed("cpu"))
         real_forward = trainer.model.forward
 
-        def forward(src, tgt_in, keep=None):
+        def forward(src, tgt_in, *args):
             if src.shape[0] > fail_above:
                 raise torch.OutOfMemoryError("simulated")
-            return real_forward(src, tgt_in, keep)
+            return real_forward(src, tgt_in, *args)
 
         trainer.model.forward = forward
         loss, tokens = trainer.train_step([batch])

@@ -1,0 +1,125 @@
+"""The blocked training loss and the CPU dropout, each against PyTorch's own computation."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nmt.loss as loss_mod
+from nmt.config import ModelConfig
+from nmt.loss import linear_cross_entropy
+from nmt.model import Dropout, Transformer
+
+
+def _reference(h, w, y, eps):
+    return F.cross_entropy(F.linear(h, w).float(), y, label_smoothing=eps, reduction="sum")
+
+
+def _loss_and_grads(fn, h0, w0, y, eps, dtype=torch.float32, scale=0.37):
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = fn(h, w, y, eps)
+    (loss * scale).backward()  # a non-unit upstream gradient, as training's 1 / n_tokens
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 150, 257])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_blocked_loss_and_gradients_equal_plain_cross_entropy(monkeypatch, n, eps):
+    monkeypatch.setattr(loss_mod, "BLOCK_BYTES", 64 * 4 * 300)  # 64-row blocks: several, the last padded
+    torch.manual_seed(n)
+    h0, w0 = torch.randn(n, 24), torch.randn(300, 24) * 0.3
+    y = torch.randint(0, 300, (n,))
+    ref = _loss_and_grads(_reference, h0, w0, y, eps)
+    got = _loss_and_grads(linear_cross_entropy, h0, w0, y, eps)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_loss_under_bf16_autocast_stays_close_to_fp32():
+    torch.manual_seed(1)
+    h0, w0 = torch.randn(500, 64), torch.randn(1000, 64) * 0.1
+    y = torch.randint(0, 1000, (500,))
+    exact = _loss_and_grads(_reference, h0, w0, y, 0.1)
+    bf16 = _loss_and_grads(linear_cross_entropy, h0, w0, y, 0.1, dtype=torch.bfloat16)
+    assert math.isclose(bf16[0].item(), exact[0].item(), rel_tol=1e-2)
+    for a, b in zip(bf16[1:], exact[1:]):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+def test_blocked_loss_without_gradients():
+    torch.manual_seed(2)
+    h, w, y = torch.randn(70, 16), torch.randn(50, 16), torch.randint(0, 50, (70,))
+    with torch.no_grad():
+        got = linear_cross_entropy(h, w, y, 0.1)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, _reference(h, w, y, 0.1))
+
+
+def test_model_loss_path_equals_logits_then_cross_entropy(monkeypatch):
+    """Training's path (loss inside the model, output weight tied to the embeddings) gives the
+    same loss and the same gradient on every parameter as logits followed by F.cross_entropy."""
+    monkeypatch.setattr(loss_mod, "BLOCK_BYTES", 64 * 4 * 40)
+    torch.manual_seed(0)
+    c = ModelConfig(d_model=32, n_heads=4, d_ff=64, encoder_layers=2, decoder_layers=2, dropout=0.0,
+                    src_vocab_size=40, tgt_vocab_size=40)
+    model = Transformer(c).train()
+    assert model.output.weight is model.tgt_embed.weight
+    src = torch.randint(4, 40, (6, 9))
+    tgt = torch.randint(4, 40, (6, 12))
+    tgt[0, 8:] = 0  # padding
+    tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
+    keep = tgt_out != 0
+    results = []
+    for fused in (False, True):
+        model.zero_grad()
+        if fused:
+            loss = model(src, tgt_in, keep, tgt_out[keep], 0.1)
+        else:
+            loss = F.cross_entropy(model(src, tgt_in, keep).float(), tgt_out[keep], label_smoothing=0.1, reduction="sum")
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --- dropout ----------------------------------------------------------------------------------
+
+
+def test_dropout_zeroes_p_of_the_elements_and_scales_the_rest():
+    torch.manual_seed(0)
+    for p in (0.1, 0.3):
+        x = torch.rand(1000, 1001) + 0.5  # no zeros of its own; an odd size (not a multiple of 4)
+        y = Dropout(p).train()(x)
+        dropped = y == 0
+        n = x.numel()
+        assert abs(dropped.float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+        torch.testing.assert_close(y[~dropped], x[~dropped] / (1 - p))
+        # neighbouring elements (16-bit slices of one random word) are independent
+        d = dropped.flatten().float()
+        corr = torch.corrcoef(torch.stack([d[:-1], d[1:]]))[0, 1].item()
+        assert abs(corr) < 5 / math.sqrt(n)
+
+
+def test_dropout_gradient_is_the_mask_times_the_scale():
+    torch.manual_seed(1)
+    x = (torch.rand(300, 7) + 0.5).requires_grad_()
+    y = Dropout(0.25).train()(x)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (y != 0).float() / 0.75)
+
+
+def test_dropout_is_identity_in_eval_or_at_zero_and_follows_the_seed():
+    x = torch.randn(50, 50)
+    assert Dropout(0.3).eval()(x) is x
+    assert Dropout(0.0).train()(x) is x
+    torch.manual_seed(5)
+    a = Dropout(0.3).train()(x)
+    b = Dropout(0.3).train()(x)
+    torch.manual_seed(5)
+    assert torch.equal(Dropout(0.3).train()(x), a) and not torch.equal(a, b)
+    with pytest.raises(ValueError):
+        Dropout(1.0)
