@@ -47,15 +47,19 @@ class _BlockedLinearCrossEntropy(torch.autograd.Function):
                 rows: int) -> Tensor:
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         h, w = hidden.to(dtype), weight.to(dtype)
+        # Wᵀ made contiguous once: given a transposed operand, the CPU matrix product copied it
+        # for every block (measured: 30 copies of [8000, 256] a step, 166 ms of a 540 ms step).
+        # The weight's gradient is accumulated transposed for the same reason.
+        wt = w.T.contiguous()  # [D, V]
         n, vocab = h.shape[0], w.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if want_grad else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=h.device) if want_grad else None
+        grad_wt = torch.zeros(wt.shape, dtype=torch.float32, device=h.device) if want_grad else None
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             m = stop - start
             block = F.pad(h[start:stop], (0, 0, 0, -m % ROWS_MULTIPLE))  # [M, D], zero rows at the end
-            z = (block @ w.T).float()  # [M, V] logits
+            z = (block @ wt).float()  # [M, V] logits
             y = targets[start:stop, None]
             lse = torch.logsumexp(z[:m], dim=-1, keepdim=True)  # [m, 1]
             nll = lse - z[:m].gather(1, y)
@@ -67,7 +71,8 @@ class _BlockedLinearCrossEntropy(torch.autograd.Function):
                 p[:m].scatter_add_(1, y, torch.full_like(lse, smoothing - 1))  # and are sliced off)
                 g = p.to(dtype)
                 grad_h[start:stop] = (g @ w)[:m]
-                grad_w += g.T @ block
+                grad_wt += block.T @ g
+        grad_w = grad_wt.T.contiguous() if want_grad else None
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total

@@ -121,6 +121,29 @@ def trim_heap() -> None:
     """Give freed heap memory back to the operating system (glibc only; elsewhere nothing).
     glibc keeps large freed blocks once its allocation threshold has risen, so the temporaries
     of an epoch's batch plan (about 90 MB at 5 million pairs) would otherwise stay resident."""
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Let glibc reuse freed memory for the next allocation instead of returning it (True when
+    set; glibc only). Blocks under `mmap_threshold` come from the heap, and the heap is trimmed
+    only when `trim_threshold` bytes are free at its top. A training step allocates and frees
+    the same large temporaries every time; with glibc's adaptive defaults many came back as fresh
+    pages each step, and the kernel's zeroing of those pages showed up as slow copies (a bf16 →
+    fp32 copy of [256, 8000]: 3.6 ms in a training step, 0.1 ms alone). Measured, small preset,
+    bf16, 2 cores: 3,664–4,128 → 4,533–4,540 target tokens/s, the same peak RSS (1.64–1.69 GB)."""
+    libc = _glibc()
+    if not libc:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold))
+
+
+def _glibc():
     global _libc
     if _libc is None:
         import ctypes
@@ -128,11 +151,10 @@ def trim_heap() -> None:
 
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _libc.malloc_trim  # noqa: B018 - absent outside glibc
+            _libc.malloc_trim, _libc.mallopt  # noqa: B018 - absent outside glibc
         except (OSError, AttributeError):
             _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
+    return _libc
 
 
 _libc = None

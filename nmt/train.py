@@ -33,7 +33,7 @@ from nmt.corpus import ParallelCorpus, sample_pairs
 from nmt.errors import NmtError
 from nmt.model import Transformer, count_parameters
 from nmt.progress import StepProgress
-from nmt.runtime import Runtime, setup, trim_heap
+from nmt.runtime import Runtime, keep_freed_memory, setup, trim_heap
 from nmt.tokenizer import PAD_ID, Vocabs, train_vocabs
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,8 @@ def cosine_lr(step: int, peak: float, warmup: int, budget_used: float) -> float:
 class Trainer:
     def __init__(self, p: Prepared, config: TrainConfig, runtime: Runtime, dist: "Distributed"):
         self.p, self.config, self.runtime, self.dist = p, config, runtime, dist
+        if runtime.device.type == "cpu":
+            keep_freed_memory()  # the same large temporaries every step: reuse, don't re-fault
         torch.manual_seed(config.seed)
         self.model = Transformer(p.model_config).to(runtime.device)
         self.optimizer = _optimizer(self.model, config, runtime)
