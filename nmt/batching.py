@@ -21,7 +21,8 @@ from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 # Sequence lengths in a batch are padded to a multiple of 8. On CPU with bf16, every new matrix
 # shape makes oneDNN build and keep a new kernel: with exact lengths, 300 training steps of the
 # tiny preset grew to 1,186 MB resident, with lengths padded to 8 to 941 MB (and 618 MB with the
-# output layer's rows padded too, see model.py), at the same speed. GPUs prefer multiples of 8.
+# output layer's rows padded too, now in loss.py's blocks), at the same speed. GPUs prefer
+# multiples of 8.
 PAD_MULTIPLE = 8
 
 

@@ -218,6 +218,9 @@ def train(
         dedupe=None if no_dedupe is None else not no_dedupe), "train")
     train_config = cfg.apply(train_config, {"dev": None if str(dev_value).lower() == "none" else dev_value}, "train")
     _check_train_values(train_config)
+    for name in ("dropout", "attention_dropout"):
+        if not 0 <= getattr(model_config, name) < 1:
+            raise UsageError(f"{name} must be in [0, 1) (got {getattr(model_config, name)})")
     if out is None:
         out = Path("runs") / ("bible-es-en" if train is None else f"{train_config.src}-{train_config.tgt}")
     from nmt.train import train as run_training

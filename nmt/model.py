@@ -231,9 +231,6 @@ class DecoderCache:
         self.reorder(rows, sentences)
 
 
-OUTPUT_ROWS_MULTIPLE = 64
-
-
 class Transformer(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -299,22 +296,17 @@ class Transformer(nn.Module):
 
     def forward(self, src: Tensor, tgt_in: Tensor, keep: Tensor | None = None, targets: Tensor | None = None,
                 label_smoothing: float = 0.0) -> Tensor:
-        """Logits [B, T, V]; with `keep` [B, T] (True at real target positions) only those rows,
-        [N, V]: the output layer, the largest matrix product, then skips the padding. With
-        `targets` [N] too (the next token at each kept position), the summed label-smoothed
-        cross-entropy instead of logits (nmt/loss.py: on CPU the [N, V] logits never exist whole)."""
+        """Logits [B, T, V] for the next tokens. With `keep` [B, T] (True at real target positions)
+        and `targets` [N] (the next token at each of them), the summed label-smoothed
+        cross-entropy over those positions instead: the output layer, the largest matrix
+        product, skips the padding, and on CPU the [N, V] logits never exist whole (nmt/loss.py)."""
+        if (keep is None) != (targets is None):
+            raise ValueError("keep and targets go together")
         memory, mask = self.encode(src)
         hidden = self.decode_hidden(tgt_in, memory, mask)
-        if keep is None:
+        if targets is None:
             return self.output(hidden)
-        rows = hidden[keep]
-        if targets is not None:
-            return linear_cross_entropy(rows, self.output.weight, targets, label_smoothing)
-        n = rows.shape[0]
-        # Padding the row count to a multiple of 64 bounds the distinct shapes the output layer
-        # sees (on CPU with bf16, each new shape costs a kernel kept in memory; see batching.py).
-        rows = F.pad(rows, (0, 0, 0, -n % OUTPUT_ROWS_MULTIPLE))
-        return self.output(rows)[:n]
+        return linear_cross_entropy(hidden[keep], self.output.weight, targets, label_smoothing)
 
     def init_cache(self, memory: Tensor, src_mask: Tensor, beam: int, max_steps: int) -> DecoderCache:
         """Pre-allocate self-attention buffers for B·K rows and max_steps positions; compute each

@@ -66,6 +66,8 @@ def test_model_loss_path_equals_logits_then_cross_entropy(monkeypatch):
                     src_vocab_size=40, tgt_vocab_size=40)
     model = Transformer(c).train()
     assert model.output.weight is model.tgt_embed.weight
+    with pytest.raises(ValueError):
+        model(torch.randint(4, 40, (1, 3)), torch.randint(4, 40, (1, 3)), torch.ones(1, 3, dtype=torch.bool))
     src = torch.randint(4, 40, (6, 9))
     tgt = torch.randint(4, 40, (6, 12))
     tgt[0, 8:] = 0  # padding
@@ -77,7 +79,7 @@ def test_model_loss_path_equals_logits_then_cross_entropy(monkeypatch):
         if fused:
             loss = model(src, tgt_in, keep, tgt_out[keep], 0.1)
         else:
-            loss = F.cross_entropy(model(src, tgt_in, keep).float(), tgt_out[keep], label_smoothing=0.1, reduction="sum")
+            loss = F.cross_entropy(model(src, tgt_in)[keep], tgt_out[keep], label_smoothing=0.1, reduction="sum")
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (plain, plain_grads), (fused, fused_grads) = results
@@ -157,3 +159,12 @@ def test_keep_freed_memory_stops_large_temporaries_from_faulting_in_fresh_pages(
     pages = 8_000_000 // 4096  # one temporary's pages
     assert faults["default"] > 8 * pages  # each a fresh mapping, zeroed by the kernel (measured: 10 × pages)
     assert faults["keep"] < 0.75 * faults["default"]  # measured: half as many
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1", "2"])
+def test_cli_bad_dropout_is_a_usage_error_before_any_work(tmp_path, value):
+    from conftest import error_line, run_nmt
+
+    r = run_nmt("train", "--out", str(tmp_path / "run"), "--dropout", value)
+    assert "dropout must be in [0, 1)" in error_line(r, 2)
+    assert not (tmp_path / "run").exists()  # refused before the tokenizer or cache is built
