@@ -165,7 +165,7 @@ def train(
     src: SrcOpt = None,
     tgt: TgtOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (model, logs, checkpoints). [default: runs/bible-es-en]")] = None,
-    preset: Annotated[str, typer.Option(help="Model size: tiny, small, base or big.")] = "small",
+    preset: Annotated[Optional[str], typer.Option(help="Model size: tiny, small, base or big; or auto: chosen from the machine's measured speed and --max-time/--max-steps. [default: auto with a budget, else small]")] = None,
     config_file: Annotated[Optional[Path], typer.Option("--config", help="JSON file with model/train/tokenizer sections; command-line options override it.")] = None,
     max_time: Annotated[Optional[str], typer.Option(help="Time budget, e.g. 30m, 2h, 90s.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
@@ -196,11 +196,15 @@ def train(
     compile: Annotated[Optional[bool], typer.Option("--compile", help="torch.compile the model.")] = None,
     log_every: Annotated[Optional[int], typer.Option(help="Steps between log lines in metrics.jsonl.")] = None,
     average_last: Annotated[Optional[int], typer.Option(help="At the end, average this many last checkpoints if that scores higher on dev (0: off).")] = None,
+    test: Annotated[Optional[str], typer.Option("--test", help="Held-out prefix: at the end, translate it (beam 5) and report BLEU with examples; never used to choose anything.")] = None,
 ) -> None:
     """Train tokenizer and Transformer on parallel text; re-running the same command resumes."""
     from nmt import config as cfg
 
-    model_config, tok_config, train_preset = cfg.preset(preset)
+    if preset is None:
+        preset = "auto" if (max_time is not None or max_steps is not None) else "small"
+    # "auto" starts from the small preset's values; the recipe then replaces those not set by hand
+    model_config, tok_config, train_preset = cfg.preset("small" if preset == "auto" else preset)
     overrides = cfg.load_overrides(config_file) if config_file else {}
     model_config = cfg.apply(model_config, overrides.get("model", {}), "--config model")
     model_config = cfg.apply(model_config, _given(dropout=dropout, pre_norm=None if post_norm is None else not post_norm), "model")
@@ -217,6 +221,13 @@ def train(
         log_every=log_every, average_last=average_last,
         dedupe=None if no_dedupe is None else not no_dedupe), "train")
     train_config = cfg.apply(train_config, {"dev": None if str(dev_value).lower() == "none" else dev_value}, "train")
+    if preset == "auto":
+        flags = dict(model=_given(dropout=dropout, pre_norm=post_norm), tokenizer=_given(vocab_size=vocab_size),
+                     train=_given(batch_tokens=batch_tokens, update_freq=update_freq, lr=lr, lr_schedule=lr_schedule,
+                                  warmup_steps=warmup_steps, eval_every=eval_every, average_last=average_last))
+        fixed = sorted({f"{section}.{name}" for section in ("model", "tokenizer", "train")
+                        for name in [*overrides.get(section, {}), *flags[section]]})
+        train_config = cfg.apply(train_config, {"fixed": fixed}, "train")
     _check_train_values(train_config)
     for name in ("dropout", "attention_dropout"):
         if not 0 <= getattr(model_config, name) < 1:
@@ -225,7 +236,13 @@ def train(
         out = Path("runs") / ("bible-es-en" if train is None else f"{train_config.src}-{train_config.tgt}")
     from nmt.train import train as run_training
 
-    run_training(train_config, model_config, tok_config, out)
+    test_corpus = None
+    if test is not None:
+        from nmt.corpus import ParallelCorpus
+
+        test_corpus = ParallelCorpus.from_prefix(test, train_config.src, train_config.tgt)
+        test_corpus.check_line_counts()  # a bad test set fails now, not after the training
+    run_training(train_config, model_config, tok_config, out, test_corpus)
 
 
 def _batch_tokens(value: str | None) -> int | str | None:

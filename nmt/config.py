@@ -73,7 +73,7 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
 
 @dataclass
 class TrainConfig:
-    preset: str = "small"
+    preset: str = "small"  # or "auto": the recipe is chosen from the budget (nmt/recipe.py)
     src: str = "es"
     tgt: str = "en"
     train: list[str] = field(default_factory=lambda: [str(DEFAULT_DATA / "train")])
@@ -105,6 +105,7 @@ class TrainConfig:
     threads: int = 0  # 0: all cores
     compile: bool = False
     log_every: int = 50
+    fixed: list[str] = field(default_factory=list)  # "section.name" of options set by hand: a recipe keeps them
 
 
 @dataclass

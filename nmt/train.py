@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nmt import checkpoint
+from nmt import checkpoint, recipe
 from nmt.batching import Batch, Plan, collate, padded, plan_epoch, target_tokens
 from nmt.cache import Filters, TokenCache, load_or_build
 from nmt.config import PRESET_TRAINING, DecodeConfig, ModelConfig, TokenizerConfig, TrainConfig, from_dict, to_dict
@@ -34,6 +34,7 @@ from nmt.errors import NmtError
 from nmt.model import Transformer, count_parameters
 from nmt.progress import StepProgress
 from nmt.runtime import Runtime, keep_freed_memory, setup, trim_heap
+from nmt.textio import count_lines
 from nmt.tokenizer import PAD_ID, Vocabs, train_vocabs
 
 log = logging.getLogger(__name__)
@@ -233,9 +234,10 @@ class Trainer:
                                         longest, self.p.model_config.tgt_vocab_size, self.runtime.device)
                 pr.batch_tokens = self.dist.min_int(found)  # every rank plans with the same budget
             else:
-                pr.batch_tokens = PRESET_TRAINING[c.preset]["batch_tokens"]
+                preset = c.preset if c.preset in PRESET_TRAINING else "small"
+                pr.batch_tokens = PRESET_TRAINING[preset]["batch_tokens"]
                 log.info("--batch-tokens auto sizes batches to GPU memory; on CPU the %s preset's %d is used",
-                         c.preset, pr.batch_tokens)
+                         preset, pr.batch_tokens)
         return pr.batch_tokens
 
     def _epoch(self, batches: Plan, start: float, bar: StepProgress) -> None:
@@ -548,17 +550,102 @@ class Distributed:
 # -- the whole job -------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerConfig, out: Path) -> Progress:
-    """Prepare (or resume) the run in `out` and train until a budget ends it."""
+RECIPE_FILE = "recipe.json"
+
+
+def _recipe_vocabulary(config: TrainConfig, tok_config: TokenizerConfig, out: Path) -> TokenizerConfig:
+    """The recipe's vocabulary size (from the corpus size), unless set by hand or already stored."""
+    stored = out / RECIPE_FILE
+    if "tokenizer.vocab_size" in config.fixed or Vocabs.exists(out) or stored.exists():
+        return tok_config
+    pairs = sum(count_lines(c.tgt_path) for c in corpora_of(config))
+    return replace(tok_config, vocab_size=recipe.vocabulary(pairs))
+
+
+def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path) -> recipe.Recipe:
+    """The stored recipe of this run (a resume), else one chosen now by timing the candidate shapes
+    on real batches; printed with its reason and written to OUT/recipe.json."""
+    stored = out / RECIPE_FILE
+    if stored.exists():
+        chosen = recipe.from_record(json.loads(stored.read_text()))
+        log.info("recipe (stored): %s", chosen.reason)
+        return chosen
+    batch_tokens = int(config.batch_tokens) if "train.batch_tokens" in config.fixed and config.batch_tokens != "auto" \
+        else recipe.batch_tokens_for(runtime.device.type)
+    corpus_tokens = int(p.cache.tgt_len.sum()) + len(p.cache.tgt_len)  # EOS included
+    dev_pairs = p.dev.check_line_counts() if p.dev is not None else 0
+    mean_tgt = corpus_tokens / max(len(p.cache.tgt_len), 1)
+    rates, eval_seconds = {}, 0.0
+    if config.max_time:  # a step budget needs no speed: it fixes the tokens seen
+        rates = recipe.measure(recipe.SHAPES, _shape_trial(p, config, runtime, batch_tokens),
+                               keep_going=lambda name, rate: recipe.worth_measuring_next(name, rate, config.max_time))
+        # a dev evaluation decodes every dev target (about as fast per token as training) and scores its loss
+        eval_seconds = 1.4 * dev_pairs * mean_tgt / max(min(rates.values()), 1.0)
+    chosen = recipe.choose(rates, corpus_tokens, config.max_time, config.max_steps, batch_tokens, eval_seconds)
+    log.info("recipe: %s", chosen.reason)
+    checkpoint.atomic_write_text(stored, json.dumps(recipe.describe(chosen), indent=2))
+    return chosen
+
+
+def _apply_recipe(chosen: recipe.Recipe, config: TrainConfig, model_config: ModelConfig) -> tuple[TrainConfig, ModelConfig]:
+    """The recipe's settings, except those set by hand (`config.fixed`)."""
+    train_fields = {k: v for k, v in chosen.train.items() if f"train.{k}" not in config.fixed}
+    model_fields = {k: v for k, v in chosen.model.items() if f"model.{k}" not in config.fixed}
+    return replace(config, **train_fields), replace(model_config, **model_fields)
+
+
+def _shape_trial(p: Prepared, config: TrainConfig, runtime: Runtime, batch_tokens: int):
+    """For recipe.measure: build a shape with its optimizer; return a function that runs one optimizer
+    step on the next real batch of the cache (the same batches for every shape)."""
+    batches = plan_epoch(p.cache.src_len, p.cache.tgt_len, batch_tokens, config.seed, 0)
+
+    def build(shape: recipe.Shape):
+        model = Transformer(replace(p.model_config, **shape.model_fields())).to(runtime.device)
+        optimizer = _optimizer(model, config, runtime)
+        position = iter(range(1 << 30))
+
+        def step() -> int:
+            batch = collate(p.cache, batches[next(position) % len(batches)]).to(runtime.device)
+            with runtime.autocast(), runtime.kernels():
+                keep = batch.tgt_out != PAD_ID
+                loss = model(batch.src, batch.tgt_in, keep, batch.tgt_out[keep], config.label_smoothing)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if runtime.device.type == "cuda":
+                torch.cuda.synchronize(runtime.device)
+            return int(keep.sum())
+
+        return step
+
+    return build
+
+
+
+def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerConfig, out: Path,
+          test: ParallelCorpus | None = None) -> Progress:
+    """Prepare (or resume) the run in `out` and train until a budget ends it; then, with `test`,
+    translate its source with the final model (beam search) and report BLEU (`score_test`)."""
     dist = Distributed(config.device)
     try:
         runtime = setup(dist.device_name(config.device), config.dtype, config.threads)
+        chosen = None
+        if config.preset == "auto":
+            tok_config = _recipe_vocabulary(config, tok_config, out)
         if dist.is_writer:
             p = prepare(config, model_config, tok_config, out)
-        dist.barrier()  # rank 0 trained the tokenizer and built the cache; the others reuse them
+            if config.preset == "auto":
+                chosen = _recipe(p, config, runtime, out)
+        dist.barrier()  # rank 0 trained the tokenizer, built the cache, chose the recipe; the others reuse them
         if not dist.is_writer:
             p = prepare(config, model_config, tok_config, out)
+            if config.preset == "auto":
+                chosen = recipe.from_record(json.loads((out / RECIPE_FILE).read_text()))
+        if chosen is not None:
+            config, p.model_config = _apply_recipe(chosen, config, p.model_config)
         described = run_config(p, config, tok_config)
+        if chosen is not None:
+            described["recipe"] = recipe.describe(chosen)
         resuming = (out / "config.json").exists() and bool(checkpoint.list_checkpoints(out))
         if resuming:
             check_resumable(out, described)
@@ -576,6 +663,8 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
                 average(out, config.average_last, runtime)
         log.info("training ended: %s; best dev BLEU %.2f at step %d; model in %s", trainer.stop_reason,
                  result.best_bleu, result.best_step, out)
+        if dist.is_writer and test is not None:
+            score_test(out, test, runtime)
         return result
     finally:
         dist.close()
@@ -596,3 +685,33 @@ def _write_summary(trainer: Trainer, runtime: Runtime, dist: Distributed) -> Non
                "world_size": dist.world_size, "stop_reason": trainer.stop_reason, "best_dev_bleu": pr.best_bleu,
                "best_step": pr.best_step, "parameters": count_parameters(trainer.model), "evaluations": pr.history}
     checkpoint.atomic_write_text(trainer.p.out / "training.json", json.dumps(summary, indent=2))
+
+
+def score_test(out: Path, test: ParallelCorpus, runtime: Runtime, examples: int = 3) -> dict:
+    """The final model of `out` on a held-out set, reported, never used for a decision: beam search
+    (the translate defaults), BLEU and chrF with signatures, the translations written to OUT/test.hyp,
+    a few lines shown, and the record kept in training.json."""
+    from nmt import metrics
+    from nmt.translate import Translator
+
+    model, vocabs, _ = checkpoint.load_for_inference(out, runtime.device)
+    pairs = list(test.pairs())
+    decode = DecodeConfig()
+    t0 = time.monotonic()
+    hyps = [t.text for t in Translator(model, vocabs, runtime, decode).translate(s for s, _ in pairs)]
+    seconds = time.monotonic() - t0
+    checkpoint.atomic_write_text(out / "test.hyp", "".join(h + "\n" for h in hyps))
+    bleu = metrics.build_metrics(metrics.MetricOptions(metrics=("bleu", "chrf")), [[t for _, t in pairs]])
+    scores = metrics.corpus_scores(hyps, bleu)
+    record = {"source": str(test.src_path), "reference": str(test.tgt_path), "lines": len(pairs),
+              "beam_size": decode.beam_size, "seconds": seconds,
+              **{name: {"score": r["score"], "signature": r["signature"]} for name, r in scores.items()}}
+    for (src, ref), hyp in list(zip(pairs, hyps))[:examples]:
+        log.info("test example\n  source:     %s\n  translated: %s\n  reference:  %s", src, hyp, ref)
+    log.info("test BLEU %.1f, chrF %.1f on %s (%d lines, beam %d, %.0f s); %s", scores["bleu"]["score"],
+             scores["chrf"]["score"], test.src_path.name, len(pairs), decode.beam_size, seconds,
+             scores["bleu"]["signature"])
+    summary_path = out / "training.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    checkpoint.atomic_write_text(summary_path, json.dumps({**summary, "test": record}, indent=2))
+    return record

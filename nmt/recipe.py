@@ -1,0 +1,199 @@
+"""The training recipe chosen from the budget: model shape, vocabulary, batch, learning rate,
+warm-up, schedule, dropout and evaluation interval, for the machine at hand and the time given.
+
+`nmt train --max-time 30m` (or `--max-steps N`) with no `--preset` asks this module. It works in
+two moves, because the vocabulary must exist before a model can be timed on real batches:
+
+1. `vocabulary(...)`: the subword vocabulary from the corpus size (before the tokenizer).
+2. `choose(...)`: each candidate shape is timed for a few optimizer steps on real batches of
+   the token cache (`measure`), the budget is turned into the target tokens each shape would see,
+   and the rules below pick one shape and its training settings, with a one-line reason.
+
+The rules were found by training on the embedded corpus and scoring on its dev set (never on
+test); the README's "Choosing the recipe" section has the measurements behind each one. Every
+choice can still be overridden by an explicit option; the recipe is stored in config.json, so a
+resume continues the same run without measuring again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One candidate model: the ModelConfig fields that change between candidates."""
+
+    name: str
+    d_model: int
+    n_heads: int
+    d_ff: int
+    encoder_layers: int
+    decoder_layers: int
+
+    def model_fields(self) -> dict[str, int]:
+        return {k: v for k, v in asdict(self).items() if k != "name"}
+
+
+# Smallest first. `compact` learns fastest per second early on; `small` overtakes it once the
+# budget buys enough tokens; `medium` only when the budget buys many epochs (a GPU, or hours).
+SHAPES: tuple[Shape, ...] = (
+    Shape("compact", d_model=256, n_heads=4, d_ff=1024, encoder_layers=2, decoder_layers=2),
+    Shape("small", d_model=256, n_heads=4, d_ff=1024, encoder_layers=3, decoder_layers=3),
+    Shape("medium", d_model=512, n_heads=8, d_ff=2048, encoder_layers=6, decoder_layers=6),
+)
+
+# Target tokens a shape must be able to see in the budget before it is preferred to the one
+# below it (measured on dev, see the README): below these, the smaller model ends better.
+MIN_TOKENS = {"compact": 0, "small": 3.0e6, "medium": 60e6}
+
+EVAL_SHARE = 0.05  # at most this share of the budget goes to dev evaluations
+
+
+@dataclass
+class Recipe:
+    shape: str
+    model: dict[str, Any]  # ModelConfig overrides
+    train: dict[str, Any]  # TrainConfig overrides
+    budget_tokens: float  # target tokens the budget buys with this shape (estimate)
+    epochs: float  # the same, in passes over the training data
+    tokens_per_s: dict[str, float] = field(default_factory=dict)  # measured, per shape
+    reason: str = ""
+
+
+def vocabulary(corpus_pairs: int) -> int:
+    """Joint BPE size from the number of training pairs: small corpora learn better with fewer,
+    more frequent pieces (Sennrich & Zhang 2019); large ones afford more."""
+    if corpus_pairs < 100_000:
+        return 8000
+    if corpus_pairs < 1_000_000:
+        return 16000
+    return 32000
+
+
+def dropout_for(epochs: float) -> float:
+    """No dropout while the model sees each pair only a few times (it cannot overfit yet, and
+    dropout slows learning); more as the budget buys more passes over the data."""
+    if epochs < 4:
+        return 0.0
+    if epochs < 12:
+        return 0.1
+    return 0.2
+
+
+def batch_tokens_for(device_type: str) -> int:
+    """Padded target tokens per batch. On CPU small batches learn more per second in short
+    budgets (more updates per token, and no slower per token here); a GPU needs large ones to be busy."""
+    return 1500 if device_type == "cpu" else 12000
+
+
+def worth_measuring_next(name: str, rate: float, max_time: float | None) -> bool:
+    """After timing `name` at `rate` tokens/s: can the next, larger shape reach its MIN_TOKENS?
+    A larger shape is never faster, so if this one cannot see that many tokens, neither can it."""
+    names = [s.name for s in SHAPES]
+    nxt = names.index(name) + 1
+    if nxt >= len(names):
+        return False
+    return max_time is None or rate * max_time >= MIN_TOKENS[names[nxt]]
+
+
+def measure(shapes: tuple[Shape, ...], step: Callable[[Shape], Callable[[], int]], seconds: float = 3.0,
+            keep_going: Callable[[str, float], bool] = lambda name, rate: True) -> dict[str, float]:
+    """Target tokens/s of each shape, smallest first: `step(shape)` builds it and returns a function
+    that runs one optimizer step on a real batch and returns its target tokens. One untimed step
+    first (kernel selection, allocation); then steps until `seconds` have passed (at least two).
+    Stops early when `keep_going(name, rate)` says the larger shapes cannot be chosen anyway."""
+    rates: dict[str, float] = {}
+    for shape in shapes:
+        run = step(shape)
+        run()
+        tokens, t0, n = 0, time.perf_counter(), 0
+        while n < 2 or time.perf_counter() - t0 < seconds:
+            tokens += run()
+            n += 1
+        rates[shape.name] = tokens / (time.perf_counter() - t0)
+        log.info("recipe: %s trains at %s target tokens/s here", shape.name, f"{rates[shape.name]:,.0f}")
+        if not keep_going(shape.name, rates[shape.name]):
+            break
+    return rates
+
+
+def choose(rates: dict[str, float], corpus_tokens: int, max_time: float | None, max_steps: int | None,
+           batch_tokens: int, eval_seconds: float) -> Recipe:
+    """Pick the shape and settings for a budget of `max_time` seconds and/or `max_steps` steps.
+
+    rates: measured target tokens/s per shape; corpus_tokens: target tokens in one epoch;
+    batch_tokens: the padded token budget per batch; eval_seconds: estimated cost of one dev
+    evaluation (0 without a dev set)."""
+    real_per_batch = 0.85 * batch_tokens  # padding: measured 0.83-0.86 on the embedded corpus
+
+    if not max_time and not max_steps:
+        raise ValueError("a recipe needs a budget: max_time or max_steps")
+
+    def tokens_of(name: str) -> float:
+        budget = []
+        if max_time:
+            budget.append(rates[name] * max_time * (1 - EVAL_SHARE))
+        if max_steps:
+            budget.append(max_steps * real_per_batch)
+        return min(budget)
+
+    candidates = [s for s in SHAPES if s.name in rates] if max_time else list(SHAPES)
+    shape = candidates[0]
+    for s in candidates[1:]:
+        if tokens_of(s.name) >= MIN_TOKENS[s.name]:
+            shape = s
+    tokens = tokens_of(shape.name)
+    epochs = tokens / max(corpus_tokens, 1)
+    steps = max(1, int(tokens / real_per_batch))
+    warmup = int(min(400, max(50, 0.06 * steps)))
+    lr = 2e-3 if shape.d_model <= 256 else 1e-3
+    dropout = dropout_for(epochs)
+    evals = _evaluations(max_time, eval_seconds)
+    eval_every = max(50, steps // evals)
+    speed = f" at {rates[shape.name]:,.0f} tokens/s" if shape.name in rates else f" in {max_steps:,} steps"
+    reason = (f"{shape.name} model, dropout {dropout}, lr {lr:g}, batch {batch_tokens}, cosine to 0: the budget buys "
+              f"~{tokens / 1e6:.2f} M target tokens (~{epochs:.1f} epochs){speed}; " + _why(shape, candidates, tokens_of))
+    return Recipe(
+        shape=shape.name,
+        model={**shape.model_fields(), "dropout": dropout},
+        train={"batch_tokens": batch_tokens, "lr": lr, "warmup_steps": warmup, "lr_schedule": "cosine",
+               "eval_every": eval_every, "average_last": 0},
+        budget_tokens=tokens, epochs=epochs, tokens_per_s=rates, reason=reason)
+
+
+def _evaluations(max_time: float | None, eval_seconds: float) -> int:
+    """How many dev evaluations the budget affords within EVAL_SHARE (2 to 20; the last one comes
+    when the budget is spent, so at least one falls inside it: it also saves a checkpoint)."""
+    if not max_time or eval_seconds <= 0:
+        return 10
+    return int(min(20, max(2, EVAL_SHARE * max_time / eval_seconds)))
+
+
+def _why(shape: Shape, candidates: list[Shape], tokens_of) -> str:
+    bigger = [s for s in SHAPES if MIN_TOKENS[s.name] > MIN_TOKENS[shape.name]]
+    if not bigger:
+        return "the largest candidate"
+    b = bigger[0]
+    if b in candidates:
+        return f"{b.name} would see {tokens_of(b.name) / 1e6:.2f} M, under the {MIN_TOKENS[b.name] / 1e6:g} M it needs to end better"
+    return f"{b.name} needs {MIN_TOKENS[b.name] / 1e6:g} M tokens to end better, more than {shape.name} can see"
+
+
+def describe(recipe: Recipe) -> dict[str, Any]:
+    """The JSON record stored in config.json."""
+    return asdict(recipe)
+
+
+def from_record(record: dict[str, Any]) -> Recipe:
+    return Recipe(**record)
+
+
+def estimate_steps(recipe: Recipe, batch_tokens: int) -> int:
+    return max(1, math.ceil(recipe.budget_tokens / (0.85 * batch_tokens)))

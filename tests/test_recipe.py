@@ -1,0 +1,108 @@
+"""The recipe chosen from the budget: the rules (shape by the tokens a budget buys, dropout by
+epochs, warm-up and evaluations as shares), the speed measurement, hand-set options kept, and
+`nmt train` with a budget and no preset: the recipe printed, stored, and reused on resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import run_nmt, write_slice
+from nmt import recipe
+from nmt.config import ModelConfig, TrainConfig
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+EPOCH = 830_000  # target tokens of one epoch of the embedded corpus (8k BPE)
+
+
+def test_a_budget_too_small_for_the_larger_shape_gets_the_smaller_one():
+    # 10 minutes at these speeds buy compact 0.8 M tokens, small 0.57 M: under small's threshold
+    r = recipe.choose({"compact": 1400.0, "small": 1000.0}, EPOCH, 600, None, 1500, 30.0)
+    assert r.shape == "compact"
+    assert r.model["encoder_layers"] == 2 and r.model["decoder_layers"] == 2
+    assert r.budget_tokens == pytest.approx(1400 * 600 * (1 - recipe.EVAL_SHARE))
+    assert r.epochs == pytest.approx(r.budget_tokens / EPOCH)
+
+
+def test_a_larger_budget_gets_the_larger_shape():
+    need = recipe.MIN_TOKENS["small"]
+    seconds = 1.01 * need / (1000 * (1 - recipe.EVAL_SHARE))  # just enough time for small to see `need`
+    r = recipe.choose({"compact": 1400.0, "small": 1000.0}, EPOCH, seconds, None, 1500, 30.0)
+    assert r.shape == "small"
+    r = recipe.choose({"compact": 1400.0, "small": 1000.0}, EPOCH, 0.9 * seconds, None, 1500, 30.0)
+    assert r.shape == "compact"
+
+
+def test_a_step_budget_needs_no_speed():
+    steps = int(recipe.MIN_TOKENS["small"] / (0.85 * 1500)) + 10
+    assert recipe.choose({}, EPOCH, None, steps, 1500, 0.0).shape == "small"
+    assert recipe.choose({}, EPOCH, None, 100, 1500, 0.0).shape == "compact"
+    with pytest.raises(ValueError):
+        recipe.choose({}, EPOCH, None, None, 1500, 0.0)
+
+
+def test_time_and_steps_together_the_smaller_budget_decides():
+    r = recipe.choose({"compact": 1000.0, "small": 800.0}, EPOCH, 10_000, 200, 1500, 10.0)
+    assert r.budget_tokens == pytest.approx(200 * 0.85 * 1500)
+
+
+def test_dropout_grows_with_the_epochs_the_budget_buys():
+    values = [recipe.dropout_for(e) for e in (0.5, 2, 5, 10, 20, 50)]
+    assert values == sorted(values) and values[0] == 0.0 and values[-1] > 0
+
+
+def test_warmup_and_evaluations_are_shares_of_the_budget():
+    r = recipe.choose({"compact": 1400.0, "small": 1000.0}, EPOCH, 600, None, 1500, 30.0)
+    steps = r.budget_tokens / (0.85 * 1500)
+    assert 50 <= r.train["warmup_steps"] <= max(50, 0.1 * steps)
+    during = int(steps / r.train["eval_every"]) - 1  # evaluations inside the budget (one more ends it)
+    assert 1 <= during and during * 30.0 <= max(recipe.EVAL_SHARE * 600, 30.0)  # within the share, or one
+    assert r.train["lr_schedule"] == "cosine"
+
+
+def test_measure_times_each_shape_and_stops_when_larger_ones_cannot_be_chosen():
+    built = []
+
+    def step(shape):
+        built.append(shape.name)
+        return lambda: 1000
+
+    rates = recipe.measure(recipe.SHAPES, step, seconds=0.01, keep_going=lambda name, rate: name != "small")
+    assert built == ["compact", "small"] and set(rates) == {"compact", "small"}
+    assert all(rate > 0 for rate in rates.values())
+    assert recipe.worth_measuring_next("compact", 1000.0, 60) is False  # 60 k tokens < small's need
+    assert recipe.worth_measuring_next("compact", 1000.0, 1e6) is True
+    assert recipe.worth_measuring_next("medium", 1e9, 1e6) is False  # nothing after the largest
+
+
+def test_options_set_by_hand_are_kept():
+    from nmt.train import _apply_recipe
+
+    chosen = recipe.choose({"compact": 1400.0, "small": 1000.0}, EPOCH, 600, None, 1500, 30.0)
+    config = TrainConfig(lr=5e-4, fixed=["train.lr", "model.dropout"])
+    new_config, model = _apply_recipe(chosen, config, ModelConfig(dropout=0.3))
+    assert new_config.lr == 5e-4 and model.dropout == 0.3  # set by hand
+    assert new_config.warmup_steps == chosen.train["warmup_steps"] and model.encoder_layers == 2  # the recipe's
+    assert recipe.from_record(json.loads(json.dumps(recipe.describe(chosen)))) == chosen
+
+
+def test_train_with_a_budget_and_no_preset_chooses_stores_and_reuses_the_recipe(tmp_path):
+    train = write_slice(tmp_path / "d", "train", 200)
+    dev = write_slice(tmp_path / "d", "dev", 4, split="dev")
+    args = ("train", "--train", str(train), "--dev", str(dev), "--src", "es", "--tgt", "en", "--out",
+            str(tmp_path / "run"), "--dtype", "float32", "--vocab-size", "300", "--batch-tokens", "400")
+    r = run_nmt(*args, "--max-steps", "2")
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "recipe: compact model" in err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train"]["preset"] == "auto" and config["recipe"]["shape"] == "compact"
+    assert config["model"]["encoder_layers"] == 2 and config["model"]["dropout"] == 0.0
+    assert config["tokenizer"]["vocab_size"] == 300 and config["train"]["batch_tokens"] == 400  # set by hand
+    r = run_nmt(*args, "--max-steps", "3")  # resume: the same recipe, not measured again
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "recipe (stored)" in err and "resuming from step-" in err
