@@ -32,13 +32,18 @@ def padded(length):
 
 
 def plan_epoch(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens: int, seed: int, epoch: int,
-               rank: int = 0, world_size: int = 1) -> "Plan":
+               rank: int = 0, world_size: int = 1, curriculum: float = 0.0) -> "Plan":
     """Batches (arrays of pair indices) for one epoch on one rank.
 
     Pairs are sorted by padded length (the longer side + 1 for BOS/EOS, then the source length,
     random tie-break) and cut greedily into runs of consecutive pairs whose count × longest stays
     within `batch_tokens`; the batches are then shuffled. Vectorised: 5 million pairs take about
     a second.
+
+    With `curriculum` w > 0, the first epoch serves short batches first: batch b, whose length
+    rank is r_b in [0, 1), comes in order of r_b + w·u_b with u_b uniform in [0, 1), so the
+    early batches are mostly short ones and the mix widens as the epoch goes on (a soft
+    "shortest first" curriculum; later epochs are shuffled as usual).
     """
     rng = np.random.default_rng([seed, epoch])
     cost = padded(np.maximum(_uint16(src_len), _uint16(tgt_len)) + 1)  # padded tokens per pair
@@ -47,6 +52,9 @@ def plan_epoch(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens: int, seed
     order = _sort_with_random_ties(cost, _uint16(src_len), rng)
     starts, ends = _cut(cost[order], batch_tokens)
     shuffled = rng.permutation(len(starts))
+    if curriculum > 0 and epoch == 0:
+        rank_of = np.arange(len(starts)) / max(len(starts), 1)  # batches are cut in ascending length
+        shuffled = np.argsort(rank_of + curriculum * rng.random(len(starts)), kind="stable")
     if world_size > 1:  # equal counts on every rank, so collective operations stay in step
         shuffled = shuffled[: len(shuffled) // world_size * world_size][rank::world_size]
     return Plan(order, starts[shuffled], ends[shuffled])

@@ -88,6 +88,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
+    curriculum: float = 0.0  # >0: the first epoch serves short batches first (batching.plan_epoch)
     max_steps: int | None = None
     max_time: float | None = None  # seconds
     max_epochs: int | None = None

@@ -208,7 +208,7 @@ class Trainer:
         with StepProgress("train", total, log_every=30.0) as bar, _StopOnSignal(self):
             while self.stop_reason is None:
                 batches = plan_epoch(self.p.cache.src_len, self.p.cache.tgt_len, budget, c.seed,
-                                     self.progress.epoch, self.dist.rank, self.dist.world_size)
+                                     self.progress.epoch, self.dist.rank, self.dist.world_size, c.curriculum)
                 if not batches:
                     raise NmtError("no batch fits the token budget (raise --batch-tokens)")
                 trim_heap()  # the plan's temporaries: memory stays flat as the corpus grows

@@ -249,3 +249,20 @@ def test_batch_to_keeps_everything(cache):
     moved = batch.to(torch.device("cpu"))
     assert torch.equal(moved.src, batch.src) and torch.equal(moved.tgt_in, batch.tgt_in)
     assert torch.equal(moved.tgt_out, batch.tgt_out) and moved.n_tgt_tokens == batch.n_tgt_tokens
+
+
+def test_curriculum_serves_short_batches_first_in_the_first_epoch_only():
+    rng = np.random.default_rng(3)
+    src = rng.integers(1, 120, 5000)
+    tgt = np.clip(src + rng.integers(-5, 5, 5000), 1, None)
+    plain = plan_epoch(src, tgt, 2000, seed=1, epoch=0)
+    soft = plan_epoch(src, tgt, 2000, seed=1, epoch=0, curriculum=1.0)
+    # the same batches, each pair once, only served in another order
+    assert sorted(map(tuple, map(sorted, soft))) == sorted(map(tuple, map(sorted, plain)))
+    longest = np.array([max(np.max(src[b]), np.max(tgt[b])) for b in soft])
+    fifth = len(longest) // 5
+    assert longest[:fifth].mean() < 0.7 * longest[-fifth:].mean()  # short first, long last
+    shuffled = np.array([max(np.max(src[b]), np.max(tgt[b])) for b in plain])
+    assert abs(shuffled[:fifth].mean() - shuffled[-fifth:].mean()) < 0.2 * shuffled.mean()
+    later = plan_epoch(src, tgt, 2000, seed=1, epoch=1, curriculum=1.0)
+    assert [list(b) for b in later] == [list(b) for b in plan_epoch(src, tgt, 2000, seed=1, epoch=1)]

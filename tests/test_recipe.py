@@ -57,7 +57,7 @@ def test_dropout_grows_with_the_epochs_the_budget_buys():
 def test_warmup_and_evaluations_are_shares_of_the_budget():
     r = recipe.choose({"compact": 1400.0, "small": 1000.0}, EPOCH, 600, None, 1500, 30.0)
     steps = r.budget_tokens / (0.85 * 1500)
-    assert 50 <= r.train["warmup_steps"] <= max(50, 0.1 * steps)
+    assert 100 <= r.train["warmup_steps"] <= max(100, 0.3 * steps)
     during = int(steps / r.train["eval_every"]) - 1  # evaluations inside the budget (one more ends it)
     assert 1 <= during and during * 30.0 <= max(recipe.EVAL_SHARE * 600, 30.0)  # within the share, or one
     assert r.train["lr_schedule"] == "cosine"
