@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from nmt.config import ModelConfig, from_dict
+from nmt.config import ModelConfig, check_model_config, from_dict
 from nmt.errors import NmtError
+from nmt.textio import read_small_file
 
 FORMAT = "nmt-model"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+CONFIG_LIMIT = 16 << 20  # a config.json is a few kB; a larger one is not ours
 
 
 def _disk_error(path: Path, e: OSError) -> NmtError:
@@ -90,7 +93,7 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise NmtError(f"{directory}: not a directory (expected a model directory from `nmt train`)")
     path = directory / "config.json"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_small_file(path, CONFIG_LIMIT, "a model config").decode("utf-8"))
     except FileNotFoundError:
         raise NmtError(f"{directory}: not a model directory (no config.json)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -112,7 +115,7 @@ def load_for_inference(directory: Path, device=None):
     config = read_config(directory)
     if "model" not in config:
         raise NmtError(f"{directory / 'config.json'}: no model section")
-    model_config = from_dict(ModelConfig, config["model"], f"{directory / 'config.json'}: model")
+    model_config = read_model_config(directory, config)
     vocabs = Vocabs.load(directory)
     if vocabs.src.get_vocab_size() != model_config.src_vocab_size or \
             vocabs.tgt.get_vocab_size() != model_config.tgt_vocab_size:
@@ -120,11 +123,81 @@ def load_for_inference(directory: Path, device=None):
     weights = directory / WEIGHTS
     if not weights.exists():
         raise NmtError(f"{directory}: no {WEIGHTS} (training has not saved a model yet?)")
+    check_weights(weights, model_config)
     model = Transformer(model_config)
     load_weights(model, weights)
     if device is not None:
         model.to(device)
     return model.eval(), vocabs, config
+
+
+def read_model_config(directory: Path, config: dict[str, Any]) -> ModelConfig:
+    """The model section of a config read by `read_config`, its keys, types and ranges checked
+    (and its special ids those of nmt's tokenizers), so nothing impossible reaches the model."""
+    from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+    what = f"{Path(directory) / 'config.json'}: model"
+    if not isinstance(config.get("model"), dict):
+        raise NmtError(f"{what}: missing or not a JSON object")
+    model_config = from_dict(ModelConfig, config["model"], what)
+    check_model_config(model_config, what)
+    ids = (model_config.pad_id, model_config.bos_id, model_config.eos_id)
+    if ids != (PAD_ID, BOS_ID, EOS_ID):
+        raise NmtError(f"{what}: pad_id, bos_id, eos_id are {ids}, nmt's tokenizers use {(PAD_ID, BOS_ID, EOS_ID)}")
+    return model_config
+
+
+HEADER_LIMIT = 100 << 20  # the safetensors library's own bound on a header
+FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def check_weights(path: Path, model_config: ModelConfig) -> None:
+    """Compare a safetensors file's header (names, shapes, dtypes, byte ranges) with the tensors
+    this config's model has, before the model is built: a forged or mismatched file is refused in
+    one line instead of failing inside the constructor or the loader. The expected tensors come
+    from the model built on the meta device, which allocates nothing."""
+    import struct
+
+    import torch
+
+    from nmt.model import Transformer
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= min(HEADER_LIMIT, size - 8):
+                raise NmtError(f"{path}: not a safetensors file (header length {n})")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise NmtError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise NmtError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise NmtError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    with torch.device("meta"):
+        model = Transformer(model_config)
+    groups: dict[int, list[str]] = {}  # tied parameters: any one of the names may hold the tensor
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    shapes = {name: list(tensor.shape) for name, tensor in model.state_dict(keep_vars=True).items()}
+    unexpected = sorted(set(header) - set(shapes))
+    missing = [names[0] for names in groups.values() if not any(n in header for n in names)]
+    if missing or unexpected:
+        raise NmtError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    data_bytes = size - 8 - n
+    for name, info in header.items():
+        if not isinstance(info, dict) or info.get("dtype") not in FLOAT_DTYPES or info.get("shape") != shapes[name]:
+            got = (info.get("dtype"), info.get("shape")) if isinstance(info, dict) else info
+            raise NmtError(f"{path}: tensor {name} is {str(got)[:80]}, the config needs a float tensor of shape "
+                           f"{shapes[name]}")
+        begin, end = (info.get("data_offsets") or [None, None])[:2]
+        count = math.prod(shapes[name]) * FLOAT_DTYPES[info["dtype"]]
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin and end == begin + count
+                and end <= data_bytes):
+            raise NmtError(f"{path}: tensor {name} lies outside the file (cut short?)")
 
 
 # -- resume state -------------------------------------------------------------------------------
@@ -164,9 +237,25 @@ def list_checkpoints(directory: Path) -> list[Path]:
                   and (p / "state.pt").exists() and (p / WEIGHTS).exists())
 
 
+SAFE_TORCH = (2, 6)  # torch.load(weights_only=True) can be made to run code before 2.6 (CVE-2025-32434)
+
+
+def require_safe_torch_load() -> None:
+    """Refuse to unpickle resume state with a torch whose weights_only loading is bypassable."""
+    import re
+
+    import torch
+
+    found = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+    if found < SAFE_TORCH:
+        raise NmtError(f"torch {torch.__version__} is too old to load resume state safely (weights_only "
+                       f"loading is bypassable before 2.6, CVE-2025-32434): install torch>=2.6")
+
+
 def load_state(checkpoint: Path) -> dict[str, Any]:
     import torch
 
+    require_safe_torch_load()
     try:
         return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt pickle raises many types

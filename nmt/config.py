@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -145,6 +147,53 @@ def from_dict(cls: type[C], data: dict[str, Any], what: str) -> C:
     if "betas" in values:
         values["betas"] = tuple(values["betas"])
     return cls(**values)  # type: ignore[call-arg]
+
+
+# Bounds for a model config read from a model directory, which is untrusted input: a field out of
+# range must be refused before anything is allocated (d_model 10⁹ would ask for terabytes).
+MODEL_LIMITS: dict[str, tuple[int, int]] = {
+    "d_model": (2, 1 << 16), "n_heads": (1, 1 << 10), "d_ff": (1, 1 << 18),
+    "encoder_layers": (1, 1 << 10), "decoder_layers": (1, 1 << 10), "max_positions": (1, 1 << 20),
+    "src_vocab_size": (4, 1 << 22), "tgt_vocab_size": (4, 1 << 22),
+}
+MAX_POSITION_TABLE = 1 << 28  # max_positions × d_model floats (1 GiB), a buffer not in the weights file
+
+
+def check_model_config(config: ModelConfig, what: str) -> None:
+    """Refuse a model config whose fields have the wrong type or an impossible or unbounded value,
+    with a one-line error naming the field (`what` says where the config came from)."""
+    hints = typing.get_type_hints(ModelConfig)
+    for f in fields(ModelConfig):
+        value, kind = getattr(config, f.name), hints[f.name]
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:  # float
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok:
+            raise NmtError(f"{what}: {f.name} must be {kind.__name__}, not {json.dumps(value)[:40]}")
+    c = config
+    for name, (low, high) in MODEL_LIMITS.items():
+        if not low <= getattr(c, name) <= high:
+            raise NmtError(f"{what}: {name} = {getattr(c, name)} is out of range [{low}, {high}]")
+    for name in ("dropout", "attention_dropout"):
+        if not 0.0 <= getattr(c, name) < 1.0:
+            raise NmtError(f"{what}: {name} = {getattr(c, name)} is not in [0, 1)")
+    if c.d_model % 2:
+        raise NmtError(f"{what}: d_model = {c.d_model} must be even (sinusoidal positions come in sin/cos pairs)")
+    if c.d_model % c.n_heads:
+        raise NmtError(f"{what}: d_model = {c.d_model} is not divisible by n_heads = {c.n_heads}")
+    if c.max_positions * c.d_model > MAX_POSITION_TABLE:
+        raise NmtError(f"{what}: max_positions × d_model = {c.max_positions * c.d_model:,} exceeds "
+                       f"{MAX_POSITION_TABLE:,} (the position table alone would take "
+                       f"{c.max_positions * c.d_model * 4 / 2**30:.0f} GiB)")
+    vocab = min(c.src_vocab_size, c.tgt_vocab_size)
+    for name in ("pad_id", "bos_id", "eos_id"):
+        if not 0 <= getattr(c, name) < vocab:
+            raise NmtError(f"{what}: {name} = {getattr(c, name)} is not a token id (vocabulary size {vocab})")
+    if len({c.pad_id, c.bos_id, c.eos_id}) < 3:
+        raise NmtError(f"{what}: pad_id, bos_id and eos_id must differ (got {c.pad_id}, {c.bos_id}, {c.eos_id})")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

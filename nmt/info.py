@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from nmt import checkpoint
-from nmt.config import ModelConfig, from_dict
 from nmt.errors import NmtError
 
 
@@ -21,7 +20,7 @@ def describe(directory: Path) -> dict[str, Any]:
     facts: dict[str, Any] = {"directory": str(directory), "format_version": config["version"],
                              "languages": f"{config.get('src')}→{config.get('tgt')}",
                              "preset": config.get("train", {}).get("preset"), "model": config.get("model"),
-                             "parameters": _parameters(config), "tokenizer": config.get("tokenizer"),
+                             "parameters": _parameters(directory, config), "tokenizer": config.get("tokenizer"),
                              "data": config.get("data"), "filters": config.get("filters"),
                              "versions": config.get("versions")}
     for name in ("training", "averaging"):
@@ -34,13 +33,13 @@ def describe(directory: Path) -> dict[str, Any]:
     return facts
 
 
-def _parameters(config: dict[str, Any]) -> int:
+def _parameters(directory: Path, config: dict[str, Any]) -> int:
     import torch
 
     from nmt.model import Transformer, count_parameters
 
     with torch.device("meta"):
-        return count_parameters(Transformer(from_dict(ModelConfig, config["model"], "config.json model")))
+        return count_parameters(Transformer(checkpoint.read_model_config(directory, config)))
 
 
 def render(facts: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -124,6 +125,34 @@ def count_lines(path: str | os.PathLike) -> int:
             n += chunk.count(b"\n")
             last = chunk[-1:]
     return n + (last != b"\n")
+
+
+def read_small_file(path: str | os.PathLike, limit: int, what: str) -> bytes:
+    """The bytes of a small regular file (a config, a tokenizer), at most `limit` of them.
+
+    A model directory is untrusted input: its config.json may be a link to /dev/zero (endless),
+    a FIFO (open would wait forever for a writer) or a huge file. Opened without blocking, only a
+    regular file is read, and never more than `limit` bytes."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise NmtError(f"{p}: cannot open ({e.strerror})") from None
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NmtError(f"{p}: not a regular file (a device, pipe or directory cannot be {what})")
+        if st.st_size > limit:
+            raise NmtError(f"{p}: {st.st_size:,} bytes is too large for {what} (at most {limit:,})")
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise NmtError(f"{p}: read error ({e.strerror})") from None
+    if len(data) > limit:
+        raise NmtError(f"{p}: too large for {what} (more than {limit:,} bytes)")
+    return data
 
 
 def utf8_stdio() -> None:

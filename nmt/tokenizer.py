@@ -141,14 +141,46 @@ class Vocabs:
         return (directory / "tokenizer.json").exists() or (directory / "tokenizer.src.json").exists()
 
 
+TOKENIZER_LIMIT = 256 << 20  # bytes; a 32k-piece tokenizer.json is about 2 MB
+
+
 def _load_one(path: Path) -> Tokenizer:
+    from nmt.textio import read_small_file
+
     try:
-        tok = Tokenizer.from_file(str(path))
+        text = read_small_file(path, TOKENIZER_LIMIT, "a tokenizer").decode("utf-8")
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NmtError(f"{path}: not a valid tokenizer file (not JSON: {e})") from None
+    check_no_regex(data, path)
+    try:
+        tok = Tokenizer.from_str(text)
     except Exception as e:  # the library raises a bare Exception on bad JSON
         raise NmtError(f"{path}: not a valid tokenizer file ({str(e).splitlines()[0][:200]})") from None
     if [tok.token_to_id(s) for s in SPECIALS] != list(range(len(SPECIALS))):
         raise NmtError(f"{path}: special tokens are not {SPECIALS} at ids 0-3")
     return _prepare(tok)
+
+
+def check_no_regex(data: object, path: Path) -> None:
+    """Refuse a tokenizer whose normalizer, pre-tokenizer or decoder uses a regular expression.
+
+    nmt writes none (its splits and replacements are literal strings), and the library's regex
+    engine (Oniguruma) backtracks: a crafted pattern such as `(a+)+$` takes exponential time on
+    one line, so a tokenizer.json from elsewhere could hang translation. Bounding the time of a
+    regex inside the library is not possible from here, so such a file is refused outright."""
+    sections = [data.get(k) for k in ("normalizer", "pre_tokenizer", "decoder", "post_processor")] \
+        if isinstance(data, dict) else []
+    stack = list(sections)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "Regex" in node:
+                raise NmtError(f"{path}: uses a regular expression ({str(node['Regex'])[:40]!r}); nmt writes "
+                               "none and does not run one from an untrusted file (it could take exponential time)")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def train_vocabs(src_lines: Iterable[str], tgt_lines: Iterable[str], config: TokenizerConfig) -> Vocabs:
