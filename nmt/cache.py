@@ -13,6 +13,7 @@ batches with pread (see `TokenCache.gather`), so resident memory stays near one 
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import itertools
@@ -24,12 +25,13 @@ import shutil
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from nmt.checkpoint import remove_stale_temporaries
 from nmt.corpus import ParallelCorpus, fingerprints
 from nmt.errors import NmtError
 from nmt.tokenizer import Vocabs, encode_batch
@@ -126,13 +128,18 @@ def cache_key(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters,
 
 def load_or_build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters, root: Path) -> TokenCache:
     """The cache for these corpora, tokenizer and filters: reused when valid, else (re)built."""
+    remove_stale_temporaries(root)
     key, described = cache_key(corpora, vocabs, filters, root / MEMO_FILE)
     directory = root / key
     if directory.exists():
         problem = verify(directory, key)
         if problem is None:
-            log.info("token cache %s: reused (%s)", directory, "no re-encoding")
-            return open_cache(directory)
+            cache = open_cache(directory)
+            problem = check_contents(cache, vocabs, filters)
+            if problem is None:
+                log.info("token cache %s: reused (%s)", directory, "no re-encoding")
+                return cache
+            del cache
         log.warning("token cache %s: %s; rebuilding", directory, problem)
         shutil.rmtree(directory, ignore_errors=True)
     else:
@@ -147,8 +154,11 @@ def verify(directory: Path, key: str) -> str | None:
     """None when the cache is complete and intact, else what is wrong with it."""
     try:
         meta = json.loads((directory / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return "meta.json missing or unreadable (an interrupted build?)"
+    problem = _meta_problem(meta)
+    if problem is not None:
+        return f"meta.json {problem}"
     if meta.get("key") != key or meta.get("format") != FORMAT_VERSION:
         return "key or format does not match"
     for name, expected in meta["files"].items():
@@ -160,6 +170,51 @@ def verify(directory: Path, key: str) -> str | None:
         if _sha256(path) != expected["sha256"]:
             return f"{name} is corrupted (checksum differs)"
     return None
+
+
+def _meta_problem(meta: object) -> str | None:
+    """What is wrong with the shape of a cache's meta.json (valid JSON, but not what `build` wrote)."""
+    if not isinstance(meta, dict):
+        return "is not a JSON object"
+    files = meta.get("files")
+    expected = {*(f"{name}.npy" for name in ARRAYS), "src.bin", "tgt.bin"}
+    if not isinstance(files, dict) or set(files) != expected:
+        return f"does not list the files {sorted(expected)}"
+    for info in files.values():
+        if not (isinstance(info, dict) and isinstance(info.get("size"), int) and isinstance(info.get("sha256"), str)):
+            return "has a file entry without size and sha256"
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return f"has dtype {str(meta.get('dtype'))[:20]!r}, not uint16 or uint32"
+    report = meta.get("report")
+    names = {f.name for f in fields(FilterReport)}
+    if not (isinstance(report, dict) and set(report) == names and all(isinstance(v, int) for v in report.values())):
+        return "has no filter report of counts"
+    return None
+
+
+def check_contents(cache: TokenCache, vocabs: Vocabs, filters: Filters) -> str | None:
+    """None when the arrays are consistent with each other, the filters and the vocabularies, else
+    what is wrong. Checksums only show the files are the ones meta.json lists; a forged meta.json
+    lists forged files, whose lengths or ids would fail deep inside training."""
+    n = len(cache.src_len)
+    try:
+        if any(len(a) != n for a in (cache.src_start, cache.tgt_start, cache.tgt_len)) or n != cache.report.kept:
+            return "index arrays of different lengths"
+        for side, start, length, ids, tok in (("source", cache.src_start, cache.src_len, cache.src, vocabs.src),
+                                              ("target", cache.tgt_start, cache.tgt_len, cache.tgt, vocabs.tgt)):
+            for a in range(0, n, CHUNK_RECORDS):
+                s, m = np.asarray(start[a : a + CHUNK_RECORDS]), np.asarray(length[a : a + CHUNK_RECORDS])
+                if (m < 0).any() or (m + 1 > filters.max_length).any():
+                    return f"{side} lengths outside [0, {filters.max_length - 1}]"
+                if (s < 0).any() or (s + m > len(ids)).any():
+                    return f"{side} spans beyond the ids"
+            vocab = tok.get_vocab_size()
+            for a in range(0, len(ids), CHUNK_RECORDS * 16):
+                if len(ids[a : a + CHUNK_RECORDS * 16]) and int(ids[a : a + CHUNK_RECORDS * 16].max()) >= vocab:
+                    return f"{side} ids beyond the vocabulary ({vocab})"
+        return None
+    finally:
+        cache.drop_pages()
 
 
 def open_cache(directory: Path) -> TokenCache:
@@ -218,9 +273,9 @@ def build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters, direc
     dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     report = FilterReport()
     try:
+        tmp.mkdir(parents=True)
         # A pipeline of two: while the tokenizer (which releases the GIL) encodes one chunk in a
         # worker thread, this thread reads the next chunk and writes the previous one.
         with _gc_paused(), _Writer(tmp, dtype) as writer, ThreadPoolExecutor(max_workers=1) as worker:
@@ -240,6 +295,12 @@ def build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters, direc
                 "report": asdict(report), "files": files, **described}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         os.replace(tmp, directory)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NmtError(f"{directory.parent}: disk full while building the token cache (free space, or "
+                           "give --cache-dir on another disk)") from None
+        raise NmtError(f"{e.filename or tmp}: cannot write the token cache ({e.strerror or e})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

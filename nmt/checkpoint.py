@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from typing import Any
 from nmt.config import ModelConfig, check_model_config, from_dict
 from nmt.errors import NmtError
 from nmt.textio import read_small_file
+
+log = logging.getLogger(__name__)
 
 FORMAT = "nmt-model"
 FORMAT_VERSION = 1
@@ -61,10 +65,70 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+# What `atomic_write`, `save_checkpoint` and the cache build name their temporaries.
+TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove what killed processes left in `directory` and its checkpoints/: temporaries
+    `.NAME.tmp-PID` whose process is gone, and checkpoints/step-N/ that a pruning cut short (a
+    finished checkpoint appears whole, by rename, so one without its weights or state is half
+    deleted). A temporary of a live process is kept. Returns what was removed."""
+    removed = []
+    for root in (Path(directory), Path(directory) / "checkpoints"):
+        try:
+            entries = list(root.iterdir())
+        except OSError:
+            continue
+        for p in entries:
+            match = TEMPORARY.match(p.name)
+            half_pruned = root.name == "checkpoints" and p.name.startswith("step-") and p.is_dir() and \
+                not ((p / WEIGHTS).exists() and (p / "state.pt").exists())
+            if (match and not _process_alive(int(match.group(1)))) or half_pruned:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    if removed:
+        log.info("removed %d leftover(s) of interrupted runs in %s: %s", len(removed), directory,
+                 ", ".join(p.name for p in removed[:3]))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process (or a name that only looks like ours): keep it
+    return True
+
+
+def _as_os_error(write):
+    """safetensors and torch report a failed write (a full disk) as SafetensorError or
+    RuntimeError ("unexpected pos 576 vs 534"), not OSError: turn those into OSError, so that
+    `atomic_write` removes the temporary and says in one line what happened."""
+    def run(tmp: Path) -> None:
+        try:
+            write(tmp)
+        except OSError:
+            raise
+        except Exception as e:
+            if not (isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError"):
+                raise
+            full = "os error 28" in str(e) or shutil.disk_usage(Path(tmp).parent).free < (1 << 20)
+            raise OSError(errno.ENOSPC if full else errno.EIO, str(e).splitlines()[0][:160]) from None
+    return run
+
+
 def save_weights(model, path: Path) -> None:
     from safetensors.torch import save_model
 
-    atomic_write(path, lambda tmp: save_model(model, str(tmp)))
+    atomic_write(path, _as_os_error(lambda tmp: save_model(model, str(tmp))))
 
 
 def load_weights(model, path: Path) -> None:
@@ -215,7 +279,7 @@ def save_checkpoint(directory: Path, step: int, model, state: dict[str, Any], ke
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_weights(model, tmp / WEIGHTS)
-        atomic_write(tmp / "state.pt", lambda p: torch.save(state, p))
+        atomic_write(tmp / "state.pt", _as_os_error(lambda p: torch.save(state, p)))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     except OSError as e:

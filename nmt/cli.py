@@ -480,11 +480,14 @@ def main() -> None:
     # A closed stdout (`nmt translate … | head -1`) ends the process quietly, like other Unix tools.
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    from nmt.textio import utf8_stdio
+    from nmt.textio import flush_stdout, output_error, utf8_stdio
 
     utf8_stdio()
     try:
-        app(standalone_mode=False)
+        try:
+            app(standalone_mode=False)
+        finally:
+            flush_stdout()  # a full disk under stdout is an error here, not "Exception ignored" at exit
     except NmtError as e:
         _fail(str(e), 2 if isinstance(e, UsageError) else 1, e)
     except (typer.Exit, SystemExit) as e:
@@ -498,6 +501,8 @@ def main() -> None:
         _fail("interrupted", 130, None)
     except BrokenPipeError:
         os._exit(0)
+    except OSError as e:  # a write error no module turned into an NmtError: stdout's, or a named file's
+        _fail(output_error(e), 1, e)
     except Exception as e:  # click's usage errors (typer may vendor its own click) and real bugs
         if hasattr(e, "exit_code") and hasattr(e, "format_message"):
             _fail(e.format_message().splitlines()[0] if e.format_message() else type(e).__name__, e.exit_code, None)

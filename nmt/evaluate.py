@@ -189,7 +189,7 @@ def _check_paths(inputs, refs, src, baseline, jsonls) -> None:
     every = [*inputs, *refs, src, baseline, *(jsonls or [])]
     if sum(1 for p in every if p == STDIN) > 1:
         raise UsageError("stdin (-) can be read only once")
-    if STDIN in inputs and sys.stdin.isatty():
+    if STDIN in inputs and sys.stdin is not None and sys.stdin.isatty():
         raise UsageError("no hypotheses: pipe them on stdin or give -i FILE")
     if len(set(inputs)) != len(inputs):
         raise UsageError("the same -i file was given twice")

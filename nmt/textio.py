@@ -12,12 +12,16 @@ import io
 import os
 import stat
 import sys
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from nmt.errors import NmtError
 
 STDIN = "-"
+# What reading a file can raise: a damaged .gz raises zlib.error (not an OSError) mid-stream,
+# a cut-short one EOFError, one that is not gzip at all BadGzipFile (an OSError).
+READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
 def display_name(path: str | os.PathLike | None) -> str:
@@ -27,6 +31,8 @@ def display_name(path: str | os.PathLike | None) -> str:
 def open_binary(path: str | os.PathLike | None) -> BinaryIO:
     """Open a file (transparently gunzipped when it ends in `.gz`) or stdin for reading bytes."""
     if path in (None, STDIN):
+        if sys.stdin is None:  # `nmt … <&-`: file descriptor 0 closed
+            raise NmtError("stdin is closed (give the input as a file, or pipe it in)")
         return sys.stdin.buffer
     p = Path(path)
     if not p.exists():
@@ -59,7 +65,7 @@ def read_lines(path: str | os.PathLike | None) -> Iterator[str]:
         for lineno, raw in enumerate(_iter_raw_lines(stream, name), start=1):
             yield decode_line(raw, name, lineno)
     finally:
-        if stream is not sys.stdin.buffer:
+        if stream is not getattr(sys.stdin, "buffer", None):
             stream.close()
 
 
@@ -74,7 +80,7 @@ def read_line_blocks(path: str | os.PathLike, block_bytes: int = 1 << 22) -> Ite
         while True:
             try:
                 data = stream.read(block_bytes)
-            except (OSError, EOFError, gzip.BadGzipFile) as e:
+            except READ_ERRORS as e:
                 raise NmtError(f"{name}: read error ({e})") from None
             if not data:
                 break
@@ -87,7 +93,7 @@ def read_line_blocks(path: str | os.PathLike, block_bytes: int = 1 << 22) -> Ite
         if rest:
             yield _decode_block(rest, name, lineno)
     finally:
-        if stream is not sys.stdin.buffer:
+        if stream is not getattr(sys.stdin, "buffer", None):
             stream.close()
 
 
@@ -112,7 +118,7 @@ def _iter_raw_lines(stream: BinaryIO, name: str) -> Iterator[bytes]:
             if not line:
                 return
             yield line
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except READ_ERRORS as e:
         raise NmtError(f"{name}: read error ({e})") from None
 
 
@@ -121,9 +127,12 @@ def count_lines(path: str | os.PathLike) -> int:
     n = 0
     last = b"\n"
     with open_binary(path) as f:
-        while chunk := f.read(1 << 20):
-            n += chunk.count(b"\n")
-            last = chunk[-1:]
+        try:
+            while chunk := f.read(1 << 20):
+                n += chunk.count(b"\n")
+                last = chunk[-1:]
+        except READ_ERRORS as e:
+            raise NmtError(f"{display_name(path)}: read error ({e})") from None
     return n + (last != b"\n")
 
 
@@ -155,7 +164,62 @@ def read_small_file(path: str | os.PathLike, limit: int, what: str) -> bytes:
     return data
 
 
+class _ClosedStdout(io.TextIOBase):
+    """sys.stdout when file descriptor 1 was closed (`nmt … >&-`): Python sets it to None and
+    print() then drops everything silently, so a command would exit 0 with its results lost."""
+
+    encoding = "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        raise NmtError("stdout is closed: the results cannot be written (redirect it instead of closing it)")
+
+
+def guard_closed_stdio() -> None:
+    """Give closed standard descriptors (0, 1, 2) /dev/null, so that no file nmt opens later takes
+    their number (a library writing to fd 1 would write into it), and make a closed stdout an error."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is None:
+            try:
+                os.fstat(fd)
+            except OSError:
+                null = os.open(os.devnull, os.O_RDWR)
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
+    if sys.stdout is None:
+        sys.stdout = _ClosedStdout()
+
+
+def flush_stdout() -> None:
+    """Flush stdout now, so a failed write (a full disk) is one error line instead of Python's
+    "Exception ignored" at exit (and exit code 120)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise NmtError(output_error(e)) from None
+
+
+def output_error(e: OSError) -> str:
+    """The message for a write error that reached the top: a named file, or else stdout. For
+    stdout, what is still buffered is dropped (fd 1 → /dev/null): it cannot be written anyway."""
+    if e.filename:
+        return f"{e.filename}: {e.strerror or e}"
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+    except OSError:
+        pass
+    return f"stdout: cannot write ({e.strerror or e})"
+
+
 def utf8_stdio() -> None:
     """Make stdout UTF-8 and line-oriented whatever the locale (pipes default to ASCII in C locale)."""
+    guard_closed_stdio()
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(encoding="utf-8", errors="strict", newline="\n")

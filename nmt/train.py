@@ -77,6 +77,7 @@ def prepare_tokenizer(config: TrainConfig, tok_config: TokenizerConfig, out: Pat
 def prepare(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerConfig, out: Path,
             build_cache: bool = True) -> Prepared:
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_stale_temporaries(out)  # what killed runs left: temporaries, half-pruned checkpoints
     corpora = corpora_of(config)
     dev = ParallelCorpus.from_prefix(config.dev, config.src, config.tgt) if config.dev else None
     if dev is not None:

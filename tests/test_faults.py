@@ -1,0 +1,242 @@
+"""Failure paths end in one line, never a traceback, and leave nothing behind: a full disk under the
+token cache or the weights, a corrupt .gz, a token cache with a meta.json of the wrong shape or
+forged contents (rebuilt, not trained on), leftovers of killed processes (removed at start), and
+closed or full stdin/stdout.
+
+Most cases run in-process on a 300-pair corpus; the standard-stream cases run `nmt evaluate`
+(which does not import torch) in a subprocess, because they are about file descriptors.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import nmt.cache as cache_mod
+from conftest import DATA, ROOT, error_line
+from nmt import checkpoint
+from nmt.cache import Filters, load_or_build
+from nmt.config import TokenizerConfig
+from nmt.corpus import ParallelCorpus
+from nmt.errors import NmtError
+from nmt.textio import count_lines, read_line_blocks, read_lines
+
+N = 300
+
+
+@pytest.fixture(scope="module")
+def lines():
+    read = lambda lang: (DATA / f"train.{lang}").read_text(encoding="utf-8").splitlines()[:N]  # noqa: E731
+    return read("es"), read("en")
+
+
+@pytest.fixture(scope="module")
+def vocabs(lines):
+    from nmt.tokenizer import train_vocabs
+
+    return train_vocabs(iter(lines[0]), iter(lines[1]), TokenizerConfig(vocab_size=400))
+
+
+@pytest.fixture
+def corpus(tmp_path, lines) -> ParallelCorpus:
+    for lang, side in zip(("es", "en"), lines):
+        (tmp_path / f"c.{lang}").write_text("\n".join(side) + "\n", encoding="utf-8")
+    return ParallelCorpus.from_prefix(tmp_path / "c", "es", "en")
+
+
+# --- a full disk ---------------------------------------------------------------------------------
+
+
+def test_a_full_disk_while_building_the_cache_is_one_line_and_leaves_nothing(tmp_path, corpus, vocabs, monkeypatch):
+    def full(self, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_mod._Writer, "add", full)
+    root = tmp_path / "cache"
+    with pytest.raises(NmtError, match="disk full while building the token cache"):
+        load_or_build([corpus], vocabs, Filters(), root)
+    assert [p.name for p in root.iterdir() if p.name != "fingerprints.json"] == []
+
+
+def test_a_full_disk_under_safetensors_is_a_disk_error(tmp_path, monkeypatch):
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    def full(model, path):
+        Path(path).write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+    with pytest.raises(NmtError, match="disk full while writing"):
+        checkpoint.save_weights(torch.nn.Linear(2, 2), tmp_path / "model.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("free, message", [(0, "disk full while writing"), (1 << 40, r"cannot write \(\[enforce fail.*unexpected pos")])
+def test_torch_save_on_a_full_disk_is_a_disk_error(tmp_path, monkeypatch, free, message):
+    import torch
+
+    def full(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 1 << 40, free))
+    with pytest.raises(NmtError, match=message):
+        checkpoint.save_checkpoint(tmp_path, 1, torch.nn.Linear(2, 2), {"step": 1}, keep_last=3)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+# --- corrupt input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reader", [lambda p: list(read_lines(p)), lambda p: list(read_line_blocks(p)), count_lines])
+def test_a_corrupt_gz_names_the_file(tmp_path, lines, reader):
+    data = bytearray(gzip.compress(("\n".join(lines[0] * 20) + "\n").encode()))
+    data[len(data) // 2 : len(data) // 2 + 16] = b"\xff" * 16
+    path = tmp_path / "train.es.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(NmtError, match=f"{path}: read error"):
+        reader(path)
+
+
+# --- a token cache that is not what it claims ------------------------------------------------
+
+
+def _built(corpus, vocabs, root) -> Path:
+    cache = load_or_build([corpus], vocabs, Filters(), root)
+    return cache.directory
+
+
+def _meta(directory: Path) -> dict:
+    return json.loads((directory / "meta.json").read_text())
+
+
+@pytest.mark.parametrize("forge", [
+    lambda m: [],
+    lambda m: {**m, "files": []},
+    lambda m: {**m, "files": {k: 3 for k in m["files"]}},
+    lambda m: {k: v for k, v in m.items() if k != "files"},
+    lambda m: {**m, "report": [1, 2]},
+    lambda m: {**m, "report": {**m["report"], "kept": "many"}},
+    lambda m: {**m, "dtype": "object"},
+], ids=["list", "files-list", "files-ints", "no-files", "report-list", "report-str", "dtype"])
+def test_a_meta_json_of_the_wrong_shape_is_rebuilt(tmp_path, corpus, vocabs, forge, caplog):
+    directory = _built(corpus, vocabs, tmp_path)
+    good = _meta(directory)
+    (directory / "meta.json").write_text(json.dumps(forge(good)))
+    cache = load_or_build([corpus], vocabs, Filters(), tmp_path)
+    assert "rebuilding" in caplog.text
+    assert len(cache) == good["report"]["kept"] and _meta(directory)["files"] == good["files"]
+
+
+def _forge(directory: Path, name: str, edit) -> None:
+    """Change one array file and re-sign it in meta.json, as a forger would."""
+    path = directory / name
+    if name.endswith(".npy"):
+        array = np.load(path)
+        edit(array)
+        np.save(path, array)
+    else:
+        array = np.fromfile(path, dtype=_meta(directory)["dtype"])
+        edit(array)
+        array.tofile(path)
+    meta = _meta(directory)
+    meta["files"][name] = {"size": path.stat().st_size, "sha256": cache_mod._sha256(path)}
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("name, edit, problem", [
+    ("src_len.npy", lambda a: a.__setitem__(0, 10**6), "source lengths outside"),
+    ("tgt_len.npy", lambda a: a.__setitem__(-1, -5), "target lengths outside"),
+    ("src_start.npy", lambda a: a.__setitem__(-1, 10**9), "source spans beyond the ids"),
+    ("tgt.bin", lambda a: a.__setitem__(7, 65000), "target ids beyond the vocabulary"),
+])
+def test_a_cache_with_forged_contents_is_rebuilt(tmp_path, corpus, vocabs, name, edit, problem, caplog):
+    directory = _built(corpus, vocabs, tmp_path)
+    good = _meta(directory)
+    _forge(directory, name, edit)
+    cache = load_or_build([corpus], vocabs, Filters(), tmp_path)
+    assert problem in caplog.text and "rebuilding" in caplog.text
+    assert _meta(directory)["files"] == good["files"] and len(cache) == good["report"]["kept"]
+
+
+# --- leftovers of killed processes ----------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temporaries_of_dead_processes_are_removed_at_start(tmp_path, corpus, vocabs):
+    dead, alive = _dead_pid(), os.getppid()
+    root = tmp_path / "cache"
+    (root / f".abc.tmp-{dead}").mkdir(parents=True)
+    (root / f".abc.tmp-{dead}" / "src.bin").write_bytes(b"x" * 1000)
+    (root / f".fingerprints.json.tmp-{dead}").write_text("{}")
+    (root / f".def.tmp-{alive}").mkdir()
+    load_or_build([corpus], vocabs, Filters(), root)
+    names = sorted(p.name for p in root.iterdir())
+    assert f".def.tmp-{alive}" in names and not [n for n in names if n.endswith(f".tmp-{dead}")]
+
+
+def test_a_half_pruned_checkpoint_and_dead_temporaries_leave_the_model_directory(tmp_path):
+    dead = _dead_pid()
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step-00000010").mkdir(parents=True)
+    (ckpts / "step-00000010" / "state.pt").write_bytes(b"x")  # weights already deleted by a pruning
+    (ckpts / "step-00000020").mkdir()
+    for name in ("state.pt", checkpoint.WEIGHTS):
+        (ckpts / "step-00000020" / name).write_bytes(b"x")
+    (ckpts / f".step-00000030.tmp-{dead}").mkdir()
+    (tmp_path / f".config.json.tmp-{dead}").write_text("{")
+    (tmp_path / "notes.tmp-1").write_text("a user's file, not a temporary of ours")
+    removed = checkpoint.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == [f".config.json.tmp-{dead}", f".step-00000030.tmp-{dead}",
+                                                "step-00000010"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "notes.tmp-1"]
+    assert [p.name for p in ckpts.iterdir()] == ["step-00000020"]
+
+
+# --- closed and full standard streams -------------------------------------------------------
+
+
+def _evaluate(redirect: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    ref = tmp_path / "ref.en"
+    shutil.copy(DATA / "dev.en", ref)
+    command = f"{sys.executable} -m nmt evaluate -r {ref} {'' if '<' in redirect else f'-i {ref}'} {redirect}"
+    return subprocess.run(["bash", "-c", command], capture_output=True, cwd=ROOT, timeout=60)
+
+
+def test_evaluate_with_stdin_closed_is_one_error(tmp_path):
+    assert "stdin is closed" in error_line(_evaluate("<&-", tmp_path), 1)
+
+
+def test_evaluate_with_stdout_closed_is_one_error_not_lost_scores(tmp_path):
+    assert "stdout is closed" in error_line(_evaluate(">&-", tmp_path), 1)
+
+
+def _full_device(tmp_path: Path) -> Path:
+    if Path("/dev/full").is_char_device():
+        return Path("/dev/full")
+    try:
+        os.mknod(tmp_path / "full", 0o666 | 0o020000, os.makedev(1, 7))  # what /dev/full is
+    except OSError:
+        pytest.skip("no /dev/full, and no permission to make one")
+    return tmp_path / "full"
+
+
+def test_evaluate_onto_a_full_disk_is_one_error(tmp_path):
+    r = _evaluate(f"> {_full_device(tmp_path)}", tmp_path)
+    assert "stdout: cannot write (No space left on device)" in error_line(r, 1)
