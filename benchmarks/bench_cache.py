@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Corpora of any size: token-cache throughput, peak memory and warm start at 0.5 M and 5 M pairs.
 
-    python benchmarks/bench_cache.py [--sizes 500000,5000000] [--workdir /tmp/nmt-bench-cache]
+    python benchmarks/bench_cache.py [--sizes 500000,5000000] [--workdir /tmp/nmt-bench-cache] [--whole]
 
 For each size, a synthetic corpus repeats the embedded training data with each copy's lines
 numbered (so de-duplication keeps them). It prints:
@@ -10,6 +10,9 @@ numbered (so de-duplication keeps them). It prints:
   call the cache makes, which skips character offsets: a stricter baseline than `encode_batch`;
 - peak RSS of the process that builds the cache, and of `nmt train` (tiny preset) over its first
   200 steps on the warm cache;
+- peak RSS of the whole `nmt train` command from nothing (tiny preset, default
+  `--tokenizer-sample`): tokenizer training on the sample, the cache build, 20 steps. Measured
+  with `--whole` only, as it trains a tokenizer on up to 2 M pairs (minutes on a small CPU);
 - seconds from `nmt train` start to its first step on the warm cache;
 - the cache's size on disk.
 Each measured phase runs in its own process; its peak RSS comes from the kernel (wait4).
@@ -107,6 +110,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="500000,5000000")
     ap.add_argument("--workdir", default="/tmp/nmt-bench-cache")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--whole", action="store_true", help="Also the whole `nmt train` command's peak RSS.")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -116,7 +120,7 @@ def main() -> None:
         run_child([py, "-m", "nmt", "train-tokenizer", "--train", str(DATA / "train"), "--out", str(tok_dir),
                    "--preset", "tiny"])
     print(f"{'pairs':>10} {'cache pairs/s':>14} {'raw pairs/s':>12} {'ratio':>6} {'RSS cache MiB':>14} "
-          f"{'RSS train MiB':>14} {'first step s':>13} {'cache MiB':>10}")
+          f"{'RSS train MiB':>14} {'first step s':>13} {'cache MiB':>10}" + (f" {'RSS whole MiB':>14}" * args.whole))
     for size in (int(s) for s in args.sizes.split(",")):
         prefix = work / f"corpus{size}"
         make_corpus(prefix, size)
@@ -137,7 +141,22 @@ def main() -> None:
         first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
         print(f"{size:>10,} {built['pairs'] / built['seconds']:>14,.0f} {raw['pairs'] / raw['seconds']:>12,.0f} "
               f"{(built['pairs'] / built['seconds']) / (raw['pairs'] / raw['seconds']):>6.2f} {rss_cache:>14,.0f} "
-              f"{rss_train:>14,.0f} {first['time'] - t_start:>13.1f} {du(cache_root) / 2**20:>10,.0f}", flush=True)
+              f"{rss_train:>14,.0f} {first['time'] - t_start:>13.1f} {du(cache_root) / 2**20:>10,.0f}"
+              + (f" {whole_train_rss(work, prefix):>14,.0f}" if args.whole else ""), flush=True)
+
+
+def whole_train_rss(work: Path, prefix: Path) -> float:
+    """Peak RSS (MiB) of `nmt train` from nothing: a new run directory and cache, so the tokenizer is
+    trained on its sample and the cache built, then 20 steps."""
+    run, cache = work / "run-whole", work / "cache-whole"
+    for p in (run, cache):
+        shutil.rmtree(p, ignore_errors=True)
+    _, _, rss = run_child([sys.executable, "-m", "nmt", "train", "--train", str(prefix), "--dev", "none",
+                           "--preset", "tiny", "--out", str(run), "--cache-dir", str(cache), "--max-steps", "20",
+                           "--eval-every", "100000"])
+    for p in (run, cache):
+        shutil.rmtree(p, ignore_errors=True)
+    return rss
 
 
 if __name__ == "__main__":

@@ -143,17 +143,15 @@ def train_tokenizer_cmd(
 ) -> None:
     """Train the subword tokenizer(s) alone (nmt train does this itself when needed)."""
     from nmt import config as cfg
-    from nmt.corpus import ParallelCorpus, sample_pairs
-    from nmt.tokenizer import train_vocabs
+    from nmt.corpus import ParallelCorpus, sample_corpora
+    from nmt.tokenizer import train_vocabs_streamed
 
     _, preset_tok, _ = cfg.preset(preset)
     tok_config = _tokenizer_config(preset_tok, {}, vocab_size, kind, separate_vocab, sample, None)
     defaults = cfg.TrainConfig()
     corpora = [ParallelCorpus.from_prefix(p, src or defaults.src, tgt or defaults.tgt) for p in (train or defaults.train)]
-    src_lines, tgt_lines = sample_pairs(corpora, tok_config.sample_lines, seed)
-    if not any(s.strip() for s in src_lines):
-        raise NmtError(f"training data is empty: {corpora[0].src_path}")
-    vocabs = train_vocabs(src_lines, tgt_lines, tok_config)
+    vocabs = train_vocabs_streamed(lambda: sample_corpora(corpora, tok_config.sample_lines, seed), tok_config,
+                                   f"training data {corpora[0].src_path}, {corpora[0].tgt_path}")
     vocabs.save(out)
     log.info("tokenizer (%s, %d pieces) written to %s", tok_config.kind, vocabs.src.get_vocab_size(), out)
 

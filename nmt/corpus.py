@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterable, Iterator, Sequence, TypeVar
+
+import numpy as np
 
 from nmt.errors import NmtError, UsageError
 from nmt.textio import count_lines, open_binary, read_line_blocks, read_lines
@@ -159,23 +160,38 @@ def fingerprints(paths: list[Path], memo_file: Path | None = None) -> list[Finge
     return out
 
 
-def reservoir_sample(items: Iterable[T], k: int, seed: int) -> list[T]:
-    """A uniform sample of k items from a stream read once (Vitter's algorithm R), in stream order."""
-    rng = random.Random(seed)
-    reservoir: list[tuple[int, T]] = []
-    for i, item in enumerate(items):
-        if i < k:
-            reservoir.append((i, item))
+SAMPLE_CHUNK = 10_000  # pairs read at a time while sampling
+
+
+def sample_chunks(chunks: Iterable[tuple[Sequence[T], ...]], total: int, k: int, seed: int) -> Iterator[tuple[list[T], ...]]:
+    """A uniform sample of k of the `total` rows that arrive in `chunks` (tuples of aligned
+    columns), chosen as they stream by and handed on chunk by chunk, in stream order.
+
+    A chunk of m rows, with r rows still to come (this chunk included) and j still wanted, gets
+    a Hypergeometric(m, r − m, j) share of the sample, drawn uniformly within it: the number a
+    uniform j-subset of the r rows puts into these m. So every k-subset is equally likely, as
+    with a reservoir, but nothing is held beyond one chunk: the sample need never exist whole."""
+    rng = np.random.default_rng(seed)
+    remaining, wanted = total, min(k, total)
+    for chunk in chunks:
+        m = len(chunk[0])
+        if m > remaining:
+            raise ValueError(f"more than the {total} rows announced")
+        if wanted <= 0:
+            return
+        if wanted >= remaining:
+            take: Sequence[int] = range(m)
         else:
-            j = rng.randint(0, i)
-            if j < k:
-                reservoir[j] = (i, item)
-    reservoir.sort(key=lambda pair: pair[0])
-    return [item for _, item in reservoir]
+            share = int(rng.hypergeometric(m, remaining - m, wanted))
+            take = np.sort(rng.choice(m, share, replace=False)).tolist()
+        remaining -= m
+        wanted -= len(take)
+        yield tuple([column[i] for i in take] for column in chunk)
 
 
-def sample_pairs(corpora: list[ParallelCorpus], k: int, seed: int) -> tuple[list[str], list[str]]:
-    """Sample k sentence pairs uniformly over all corpora in one streaming pass."""
-    pairs = reservoir_sample((p for c in corpora for p in c.pairs()), k, seed)
-    return [s for s, _ in pairs], [t for _, t in pairs]
-
+def sample_corpora(corpora: list[ParallelCorpus], k: int, seed: int) -> Iterator[tuple[list[str], list[str]]]:
+    """A seeded uniform sample of k pairs over all corpora, as (sources, targets) chunks: the line
+    counts first (a byte scan, which also checks that the sides line up), then one streaming pass."""
+    total = sum(c.check_line_counts() for c in corpora)
+    chunks = (chunk for c in corpora for chunk in c.chunks(SAMPLE_CHUNK))
+    return sample_chunks(chunks, total, k, seed)  # type: ignore[return-value]

@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -189,6 +189,35 @@ def train_vocabs(src_lines: Iterable[str], tgt_lines: Iterable[str], config: Tok
         tok = train_tokenizer(_chain(src_lines, tgt_lines), config)
         return Vocabs(tok, tok)
     return Vocabs(train_tokenizer(src_lines, config), train_tokenizer(tgt_lines, config))
+
+
+def train_vocabs_streamed(sample: Callable[[], Iterable[tuple[list[str], list[str]]]], config: TokenizerConfig,
+                          what: str = "training data") -> Vocabs:
+    """Train like `train_vocabs` on (sources, targets) chunks that `sample()` streams (called once
+    per tokenizer, so it must give the same chunks each time). BPE learns exactly what
+    `train_vocabs` learns from the same pairs (its word counts do not depend on their order; the
+    unigram trainer is not deterministic even on one input). The chunks go to the trainer
+    as batches and are dropped: memory holds the trainer's word counts and one chunk, not the
+    sample (2 M pairs as Python strings took 3 GB). A side with no text is an error naming `what`."""
+    seen = [0, 0]  # lines with text, per side
+
+    def batches(sides: tuple[int, ...]) -> Iterator[list[str]]:
+        for chunk in sample():
+            for side in sides:
+                seen[side] += sum(1 for line in chunk[side] if line.strip())
+                yield chunk[side]
+
+    def checked(tok_of: Callable[[], Tokenizer], sides: tuple[int, ...]) -> Tokenizer:
+        tok = tok_of()
+        if not all(seen[side] for side in sides):
+            raise NmtError(f"{what} is empty (no line with text on the {'source' if not seen[0] else 'target'} side)")
+        return tok
+
+    if config.joint:
+        tok = checked(lambda: train_tokenizer(batches((0, 1)), config), (0, 1))
+        return Vocabs(tok, tok)
+    return Vocabs(checked(lambda: train_tokenizer(batches((0,)), config), (0,)),
+                  checked(lambda: train_tokenizer(batches((1,)), config), (1,)))
 
 
 def _chain(*iterables: Iterable[str]) -> Iterator[str]:

@@ -29,13 +29,13 @@ from nmt import checkpoint, recipe
 from nmt.batching import Batch, Plan, collate, padded, plan_epoch, target_tokens
 from nmt.cache import Filters, TokenCache, load_or_build
 from nmt.config import PRESET_TRAINING, DecodeConfig, ModelConfig, TokenizerConfig, TrainConfig, from_dict, to_dict
-from nmt.corpus import ParallelCorpus, sample_pairs
+from nmt.corpus import ParallelCorpus, sample_corpora
 from nmt.errors import NmtError
 from nmt.model import Transformer, count_parameters
 from nmt.progress import StepProgress
 from nmt.runtime import Runtime, keep_freed_memory, setup, trim_heap
 from nmt.textio import count_lines
-from nmt.tokenizer import PAD_ID, Vocabs, train_vocabs
+from nmt.tokenizer import PAD_ID, Vocabs, train_vocabs_streamed
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,8 @@ def prepare_tokenizer(config: TrainConfig, tok_config: TokenizerConfig, out: Pat
     corpora = corpora_of(config)
     log.info("tokenizer: training %s, %d pieces, on up to %s sampled pairs", tok_config.kind,
              tok_config.vocab_size, f"{tok_config.sample_lines:,}")
-    src, tgt = sample_pairs(corpora, tok_config.sample_lines, config.seed)
-    if not any(s.strip() for s in src) or not any(t.strip() for t in tgt):
-        raise NmtError(f"training data is empty: {corpora[0].src_path}, {corpora[0].tgt_path}")
-    vocabs = train_vocabs(src, tgt, tok_config)
+    vocabs = train_vocabs_streamed(lambda: sample_corpora(corpora, tok_config.sample_lines, config.seed), tok_config,
+                                   f"training data {corpora[0].src_path}, {corpora[0].tgt_path}")
     vocabs.save(out)
     return vocabs
 

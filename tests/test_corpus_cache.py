@@ -27,7 +27,7 @@ import pytest
 import nmt.cache as cache_mod
 from nmt.cache import FilterReport, Filters, cache_key, load_or_build, open_cache, verify
 from nmt.config import TokenizerConfig
-from nmt.corpus import ParallelCorpus, fingerprint, reservoir_sample, sample_pairs
+from nmt.corpus import ParallelCorpus, fingerprint, sample_chunks, sample_corpora
 from nmt.errors import NmtError, UsageError
 from nmt.tokenizer import Vocabs, train_vocabs
 
@@ -182,7 +182,7 @@ def test_invalid_utf8_names_file_and_line(tmp_path, bible, side, gz):
     assert seen == list(zip(src, tgt))[:6]  # everything before the bad line came through
 
 
-# --- reservoir sampling ---------------------------------------------------------------------
+# --- streamed uniform sampling ---------------------------------------------------------------
 
 
 def _chi2_threshold(df: int, z: float = 3.72) -> float:
@@ -191,7 +191,21 @@ def _chi2_threshold(df: int, z: float = 3.72) -> float:
     return df * (1 - a + z * math.sqrt(a)) ** 3
 
 
-def test_reservoir_sample_marginals_uniform():
+def _chunked(items: list, sizes: list[int]):
+    """items as 1-column chunks of the given sizes, cycling through them."""
+    i, j = 0, 0
+    while i < len(items):
+        m = sizes[j % len(sizes)]
+        yield (items[i : i + m],)
+        i, j = i + m, j + 1
+
+
+def sample(items, k: int, seed: int, sizes=(7, 1, 30)) -> list:
+    items = list(items)
+    return [x for (column,) in sample_chunks(_chunked(items, list(sizes)), len(items), k, seed) for x in column]
+
+
+def test_sampling_marginals_uniform():
     """Each of n items is in the sample with probability k/n. Over R runs with different seeds
     its count is Binomial(R, k/n): mean 300, sd 16.4 here. The sum of squared standardised
     deviations is ~chi-square(n-1) (the counts sum to R·k); the threshold has p = 1e-4 under a
@@ -199,80 +213,55 @@ def test_reservoir_sample_marginals_uniform():
     n, k, runs = 200, 20, 3000
     counts = np.zeros(n, dtype=np.int64)
     for seed in range(runs):
-        sample = reservoir_sample(range(n), k, seed)
-        assert len(sample) == k and len(set(sample)) == k
-        counts[sample] += 1
+        drawn = sample(range(n), k, seed)
+        assert len(drawn) == k and len(set(drawn)) == k
+        counts[drawn] += 1
     p = k / n
     mean, var = runs * p, runs * p * (1 - p)
     chi2 = float(((counts - mean) ** 2 / var).sum())
     assert chi2 < _chi2_threshold(n - 1), chi2
     assert np.abs(counts - mean).max() < 5 * math.sqrt(var)
-    # the first k items (which fill the reservoir) are not favoured over the last k
+    # the first chunks are not favoured over the last
     assert abs(int(counts[:k].sum()) - int(counts[-k:].sum())) < 5 * math.sqrt(2 * k * var)
 
 
-def test_reservoir_sample_subsets_uniform():
-    """Joint uniformity on a small stream: all C(6,2) = 15 subsets equally likely (an off-by-one
-    in the replacement draw, invisible in the marginals above, shows here)."""
+@pytest.mark.parametrize("sizes", [(1,), (2, 3, 1), (6,)])
+def test_sampling_subsets_uniform(sizes):
+    """Joint uniformity on a small stream: all C(6,2) = 15 subsets equally likely, however the
+    stream is cut into chunks (an error in the share each chunk gets, invisible in the marginals
+    above, shows here)."""
     n, k, runs = 6, 2, 15000
     subsets = list(combinations(range(n), k))
-    counts = Counter(tuple(reservoir_sample(range(n), k, seed)) for seed in range(runs))
+    counts = Counter(tuple(sample(range(n), k, seed, sizes)) for seed in range(runs))
     assert set(counts) == set(subsets)
     expected = runs / len(subsets)
     chi2 = sum((counts[s] - expected) ** 2 / expected for s in subsets)
     assert chi2 < _chi2_threshold(len(subsets) - 1), chi2
 
 
-class OnePass:
-    """An iterator that counts next() calls and refuses a second pass or a read past the end."""
-
-    def __init__(self, items):
-        self.items = list(items)
-        self.pos = 0
-        self.next_calls = 0
-        self.iter_calls = 0
-        self.exhausted = False
-
-    def __iter__(self):
-        self.iter_calls += 1
-        assert self.iter_calls == 1, "iterated twice"
-        return self
-
-    def __next__(self):
-        assert not self.exhausted, "next() after the end"
-        self.next_calls += 1
-        if self.pos == len(self.items):
-            self.exhausted = True
-            raise StopIteration
-        self.pos += 1
-        return self.items[self.pos - 1]
-
-
 @pytest.mark.parametrize("n, k", [(1000, 10), (5, 10), (10, 10), (0, 3), (7, 0)])
-def test_reservoir_sample_reads_once_in_stream_order(n, k):
+def test_sampling_keeps_stream_order_and_takes_all_when_k_covers_it(n, k):
     items = [f"item-{i}" for i in reversed(range(n))]  # stream order is not sorted order
-    stream = OnePass(items)
-    sample = reservoir_sample(stream, k, seed=3)
-    assert stream.next_calls == n + 1 and stream.exhausted
-    assert len(sample) == min(n, k)
-    positions = [items.index(x) for x in sample]
+    drawn = sample(items, k, seed=3)
+    assert len(drawn) == min(n, k)
+    positions = [items.index(x) for x in drawn]
     assert positions == sorted(positions) and len(set(positions)) == len(positions)
     if k >= n:
-        assert sample == items
+        assert drawn == items
 
 
-def test_reservoir_sample_consumes_a_generator_once_and_is_seeded():
-    gen = (i for i in range(500))
-    a = reservoir_sample(gen, 30, seed=7)
-    assert next(gen, None) is None
-    assert a == reservoir_sample(iter(range(500)), 30, seed=7)
-    assert a != reservoir_sample(iter(range(500)), 30, seed=8)
+def test_sampling_is_seeded_and_refuses_more_rows_than_announced():
+    a = sample(range(500), 30, seed=7)
+    assert a == sample(range(500), 30, seed=7) and a != sample(range(500), 30, seed=8)
+    with pytest.raises(ValueError, match="more than the 5 rows"):
+        list(sample_chunks(iter([(list(range(6)),)]), 5, 2, seed=1))
 
 
-def test_sample_pairs_keeps_pairs_aligned(tmp_path, bible):
+def test_sample_corpora_keeps_pairs_aligned(tmp_path, bible):
     a = write_corpus(tmp_path, "a", bible[0][:300], bible[1][:300])
     b = write_corpus(tmp_path, "b", bible[0][300:450], bible[1][300:450], gz=True)
-    src, tgt = sample_pairs([a, b], 100, seed=1)
+    chunks = list(sample_corpora([a, b], 100, seed=1))
+    src, tgt = [s for c in chunks for s in c[0]], [t for c in chunks for t in c[1]]
     real = list(zip(bible[0][:450], bible[1][:450]))
     assert len(src) == len(tgt) == 100
     positions = [real.index(p) for p in zip(src, tgt)]

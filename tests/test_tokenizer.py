@@ -352,3 +352,48 @@ def test_load_missing_files_names_the_directory(tmp_path, trained):
     (tmp_path / "tokenizer.tgt.json").unlink()
     with pytest.raises(NmtError):
         Vocabs.load(tmp_path)
+
+
+# --- training on a streamed sample ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_streamed_training_learns_what_training_on_the_whole_sample_learns(corpus_lines, joint):
+    from nmt.tokenizer import train_vocabs_streamed
+
+    src, tgt = corpus_lines
+    config = TokenizerConfig(vocab_size=VOCAB_SIZE, joint=joint)
+    chunks = lambda: ((src[i : i + 300], tgt[i : i + 300]) for i in range(0, len(src), 300))  # noqa: E731
+    whole = train_vocabs(iter(src), iter(tgt), config)
+    assert train_vocabs_streamed(chunks, config).fingerprint() == whole.fingerprint()
+
+
+def test_streamed_training_never_holds_the_sample(monkeypatch):
+    """40,000 lines (about 10 MB as Python strings) streamed in chunks of 1,000: the Python heap
+    never holds more than a few chunks of them."""
+    import tracemalloc
+
+    from nmt.tokenizer import train_vocabs_streamed
+
+    words = [f"w{i}" for i in range(100)]
+
+    def chunks():
+        for c in range(40):
+            lines = [" ".join(words[(c + i + j) % 100] for j in range(60)) for i in range(1000)]
+            yield lines, lines
+
+    tracemalloc.start()
+    try:
+        train_vocabs_streamed(chunks, TokenizerConfig(vocab_size=400))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20, f"{peak / 2**20:.1f} MiB of Python objects at the peak"
+
+
+def test_streamed_training_on_a_side_without_text_names_it():
+    from nmt.tokenizer import train_vocabs_streamed
+
+    chunks = lambda: iter([(["hola mundo", "otra vez"], ["", "  "])])  # noqa: E731
+    with pytest.raises(NmtError, match="corpus X is empty .no line with text on the target side"):
+        train_vocabs_streamed(chunks, TokenizerConfig(vocab_size=300), "corpus X")
