@@ -80,10 +80,11 @@ def write_corpus(prefix: Path, pairs: int, numbered: bool = False) -> Path:
     return prefix
 
 
-def kill_at_random(args: list[str], rng: random.Random, longest: float) -> float:
-    """Start a child, SIGKILL it after a random delay (at most `longest` s); the delay, or -1 if it ended first."""
+def kill_at_random(args: list[str], rng: random.Random, took: float) -> float:
+    """Start a child, SIGKILL it after a random share (15–95%) of the `took` seconds an uninterrupted
+    run took (the first second is imports); the delay, or -1 if it ended first."""
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    delay = rng.uniform(0.3, longest)
+    delay = rng.uniform(0.15, 0.95) * took
     try:
         proc.wait(timeout=delay)
         return -1.0
@@ -120,8 +121,12 @@ def kills_during_caching(work: Path, rng: random.Random, kills: int) -> None:
     shutil.rmtree(work / "cache-timing", ignore_errors=True)
     if first.returncode:
         return record("kill -9 while caching", False, first.stderr.decode()[-300:])
-    delays = [kill_at_random([PY, "-c", CACHE_CHILD, str(corpus), str(tok), str(root)], rng, took)
-              for _ in range(kills)]
+    delays = []
+    for _ in range(kills):
+        delays.append(kill_at_random([PY, "-c", CACHE_CHILD, str(corpus), str(tok), str(root)], rng, took))
+        for built in root.glob("[!.]*"):  # a build that finished first would make the next kill a reuse
+            if built.is_dir() and delays[-1] < 0:
+                shutil.rmtree(built)
     left = temporaries(root) if root.exists() else []
     r = subprocess.run([PY, "-c", CACHE_CHILD, str(corpus), str(tok), str(root)], cwd=ROOT, capture_output=True)
     after = temporaries(root)

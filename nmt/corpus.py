@@ -150,13 +150,13 @@ def fingerprints(paths: list[Path], memo_file: Path | None = None) -> list[Finge
             memo[key] = {"stamp": stamp, "lines": fp.lines, "sha256": fp.sha256}
             changed = True
     if memo_file is not None and changed:
+        tmp = memo_file.with_name(f".{memo_file.name}.tmp-{os.getpid()}")
         try:
             memo_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo_file.with_name(f".{memo_file.name}.tmp-{os.getpid()}")
             tmp.write_text(json.dumps(memo, indent=1))
             os.replace(tmp, memo_file)
-        except OSError:
-            pass  # only an optimisation: the next run hashes again
+        except OSError:  # only an optimisation: the next run hashes again (a full disk leaves no temporary)
+            tmp.unlink(missing_ok=True)
     return out
 
 

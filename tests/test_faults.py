@@ -240,3 +240,23 @@ def _full_device(tmp_path: Path) -> Path:
 def test_evaluate_onto_a_full_disk_is_one_error(tmp_path):
     r = _evaluate(f"> {_full_device(tmp_path)}", tmp_path)
     assert "stdout: cannot write (No space left on device)" in error_line(r, 1)
+
+
+def test_a_full_disk_under_the_fingerprint_memo_leaves_no_temporary(tmp_path, corpus, monkeypatch):
+    from pathlib import Path as P
+
+    from nmt import corpus as corpus_mod
+
+    monkeypatch.setattr(corpus_mod, "SETTLED_NS", -10**12)  # remember even just-written files
+    real = P.write_text
+
+    def full(self, *args, **kwargs):
+        if ".tmp-" in self.name:
+            real(self, "{")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(P, "write_text", full)
+    memo = tmp_path / "memo" / "fingerprints.json"
+    corpus_mod.fingerprints([corpus.src_path], memo)
+    assert list(memo.parent.iterdir()) == []
