@@ -191,21 +191,28 @@ def train_vocabs(src_lines: Iterable[str], tgt_lines: Iterable[str], config: Tok
     return Vocabs(train_tokenizer(src_lines, config), train_tokenizer(tgt_lines, config))
 
 
+TRAIN_BATCH = 64  # lines per item handed to the trainer
+
+
 def train_vocabs_streamed(sample: Callable[[], Iterable[tuple[list[str], list[str]]]], config: TokenizerConfig,
                           what: str = "training data") -> Vocabs:
     """Train like `train_vocabs` on (sources, targets) chunks that `sample()` streams (called once
     per tokenizer, so it must give the same chunks each time). BPE learns exactly what
     `train_vocabs` learns from the same pairs (its word counts do not depend on their order; the
     unigram trainer is not deterministic even on one input). The chunks go to the trainer
-    as batches and are dropped: memory holds the trainer's word counts and one chunk, not the
-    sample (2 M pairs as Python strings took 3 GB). A side with no text is an error naming `what`."""
+    in small batches and are dropped: memory holds the trainer's word counts, one chunk and its
+    read-ahead, not the sample (2 M pairs as Python strings took 3 GB). A side with no text is an error naming `what`."""
     seen = [0, 0]  # lines with text, per side
 
     def batches(sides: tuple[int, ...]) -> Iterator[list[str]]:
         for chunk in sample():
             for side in sides:
-                seen[side] += sum(1 for line in chunk[side] if line.strip())
-                yield chunk[side]
+                lines = chunk[side]
+                seen[side] += sum(1 for line in lines if line.strip())
+                # Small batches: the library reads ahead 256 items of this iterator at a time
+                # (PyBufferedIterator), which at 10,000 lines a chunk would be 2.5 M lines.
+                for i in range(0, len(lines), TRAIN_BATCH):
+                    yield lines[i : i + TRAIN_BATCH]
 
     def checked(tok_of: Callable[[], Tokenizer], sides: tuple[int, ...]) -> Tokenizer:
         tok = tok_of()
