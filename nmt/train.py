@@ -577,7 +577,7 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path) -> re
     rates, eval_seconds = {}, 0.0
     if config.max_time:  # a step budget needs no speed: it fixes the tokens seen
         rates = recipe.measure(recipe.SHAPES, _shape_trial(p, config, runtime, batch_tokens),
-                               keep_going=lambda name, rate: recipe.worth_measuring_next(name, rate, config.max_time))
+                               keep_going=lambda name, rate: recipe.worth_measuring_next(name, rate, config.max_time, batch_tokens))
         # a dev evaluation decodes every dev target (about as fast per token as training) and scores its loss
         eval_seconds = 1.4 * dev_pairs * mean_tgt / max(min(rates.values()), 1.0)
     chosen = recipe.choose(rates, corpus_tokens, config.max_time, config.max_steps, batch_tokens, eval_seconds)

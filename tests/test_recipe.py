@@ -18,35 +18,40 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 EPOCH = 830_000  # target tokens of one epoch of the embedded corpus (8k BPE)
 
 
-def test_a_budget_too_small_for_the_larger_shape_gets_the_smaller_one():
-    # 10 minutes at these speeds buy compact 0.8 M tokens, small 0.57 M: under small's threshold
-    r = recipe.choose({"compact": 1400.0, "small": 1000.0}, EPOCH, 600, None, 1500, 30.0)
-    assert r.shape == "compact"
-    assert r.model["encoder_layers"] == 2 and r.model["decoder_layers"] == 2
-    assert r.budget_tokens == pytest.approx(1400 * 600 * (1 - recipe.EVAL_SHARE))
+RATES = {"mini": 1500.0, "compact": 1000.0, "small": 800.0}
+
+
+def _seconds_for_steps(rate: float, steps: int, batch: int = 1500) -> float:
+    return steps * recipe.REAL_SHARE * batch / (rate * (1 - recipe.EVAL_SHARE))
+
+
+def test_a_short_budget_gets_the_fastest_shape():
+    # 10 minutes at these speeds buy every shape far fewer than MIN_STEPS steps
+    r = recipe.choose(RATES, EPOCH, 600, None, 1500, 30.0)
+    assert r.shape == "mini" and r.model["d_model"] == 192 and r.model["encoder_layers"] == 2
+    assert r.budget_tokens == pytest.approx(1500 * 600 * (1 - recipe.EVAL_SHARE))
     assert r.epochs == pytest.approx(r.budget_tokens / EPOCH)
+    assert "compact would get" in r.reason
 
 
-def test_a_larger_budget_gets_the_larger_shape():
-    need = recipe.MIN_TOKENS["small"]
-    seconds = 1.01 * need / (1000 * (1 - recipe.EVAL_SHARE))  # just enough time for small to see `need`
-    r = recipe.choose({"compact": 1400.0, "small": 1000.0}, EPOCH, seconds, None, 1500, 30.0)
-    assert r.shape == "small"
-    r = recipe.choose({"compact": 1400.0, "small": 1000.0}, EPOCH, 0.9 * seconds, None, 1500, 30.0)
-    assert r.shape == "compact"
+def test_the_largest_shape_that_gets_enough_steps_is_chosen():
+    just = _seconds_for_steps(RATES["compact"], int(1.01 * recipe.MIN_STEPS))  # compact: just enough
+    assert recipe.choose(RATES, EPOCH, just, None, 1500, 30.0).shape == "compact"
+    assert recipe.choose(RATES, EPOCH, 0.98 * just, None, 1500, 30.0).shape == "mini"
+    plenty = _seconds_for_steps(RATES["small"], 2 * recipe.MIN_STEPS)
+    assert recipe.choose(RATES, EPOCH, plenty, None, 1500, 30.0).shape == "small"  # medium not measured
 
 
 def test_a_step_budget_needs_no_speed():
-    steps = int(recipe.MIN_TOKENS["small"] / (0.85 * 1500)) + 10
-    assert recipe.choose({}, EPOCH, None, steps, 1500, 0.0).shape == "small"
-    assert recipe.choose({}, EPOCH, None, 100, 1500, 0.0).shape == "compact"
+    assert recipe.choose({}, EPOCH, None, recipe.MIN_STEPS, 1500, 0.0).shape == "medium"
+    assert recipe.choose({}, EPOCH, None, recipe.MIN_STEPS - 1, 1500, 0.0).shape == "mini"
     with pytest.raises(ValueError):
         recipe.choose({}, EPOCH, None, None, 1500, 0.0)
 
 
 def test_time_and_steps_together_the_smaller_budget_decides():
-    r = recipe.choose({"compact": 1000.0, "small": 800.0}, EPOCH, 10_000, 200, 1500, 10.0)
-    assert r.budget_tokens == pytest.approx(200 * 0.85 * 1500)
+    r = recipe.choose(RATES, EPOCH, 10_000, 200, 1500, 10.0)
+    assert r.budget_tokens == pytest.approx(200 * recipe.REAL_SHARE * 1500)
 
 
 def test_dropout_grows_with_the_epochs_the_budget_buys():
@@ -55,8 +60,8 @@ def test_dropout_grows_with_the_epochs_the_budget_buys():
 
 
 def test_warmup_and_evaluations_are_shares_of_the_budget():
-    r = recipe.choose({"compact": 1400.0, "small": 1000.0}, EPOCH, 600, None, 1500, 30.0)
-    steps = r.budget_tokens / (0.85 * 1500)
+    r = recipe.choose(RATES, EPOCH, 600, None, 1500, 30.0)
+    steps = r.budget_tokens / (recipe.REAL_SHARE * 1500)
     assert 100 <= r.train["warmup_steps"] <= max(100, 0.3 * steps)
     during = int(steps / r.train["eval_every"]) - 1  # evaluations inside the budget (one more ends it)
     assert 1 <= during and during * 30.0 <= max(recipe.EVAL_SHARE * 600, 30.0)  # within the share, or one
@@ -70,22 +75,23 @@ def test_measure_times_each_shape_and_stops_when_larger_ones_cannot_be_chosen():
         built.append(shape.name)
         return lambda: 1000
 
-    rates = recipe.measure(recipe.SHAPES, step, seconds=0.01, keep_going=lambda name, rate: name != "small")
-    assert built == ["compact", "small"] and set(rates) == {"compact", "small"}
+    rates = recipe.measure(recipe.SHAPES, step, seconds=0.01, keep_going=lambda name, rate: name != "compact")
+    assert built == ["mini", "compact"] and set(rates) == {"mini", "compact"}
     assert all(rate > 0 for rate in rates.values())
-    assert recipe.worth_measuring_next("compact", 1000.0, 60) is False  # 60 k tokens < small's need
-    assert recipe.worth_measuring_next("compact", 1000.0, 1e6) is True
-    assert recipe.worth_measuring_next("medium", 1e9, 1e6) is False  # nothing after the largest
+    one_step = recipe.REAL_SHARE * 1500 / (1 - recipe.EVAL_SHARE)  # seconds per step at 1 token/s
+    assert recipe.worth_measuring_next("mini", 1.0, 0.99 * recipe.MIN_STEPS * one_step, 1500) is False
+    assert recipe.worth_measuring_next("mini", 1.0, 1.01 * recipe.MIN_STEPS * one_step, 1500) is True
+    assert recipe.worth_measuring_next("medium", 1e9, 1e6, 1500) is False  # nothing after the largest
 
 
 def test_options_set_by_hand_are_kept():
     from nmt.train import _apply_recipe
 
-    chosen = recipe.choose({"compact": 1400.0, "small": 1000.0}, EPOCH, 600, None, 1500, 30.0)
+    chosen = recipe.choose(RATES, EPOCH, 600, None, 1500, 30.0)
     config = TrainConfig(lr=5e-4, fixed=["train.lr", "model.dropout"])
     new_config, model = _apply_recipe(chosen, config, ModelConfig(dropout=0.3))
     assert new_config.lr == 5e-4 and model.dropout == 0.3  # set by hand
-    assert new_config.warmup_steps == chosen.train["warmup_steps"] and model.encoder_layers == 2  # the recipe's
+    assert new_config.warmup_steps == chosen.train["warmup_steps"] and model.d_model == 192  # the recipe's
     assert recipe.from_record(json.loads(json.dumps(recipe.describe(chosen)))) == chosen
 
 
@@ -97,10 +103,10 @@ def test_train_with_a_budget_and_no_preset_chooses_stores_and_reuses_the_recipe(
     r = run_nmt(*args, "--max-steps", "2")
     err = r.stderr.decode()
     assert r.returncode == 0, err
-    assert "recipe: compact model" in err
+    assert "recipe: mini model" in err
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["train"]["preset"] == "auto" and config["recipe"]["shape"] == "compact"
-    assert config["model"]["encoder_layers"] == 2 and config["model"]["dropout"] == 0.0
+    assert config["train"]["preset"] == "auto" and config["recipe"]["shape"] == "mini"
+    assert config["model"]["d_model"] == 192 and config["model"]["dropout"] == 0.0
     assert config["tokenizer"]["vocab_size"] == 300 and config["train"]["batch_tokens"] == 400  # set by hand
     r = run_nmt(*args, "--max-steps", "3")  # resume: the same recipe, not measured again
     err = r.stderr.decode()
