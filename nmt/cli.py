@@ -195,9 +195,12 @@ def train(
     log_every: Annotated[Optional[int], typer.Option(help="Steps between log lines in metrics.jsonl.")] = None,
     average_last: Annotated[Optional[int], typer.Option(help="At the end, average this many last checkpoints if that scores higher on dev (0: off).")] = None,
     test: Annotated[Optional[str], typer.Option("--test", help="Held-out prefix: at the end, translate it (beam 5) and report BLEU with examples; never used to choose anything.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Train into an existing --out that is not empty and not this run's (nmt's files there are replaced; a tokenizer there is reused).")] = False,
 ) -> None:
     """Train tokenizer and Transformer on parallel text; re-running the same command resumes."""
     from nmt import config as cfg
+
+    _survive_closed_stderr()
 
     if preset is None:
         preset = "auto" if (max_time is not None or max_steps is not None) else "small"
@@ -240,7 +243,16 @@ def train(
 
         test_corpus = ParallelCorpus.from_prefix(test, train_config.src, train_config.tgt)
         test_corpus.check_line_counts()  # a bad test set fails now, not after the training
-    run_training(train_config, model_config, tok_config, out, test_corpus)
+    run_training(train_config, model_config, tok_config, out, test_corpus, force=force)
+
+
+def _survive_closed_stderr() -> None:
+    """`nmt train 2>&1 | tee log`: when tee goes away the run goes on and still saves its checkpoints.
+    SIGPIPE is ignored (a write then fails with EPIPE instead of killing the process) and logging
+    drops a record it cannot write instead of printing a "Logging error" traceback."""
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    logging.raiseExceptions = False
 
 
 def _batch_tokens(value: str | None) -> int | str | None:
@@ -487,7 +499,7 @@ def main() -> None:
         finally:
             flush_stdout()  # a full disk under stdout is an error here, not "Exception ignored" at exit
     except NmtError as e:
-        _fail(str(e), 2 if isinstance(e, UsageError) else 1, e)
+        _fail(str(e), 2 if isinstance(e, UsageError) else getattr(e, "exit_code", 1), e)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", None)
         if code is None:
@@ -514,5 +526,8 @@ def _fail(message: str, code: int, exc: BaseException | None) -> None:
         import traceback
 
         traceback.print_exception(exc, file=sys.stderr)
-    print(f"nmt: error: {message}", file=sys.stderr)
+    try:
+        print(f"nmt: error: {message}", file=sys.stderr)
+    except OSError:  # stderr is gone (`nmt train 2>&1 | tee log` and tee ended): the exit code still tells
+        pass
     sys.exit(code)

@@ -11,3 +11,12 @@ class NmtError(Exception):
 
 class UsageError(NmtError):
     """An option value that cannot work (exit code 2, like other usage errors)."""
+
+
+class Interrupted(NmtError):
+    """A run stopped by a signal after saving its state: the CLI exits 128 + the signal's number,
+    as a shell reports a process killed by it, so a scheduler can tell it from a finished run."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

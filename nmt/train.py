@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import time
+from datetime import timedelta
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from nmt.batching import Batch, Plan, collate, padded, plan_epoch, target_tokens
 from nmt.cache import Filters, TokenCache, load_or_build
 from nmt.config import PRESET_TRAINING, DecodeConfig, ModelConfig, TokenizerConfig, TrainConfig, from_dict, to_dict
 from nmt.corpus import ParallelCorpus, sample_corpora
-from nmt.errors import NmtError
+from nmt.errors import Interrupted, NmtError, UsageError
 from nmt.model import Transformer, count_parameters
 from nmt.progress import StepProgress
 from nmt.runtime import Runtime, keep_freed_memory, setup, trim_heap
@@ -80,6 +81,7 @@ def prepare(config: TrainConfig, model_config: ModelConfig, tok_config: Tokenize
     dev = ParallelCorpus.from_prefix(config.dev, config.src, config.tgt) if config.dev else None
     if dev is not None:
         dev.check_line_counts()
+        check_dev(dev)  # now, not at the first evaluation after hours of training
     vocabs = prepare_tokenizer(config, tok_config, out)
     model_config = ModelConfig(**{**asdict(model_config), "src_vocab_size": vocabs.src.get_vocab_size(),
                                   "tgt_vocab_size": vocabs.tgt.get_vocab_size()})
@@ -87,6 +89,61 @@ def prepare(config: TrainConfig, model_config: ModelConfig, tok_config: Tokenize
     cache_root = Path(config.cache_dir) if config.cache_dir else out / "cache"
     cache = load_or_build(corpora, vocabs, filters, cache_root) if build_cache else None
     return Prepared(out, vocabs, cache, model_config, dev)  # type: ignore[arg-type]
+
+
+def check_dev(dev: ParallelCorpus) -> int:
+    """Read the whole dev set once: invalid UTF-8 (file and line, from the reader), an empty line on
+    either side (a pair that BLEU cannot score fairly) or no pairs at all is an error; returns the pairs."""
+    n = 0
+    for n, (src, tgt) in enumerate(dev.pairs(), start=1):
+        for path, text in ((dev.src_path, src), (dev.tgt_path, tgt)):
+            if not text.strip():
+                raise NmtError(f"{path}: line {n} is empty (every dev pair needs text on both sides: "
+                               f"remove the pair or fix the line)")
+    if n == 0:
+        raise NmtError(f"{dev.src_path}, {dev.tgt_path}: the dev set is empty (give a dev set with lines, "
+                       f"or --dev none)")
+    return n
+
+
+def check_max_length(config: TrainConfig, model_config: ModelConfig) -> None:
+    """--max-length must fit the model's positions (batches are padded to a multiple of PAD_MULTIPLE)."""
+    if config.max_length < 2:
+        raise UsageError(f"--max-length must be ≥ 2 tokens (got {config.max_length})")
+    if padded(config.max_length) > model_config.max_positions:
+        raise UsageError(f"--max-length {config.max_length} exceeds the model's max_positions "
+                         f"{model_config.max_positions} (lower --max-length, or raise model.max_positions "
+                         f"with --config)")
+
+
+PREPARATION_FILES = {"tokenizer.json", "tokenizer.src.json", "tokenizer.tgt.json", "cache", "recipe.json"}
+
+
+def check_out_dir(out: Path, force: bool) -> bool:
+    """Train only into a new or empty directory, or an nmt run (config.json of nmt's format; its
+    configuration is compared later, by `check_resumable`), or one holding only what a preparation
+    cut short leaves (tokenizer, cache, recipe, temporaries); anything else needs --force.
+    Returns whether `out` holds an nmt run's config."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise NmtError(f"{out}: exists and is not a directory (use a new --out)")
+    if (out / "config.json").exists():
+        try:
+            checkpoint.read_config(out)
+            return True
+        except NmtError:
+            if force:
+                return False
+            raise NmtError(f"{out}: has a config.json that is not an nmt run's (use a new --out, or --force "
+                           f"to train into it anyway)") from None
+    others = sorted(p.name for p in out.iterdir()
+                    if p.name not in PREPARATION_FILES and not checkpoint.TEMPORARY.match(p.name))
+    if others and not force:
+        shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
+        raise NmtError(f"{out}: directory is not empty and not an nmt run (it holds {shown}); use a new --out, "
+                       f"or --force to train into it anyway")
+    return False
 
 
 def run_config(p: Prepared, config: TrainConfig, tok_config: TokenizerConfig) -> dict[str, Any]:
@@ -103,18 +160,21 @@ def run_config(p: Prepared, config: TrainConfig, tok_config: TokenizerConfig) ->
     }
 
 
-def check_resumable(out: Path, new: dict[str, Any]) -> None:
-    """Refuse to resume when the data or the model options changed (say what changed)."""
+def check_resumable(out: Path, new: dict[str, Any], has_checkpoints: bool = True) -> None:
+    """Refuse to resume when the data or the model options changed (say what changed); without
+    checkpoints, refuse to replace the model of another configuration (--force does)."""
+    what, fix = ("cannot resume", "use a new --out") if has_checkpoints else \
+        ("holds an nmt model of another configuration", "use a new --out, or --force to replace it")
     old = checkpoint.read_config(out)
     changed = [k for k in sorted(set(old["model"]) | set(new["model"])) if old["model"].get(k) != new["model"].get(k)]
     if changed:
         diffs = ", ".join(f"{k}: {old['model'].get(k)} → {new['model'].get(k)}" for k in changed)
-        raise NmtError(f"{out}: cannot resume, model options changed ({diffs}); use a new --out")
+        raise NmtError(f"{out}: {what}, model options changed ({diffs}); {fix}")
     old_data = [(d["path"], d["sha256"]) for d in old["data"]]
     new_data = [(d["path"], d["sha256"]) for d in new["data"]]
     if old_data != new_data:
         which = [n[0] for o, n in zip(old_data, new_data) if o != n] or [n[0] for n in new_data]
-        raise NmtError(f"{out}: cannot resume, training data changed ({', '.join(which)}); use a new --out")
+        raise NmtError(f"{out}: {what}, training data changed ({', '.join(which)}); {fix}")
 
 
 # -- the training loop ---------------------------------------------------------------------------
@@ -179,7 +239,8 @@ class Trainer:
         checkpoint.load_weights(self.model, latest / checkpoint.WEIGHTS)
         state = checkpoint.load_state(latest)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.progress = Progress(**json.loads(state["progress"]))
+        progress = latest / PROGRESS_FILE
+        self.progress = Progress(**json.loads(progress.read_text() if progress.exists() else state["progress"]))
         torch.set_rng_state(state["rng_cpu"])
         if self.runtime.device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"], self.runtime.device)
@@ -187,14 +248,14 @@ class Trainer:
                  self.progress.epoch, self.progress.batch_in_epoch)
         return True
 
-    def save(self) -> None:
+    def save(self) -> Path | None:
         if not self.dist.is_writer:
-            return
+            return None
         state = {"optimizer": self.optimizer.state_dict(), "progress": json.dumps(asdict(self.progress)),
                  "rng_cpu": torch.get_rng_state()}
         if self.runtime.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.runtime.device)
-        checkpoint.save_checkpoint(self.p.out, self.progress.step, self.model, state, self.config.keep_last)
+        return checkpoint.save_checkpoint(self.p.out, self.progress.step, self.model, state, self.config.keep_last)
 
     # loop ------------------------------------------------------------------------------------
 
@@ -210,6 +271,10 @@ class Trainer:
                                      self.progress.epoch, self.dist.rank, self.dist.world_size, c.curriculum)
                 if not batches:
                     raise NmtError("no batch fits the token budget (raise --batch-tokens)")
+                if len(batches) < c.update_freq:  # no step would ever be made: refuse, don't spin
+                    raise UsageError(f"--update-freq {c.update_freq} exceeds the {len(batches)} batches of an "
+                                     f"epoch{' on each rank' if self.dist.world_size > 1 else ''} at "
+                                     f"--batch-tokens {budget} (lower --update-freq or --batch-tokens)")
                 trim_heap()  # the plan's temporaries: memory stays flat as the corpus grows
                 self.p.cache.drop_pages()  # and so do the pages of the lengths it read
                 self._epoch(batches, start, bar)
@@ -282,6 +347,12 @@ class Trainer:
         try:
             total_loss = self._accumulate(group, n_tokens)
         except torch.OutOfMemoryError:
+            if self.dist.world_size > 1:
+                # the other ranks are inside this step's gradient all-reduce: a retry here would pair
+                # its collectives with theirs wrongly (a hang, or gradients summed across steps)
+                raise NmtError(f"out of memory at step {self.progress.step + 1} on rank {self.dist.rank} "
+                               f"(batches of {n_tokens:,} target tokens over {self.dist.world_size} ranks): "
+                               f"lower --batch-tokens") from None
             # A rare batch too large for the device: drop its partial gradients, retry in halves.
             self.optimizer.zero_grad(set_to_none=True)
             if self.runtime.device.type == "cuda":
@@ -342,33 +413,43 @@ class Trainer:
             self.stop_reason = reason or "stopped by another rank"
 
     _signal: str | None = None
+    _signum: int = 0
 
     # evaluation ------------------------------------------------------------------------------
 
     def evaluate_and_save(self) -> None:
+        """Save the checkpoint, then evaluate (an evaluation that fails loses no steps) and record the
+        result beside the checkpoint. After a signal, save only: the grace period is short."""
         pr = self.progress
-        if self.dist.is_writer and self.p.dev is not None:
-            bleu, signature, dev_loss = evaluate_dev(self.model, self.p.vocabs, self.p.dev, self.runtime,
-                                                     self.config.eval_max_sentences)
-            improved = bleu > pr.best_bleu
-            record = {"event": "eval", "step": pr.step, "seconds": pr.seconds, "dev_bleu": bleu,
-                      "dev_loss": dev_loss, "signature": signature, "target_tokens": pr.target_tokens}
-            pr.history.append(record)
-            self._log(record)
-            log.info("step %d: dev BLEU %.2f, dev loss %.3f%s", pr.step, bleu, dev_loss,
-                     " (best so far, saved)" if improved else "")
-            if improved:
-                pr.best_bleu, pr.best_step, pr.evals_without_gain = bleu, pr.step, 0
-                checkpoint.save_weights(self.model, self.p.out / checkpoint.WEIGHTS)
-            else:
-                pr.evals_without_gain += 1
-                if self.config.patience and pr.evals_without_gain >= self.config.patience:
-                    self.stop_reason = self.stop_reason or f"no dev BLEU gain in {self.config.patience} evaluations"
-        elif self.dist.is_writer:  # no dev set: the newest model is the one to use
+        if self.dist.is_writer and self.p.dev is None:  # no dev set: the newest model is the one to use
             checkpoint.save_weights(self.model, self.p.out / checkpoint.WEIGHTS)
+        saved = self.save()
+        if self.dist.is_writer and self.p.dev is not None and not self._signal:
+            self._evaluate()
+            if saved is not None:
+                checkpoint.atomic_write_text(saved / PROGRESS_FILE, json.dumps(asdict(pr)))
         self.dist.share_stop(self)
-        self.save()
         self.dist.barrier()
+
+    def _evaluate(self) -> None:
+        """Dev BLEU and loss of the current weights: logged, kept in the history, best model saved."""
+        pr = self.progress
+        bleu, signature, dev_loss = evaluate_dev(self.model, self.p.vocabs, self.p.dev, self.runtime,
+                                                 self.config.eval_max_sentences)
+        improved = bleu > pr.best_bleu
+        record = {"event": "eval", "step": pr.step, "seconds": pr.seconds, "dev_bleu": bleu,
+                  "dev_loss": dev_loss, "signature": signature, "target_tokens": pr.target_tokens}
+        pr.history.append(record)
+        self._log(record)
+        log.info("step %d: dev BLEU %.2f, dev loss %.3f%s", pr.step, bleu, dev_loss,
+                 " (best so far, saved)" if improved else "")
+        if improved:
+            pr.best_bleu, pr.best_step, pr.evals_without_gain = bleu, pr.step, 0
+            checkpoint.save_weights(self.model, self.p.out / checkpoint.WEIGHTS)
+        else:
+            pr.evals_without_gain += 1
+            if self.config.patience and pr.evals_without_gain >= self.config.patience:
+                self.stop_reason = self.stop_reason or f"no dev BLEU gain in {self.config.patience} evaluations"
 
     def _log(self, record: dict) -> None:
         if self.dist.is_writer:
@@ -444,8 +525,9 @@ class _no_sync:
 
 
 class _StopOnSignal:
-    """SIGINT/SIGTERM ask the loop to stop at the next step boundary, save, and exit cleanly;
-    a second signal stops at once."""
+    """SIGINT/SIGTERM/SIGHUP ask the loop to stop at the next step boundary and save (no evaluation);
+    the run then exits 128 + the signal's number. A second signal stops at once. A signal ignored
+    when the run started (`nohup` ignores SIGHUP) stays ignored."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
@@ -455,12 +537,14 @@ class _StopOnSignal:
         if self.trainer._signal:
             raise KeyboardInterrupt
         self.trainer._signal = signal.Signals(signum).name
+        self.trainer._signum = signum
         log.warning("%s received: saving a checkpoint at the end of this step (again to abort)",
                     self.trainer._signal)
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handler)
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+                self.previous[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc):
@@ -476,9 +560,7 @@ class Distributed:
     """The process group under torchrun (WORLD_SIZE > 1), or a single process."""
 
     def __init__(self, runtime_device: str):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.world_size, self.rank, self.local_rank = _ranks(os.environ)
         self.is_writer = self.rank == 0
         self.backend = None
         if self.world_size > 1:
@@ -488,7 +570,8 @@ class Distributed:
             if use_cuda:
                 torch.cuda.set_device(self.local_rank)
             self.backend = "nccl" if use_cuda else "gloo"
-            dist.init_process_group(self.backend)
+            # rank 0 alone prepares the corpus (tokenizer, cache) while the others wait at a barrier
+            dist.init_process_group(self.backend, timeout=dist_timeout(os.environ))
 
     def device_name(self, requested: str) -> str:
         if self.backend == "nccl":
@@ -546,10 +629,49 @@ class Distributed:
             dist.destroy_process_group()
 
 
+def _ranks(env) -> tuple[int, int, int]:
+    """(WORLD_SIZE, RANK, LOCAL_RANK) as torchrun sets them; a stray or inconsistent one is an error
+    (a RANK 1 alone would train without writing anything)."""
+    values = {}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        text = env.get(name)
+        try:
+            values[name] = None if text is None else int(text)
+        except ValueError:
+            raise NmtError(f"environment variable {name}={text!r} is not a number (torchrun sets it)") from None
+    world, rank, local = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
+    if world is None and (rank or local):
+        raise NmtError(f"RANK={rank} is set without WORLD_SIZE: run under torchrun, or unset RANK and LOCAL_RANK")
+    world, rank, local = world or 1, rank or 0, local or 0
+    if world < 1 or not 0 <= rank < world or not 0 <= local < world:
+        raise NmtError(f"RANK={rank}, LOCAL_RANK={local} with WORLD_SIZE={world}: each must be in [0, WORLD_SIZE) "
+                       f"(run under torchrun, or unset them)")
+    return world, rank, local
+
+
+DIST_TIMEOUT = 6 * 3600  # seconds: rank 0 tokenising a large corpus while the others wait
+
+
+def dist_timeout(env) -> timedelta:
+    """The process group's timeout: NMT_DIST_TIMEOUT seconds, else 6 hours (torch's default of
+    10-30 minutes would end the run while rank 0 still prepares a large corpus)."""
+    text = env.get("NMT_DIST_TIMEOUT")
+    if text is None:
+        return timedelta(seconds=DIST_TIMEOUT)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise NmtError(f"NMT_DIST_TIMEOUT={text!r}: expected a number of seconds > 0")
+    return timedelta(seconds=seconds)
+
+
 # -- the whole job -------------------------------------------------------------------------------
 
 
 RECIPE_FILE = "recipe.json"
+PROGRESS_FILE = "progress.json"  # in checkpoints/step-N/: the progress after that step's evaluation
 
 
 def _recipe_vocabulary(config: TrainConfig, tok_config: TokenizerConfig, out: Path) -> TokenizerConfig:
@@ -622,11 +744,15 @@ def _shape_trial(p: Prepared, config: TrainConfig, runtime: Runtime, batch_token
 
 
 def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerConfig, out: Path,
-          test: ParallelCorpus | None = None) -> Progress:
+          test: ParallelCorpus | None = None, force: bool = False) -> Progress:
     """Prepare (or resume) the run in `out` and train until a budget ends it; then, with `test`,
-    translate its source with the final model (beam search) and report BLEU (`score_test`)."""
+    translate its source with the final model (beam search) and report BLEU (`score_test`).
+    `out` must be new, empty or this run's unless `force`; a signal ends it with `Interrupted`."""
+    check_max_length(config, model_config)
     dist = Distributed(config.device)
     try:
+        # rank 0 alone looks: the others start after it has written there
+        existing_run = check_out_dir(out, force) if dist.is_writer else False
         runtime = setup(dist.device_name(config.device), config.dtype, config.threads)
         chosen = None
         if config.preset == "auto":
@@ -645,9 +771,10 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         described = run_config(p, config, tok_config)
         if chosen is not None:
             described["recipe"] = recipe.describe(chosen)
-        resuming = (out / "config.json").exists() and bool(checkpoint.list_checkpoints(out))
-        if resuming:
-            check_resumable(out, described)
+        has_checkpoints = bool(checkpoint.list_checkpoints(out))
+        if (existing_run and not (force and not has_checkpoints)) or \
+                (not dist.is_writer and (out / "config.json").exists() and has_checkpoints):
+            check_resumable(out, described, has_checkpoints)
         if dist.is_writer:
             checkpoint.write_config(out, described)
         trainer = Trainer(p, config, runtime, dist)
@@ -656,6 +783,10 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         result = trainer.run()
         if dist.is_writer:
             _write_summary(trainer, runtime, dist)
+        if trainer._signal:  # saved; no averaging or test in a grace period
+            raise Interrupted(f"{trainer.stop_reason} at step {result.step}: checkpoint saved in {out}; "
+                              f"run the same command to resume", trainer._signum)
+        if dist.is_writer:
             if config.average_last >= 2 and p.dev is not None and len(checkpoint.list_checkpoints(out)) >= 2:
                 from nmt.average import average
 

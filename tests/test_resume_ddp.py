@@ -82,12 +82,16 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(data, tmp_path):
     assert json.loads((out / "training.json").read_text())["steps"] == last + 3
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
+def test_sigterm_saves_a_checkpoint_without_evaluating_and_exits_143(data, tmp_path):
+    """Container grace periods are 10-30 s: save, no dev evaluation or averaging; exit 128 + 15 so a
+    scheduler tells an interrupted run from a finished one."""
     import signal
     import time
 
     out = tmp_path / "term"
-    proc = subprocess.Popen([sys.executable, "-m", "nmt", "train", *COMMON, "--train", str(data), "--out", str(out),
+    dev = write_slice(tmp_path / "dev", "dev", 5, split="dev")
+    opts = [*COMMON, "--dev", str(dev), "--average-last", "2", "--keep-last", "3"]  # the later --dev wins
+    proc = subprocess.Popen([sys.executable, "-m", "nmt", "train", *opts, "--train", str(data), "--out", str(out),
                              "--max-steps", "100000"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     start = time.monotonic()
     while not (out / "metrics.jsonl").exists() and time.monotonic() - start < 120:
@@ -95,11 +99,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, tmp_path):
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err.decode()
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
     assert "Traceback" not in err.decode()
+    last = err.decode().strip().splitlines()[-1]
+    assert last.startswith("nmt: error: stopped by SIGTERM") and "resume" in last
     summary = json.loads((out / "training.json").read_text())
     assert summary["stop_reason"] == "stopped by SIGTERM"
+    assert summary["evaluations"] == []
     assert (out / "checkpoints" / f"step-{summary['steps']:08d}" / "state.pt").exists()
+    assert "averag" not in err.decode().lower()
 
 
 @pytest.mark.slow

@@ -113,6 +113,7 @@ def test_empty_training_data(tmp_path):
     (["--max-steps", "0"], "max-steps"),
     (["--label-smoothing", "1.5"], "label-smoothing"),
     (["--max-steps", "many"], "max-steps"),
+    (["--max-length", "5000"], "exceeds the model's max_positions 1024"),
 ])
 def test_usage_errors_exit_2(tmp_path, data, args, words):
     msg = error_line(train("--train", str(data["train"]), "--dev", "none", "--out", str(tmp_path / "run"),

@@ -1,0 +1,305 @@
+"""The failure paths of `nmt train` (issue 17): a run directory that is not the run's, dev-set
+problems found at start and evaluation after the save, --update-freq beyond an epoch, signals and
+a closed stderr, --max-length beyond the model's positions, torchrun variables and out-of-memory
+under DDP. In-process where possible (one tiny prepared run shared by the module); the signal
+cases run the CLI, since signals and pipes are what they test."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, write_slice
+from nmt import checkpoint
+from nmt import config as cfg
+from nmt import train as train_mod
+from nmt.corpus import ParallelCorpus
+from nmt.errors import Interrupted, NmtError, UsageError
+from nmt.runtime import setup
+from nmt.train import Distributed, Trainer, check_dev, check_out_dir, prepare
+
+
+def tiny(train, dev=None, **train_fields):
+    model_config, tok_config, preset = cfg.preset("tiny")
+    tok_config = cfg.apply(tok_config, {"vocab_size": 400}, "tok")
+    fields = {**preset, "batch_tokens": 512, "eval_every": 1000, "log_every": 1, **train_fields}
+    train_config = cfg.TrainConfig(preset="tiny", train=[str(train)], dev=str(dev) if dev else None, dtype="float32",
+                                   device="cpu", threads=1, **fields)
+    return train_config, model_config, tok_config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("faults-data")
+    return {"train": write_slice(base, "train", 100), "dev": write_slice(base, "dev", 5, split="dev")}
+
+
+@pytest.fixture(scope="module")
+def prepared(data, tmp_path_factory):
+    train_config, model_config, tok_config = tiny(data["train"], data["dev"])
+    p = prepare(train_config, model_config, tok_config, tmp_path_factory.mktemp("faults-run") / "run")
+    return p, train_config
+
+
+def trainer_in(prepared, out: Path, **fields) -> Trainer:
+    p, train_config = prepared
+    out.mkdir(parents=True, exist_ok=True)
+    return Trainer(replace(p, out=out), replace(train_config, **fields), setup("cpu", "float32", 1), Distributed("cpu"))
+
+
+# -- 1. --out must be new, empty or this run's ----------------------------------------------------
+
+
+def test_out_directory_new_empty_or_an_interrupted_preparation_is_accepted(tmp_path):
+    assert check_out_dir(tmp_path / "new", False) is False
+    assert check_out_dir(tmp_path, False) is False  # empty
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / ".config.json.tmp-999999").write_text("")
+    assert check_out_dir(tmp_path, False) is False  # what a run killed while preparing leaves
+
+
+def test_out_directory_with_other_files_needs_force(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(NmtError, match=r"not an nmt run .*notes\.txt.*--force") as e:
+        check_out_dir(tmp_path, False)
+    assert str(tmp_path) in str(e.value)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NmtError, match=r"^\.: .*--force"):
+        check_out_dir(Path("."), False)
+    assert check_out_dir(tmp_path, True) is False
+
+
+def test_out_directory_with_a_foreign_config_json_needs_force(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MarianMTModel"]}))  # a Hugging Face folder
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(NmtError, match=r"not an nmt run's.*--force"):
+        check_out_dir(tmp_path, False)
+    assert check_out_dir(tmp_path, True) is False
+
+
+def test_a_finished_model_without_checkpoints_is_not_replaced_by_another_configuration(data, tmp_path):
+    train_config, model_config, tok_config = tiny(data["train"], max_steps=2)
+    first = tmp_path / "first"
+    train_mod.train(train_config, model_config, tok_config, first)
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = (copy / "model.safetensors").read_bytes()
+    other = replace(model_config, dropout=0.3)
+    with pytest.raises(NmtError, match=r"another configuration.*dropout.*--force") as e:
+        train_mod.train(train_config, other, tok_config, copy)
+    assert str(copy) in str(e.value)
+    assert (copy / "model.safetensors").read_bytes() == weights
+    assert json.loads((copy / "config.json").read_text())["model"]["dropout"] == 0.0
+    # --force replaces it
+    forced = tmp_path / "forced"
+    shutil.copytree(copy, forced)
+    train_mod.train(train_config, other, tok_config, forced, force=True)
+    assert json.loads((forced / "config.json").read_text())["model"]["dropout"] == 0.3
+    # the same configuration is the same run: accepted (it trains again from step 0 here)
+    train_mod.train(train_config, model_config, tok_config, copy)
+
+
+# -- 2. the dev set is checked whole at start; evaluation comes after the save --------------------
+
+
+def dev_with(tmp_path, src_lines: list[bytes], tgt_lines: list[bytes]) -> ParallelCorpus:
+    (tmp_path / "dev.es").write_bytes(b"".join(x + b"\n" for x in src_lines))
+    (tmp_path / "dev.en").write_bytes(b"".join(x + b"\n" for x in tgt_lines))
+    return ParallelCorpus.from_prefix(tmp_path / "dev", "es", "en")
+
+
+def test_dev_set_with_an_empty_reference_line(tmp_path):
+    with pytest.raises(NmtError, match=r"dev\.en: line 2 is empty"):
+        check_dev(dev_with(tmp_path, [b"uno", b"dos", b"tres"], [b"one", b"", b"three"]))
+
+
+def test_dev_set_empty(tmp_path):
+    (tmp_path / "dev.es").write_bytes(b"")
+    (tmp_path / "dev.en").write_bytes(b"")
+    with pytest.raises(NmtError, match="dev set is empty"):
+        check_dev(ParallelCorpus.from_prefix(tmp_path / "dev", "es", "en"))
+
+
+def test_dev_set_with_invalid_utf8_fails_before_the_tokenizer_is_trained(data, tmp_path):
+    lines = [f"línea {i}".encode() for i in range(30)]
+    lines[20] = b"ma\xf1ana"
+    dev = dev_with(tmp_path, lines, [f"line {i}".encode() for i in range(30)])
+    train_config, model_config, tok_config = tiny(data["train"], tmp_path / "dev")
+    with pytest.raises(NmtError, match=r"dev\.es.*line 21.*UTF-8"):
+        prepare(train_config, model_config, tok_config, tmp_path / "run")
+    assert not (tmp_path / "run" / "tokenizer.json").exists()
+    assert dev.src_path.exists()
+
+
+def test_an_evaluation_that_fails_loses_no_steps(prepared, tmp_path, monkeypatch):
+    trainer = trainer_in(prepared, tmp_path / "run")
+    trainer.progress.step = 7
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(train_mod, "evaluate_dev", broken)
+    with pytest.raises(RuntimeError):
+        trainer.evaluate_and_save()
+    assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "run")] == ["step-00000007"]
+
+
+def test_the_evaluation_after_the_save_is_kept_for_the_resume(prepared, tmp_path, monkeypatch):
+    trainer = trainer_in(prepared, tmp_path / "run")
+    trainer.progress.step = 5
+    monkeypatch.setattr(train_mod, "evaluate_dev", lambda *a, **k: (12.5, "sig", 3.0))
+    trainer.evaluate_and_save()
+    again = trainer_in(prepared, tmp_path / "run")
+    assert again.resume()
+    assert again.progress.step == 5 and again.progress.best_bleu == 12.5
+    assert [r["step"] for r in again.progress.history] == [5]
+
+
+# -- 3. --update-freq beyond the batches of an epoch ----------------------------------------------
+
+
+def test_update_freq_larger_than_an_epoch_is_an_error_not_a_hang(prepared, tmp_path):
+    def hung(signum, frame):
+        raise TimeoutError("the training loop hangs")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        trainer = trainer_in(prepared, tmp_path / "run", update_freq=10_000, max_steps=3)
+        with pytest.raises(UsageError, match=r"--update-freq 10000 exceeds the \d+ batches"):
+            trainer.run()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# -- 4. signals: SIGHUP like SIGTERM, a closed stderr, exit 128 + N --------------------------------
+
+
+def test_a_signal_ignored_at_start_stays_ignored(prepared, tmp_path):
+    """`nohup nmt train …` ignores SIGHUP: the run must not start handling it."""
+    trainer = trainer_in(prepared, tmp_path / "run")
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with train_mod._StopOnSignal(trainer):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_interrupted_exits_128_plus_the_signal():
+    assert Interrupted("stopped", signal.SIGTERM).exit_code == 143
+
+
+def test_sighup_after_the_log_reader_went_away_still_saves(data, tmp_path):
+    """`nmt train 2>&1 | tee log`, then the terminal closes: tee is gone (stderr is a broken
+    pipe) and SIGHUP arrives. The run saves its checkpoint and exits 128 + 1."""
+    out = tmp_path / "hup"
+    args = ["--preset", "tiny", "--src", "es", "--tgt", "en", "--dev", str(data["dev"]), "--dtype", "float32",
+            "--batch-tokens", "1000", "--eval-every", "100000", "--log-every", "1", "--vocab-size", "500",
+            "--threads", "1", "--train", str(data["train"]), "--out", str(out), "--max-steps", "1000000"]
+    proc = subprocess.Popen([sys.executable, "-m", "nmt", "train", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        start = time.monotonic()
+        while not (out / "metrics.jsonl").exists() and time.monotonic() - start < 120 and proc.poll() is None:
+            time.sleep(0.1)
+        proc.stderr.close()  # tee went away
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGHUP)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGHUP
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["stop_reason"] == "stopped by SIGHUP"
+    assert summary["evaluations"] == [], "no dev evaluation in the grace period"
+    assert (out / "checkpoints" / f"step-{summary['steps']:08d}" / "state.pt").exists()
+
+
+# -- 5. --max-length beyond the model's positions ---------------------------------------------------
+
+
+def test_max_length_above_the_model_positions_is_a_usage_error_at_start(data, tmp_path):
+    train_config, model_config, tok_config = tiny(data["train"], max_length=5000)
+    with pytest.raises(UsageError, match=r"--max-length 5000 .*max_positions 1024"):
+        train_mod.train(train_config, model_config, tok_config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    short = replace(model_config, max_positions=64)
+    with pytest.raises(UsageError, match=r"--max-length 250 .*max_positions 64"):
+        train_mod.train(replace(train_config, max_length=250), short, tok_config, tmp_path / "run")
+
+
+# -- 6. torchrun ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"RANK": "1"}, "without WORLD_SIZE"),
+    ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK=1"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),
+])
+def test_stray_or_inconsistent_torchrun_variables(env, words):
+    with pytest.raises(NmtError, match=words):
+        train_mod._ranks(env)
+
+
+def test_torchrun_variables_read():
+    assert train_mod._ranks({}) == (1, 0, 0)
+    assert train_mod._ranks({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == (4, 3, 1)
+
+
+def test_the_process_group_waits_hours_for_rank_0(monkeypatch):
+    import torch.distributed as dist
+
+    assert train_mod.dist_timeout({}).total_seconds() >= 3600
+    assert train_mod.dist_timeout({"NMT_DIST_TIMEOUT": "90"}).total_seconds() == 90
+    with pytest.raises(NmtError, match="NMT_DIST_TIMEOUT"):
+        train_mod.dist_timeout({"NMT_DIST_TIMEOUT": "soon"})
+    seen = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("NMT_DIST_TIMEOUT", "7200")
+    Distributed("cpu")
+    assert seen["backend"] == "gloo" and seen["timeout"].total_seconds() == 7200
+
+
+def test_out_of_memory_under_ddp_is_an_error_not_a_lone_retry(prepared, tmp_path):
+    """A retry on one rank would pair its collectives with the other ranks' wrongly."""
+    from nmt.batching import plan_epoch
+
+    trainer = trainer_in(prepared, tmp_path / "run")
+    p = prepared[0]
+    batch = plan_epoch(p.cache.src_len, p.cache.tgt_len, 1000, 1, 0)[0]
+
+    class TwoRanks(Distributed):
+        def __init__(self):
+            self.world_size, self.rank, self.local_rank, self.is_writer, self.backend = 2, 1, 1, False, "gloo"
+
+        def _all_reduce(self, value, op):
+            return value
+
+    trainer.dist = TwoRanks()
+
+    def forward(*args):
+        raise torch.OutOfMemoryError("simulated")
+
+    trainer.model.forward = forward
+    with pytest.raises(NmtError, match=r"out of memory at step 1 on rank 1.*lower --batch-tokens"):
+        trainer.train_step([batch])
