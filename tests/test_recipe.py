@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 EPOCH = 830_000  # target tokens of one epoch of the embedded corpus (8k BPE)
 
 
-RATES = {"mini": 1500.0, "compact": 1000.0, "small": 800.0}
+RATES = {"micro": 2400.0, "mini": 1500.0, "compact": 1000.0, "small": 800.0}
 
 
 def _seconds_for_steps(rate: float, steps: int, batch: int = 1500) -> float:
@@ -28,23 +28,24 @@ def _seconds_for_steps(rate: float, steps: int, batch: int = 1500) -> float:
 def test_a_short_budget_gets_the_fastest_shape():
     # 10 minutes at these speeds buy every shape far fewer than MIN_STEPS steps
     r = recipe.choose(RATES, EPOCH, 600, None, 1500, 30.0)
-    assert r.shape == "mini" and r.model["d_model"] == 192 and r.model["encoder_layers"] == 2
-    assert r.budget_tokens == pytest.approx(1500 * 600 * (1 - recipe.EVAL_SHARE))
+    assert r.shape == "micro" and r.model["d_model"] == 128 and r.model["encoder_layers"] == 2
+    assert r.budget_tokens == pytest.approx(2400 * 600 * (1 - recipe.EVAL_SHARE))
     assert r.epochs == pytest.approx(r.budget_tokens / EPOCH)
-    assert "compact would get" in r.reason
+    assert "mini would get" in r.reason
 
 
 def test_the_largest_shape_that_gets_enough_steps_is_chosen():
     just = _seconds_for_steps(RATES["compact"], int(1.01 * recipe.MIN_STEPS))  # compact: just enough
     assert recipe.choose(RATES, EPOCH, just, None, 1500, 30.0).shape == "compact"
     assert recipe.choose(RATES, EPOCH, 0.98 * just, None, 1500, 30.0).shape == "mini"
+    assert recipe.choose(RATES, EPOCH, 60, None, 1500, 30.0).shape == "micro"
     plenty = _seconds_for_steps(RATES["small"], 2 * recipe.MIN_STEPS)
     assert recipe.choose(RATES, EPOCH, plenty, None, 1500, 30.0).shape == "small"  # medium not measured
 
 
 def test_a_step_budget_needs_no_speed():
     assert recipe.choose({}, EPOCH, None, recipe.MIN_STEPS, 1500, 0.0).shape == "medium"
-    assert recipe.choose({}, EPOCH, None, recipe.MIN_STEPS - 1, 1500, 0.0).shape == "mini"
+    assert recipe.choose({}, EPOCH, None, recipe.MIN_STEPS - 1, 1500, 0.0).shape == "micro"
     with pytest.raises(ValueError):
         recipe.choose({}, EPOCH, None, None, 1500, 0.0)
 
@@ -75,12 +76,12 @@ def test_measure_times_each_shape_and_stops_when_larger_ones_cannot_be_chosen():
         built.append(shape.name)
         return lambda: 1000
 
-    rates = recipe.measure(recipe.SHAPES, step, seconds=0.01, keep_going=lambda name, rate: name != "compact")
-    assert built == ["mini", "compact"] and set(rates) == {"mini", "compact"}
+    rates = recipe.measure(recipe.SHAPES, step, seconds=0.01, keep_going=lambda name, rate: name != "mini")
+    assert built == ["micro", "mini"] and set(rates) == {"micro", "mini"}
     assert all(rate > 0 for rate in rates.values())
     one_step = recipe.REAL_SHARE * 1500 / (1 - recipe.EVAL_SHARE)  # seconds per step at 1 token/s
-    assert recipe.worth_measuring_next("mini", 1.0, 0.99 * recipe.MIN_STEPS * one_step, 1500) is False
-    assert recipe.worth_measuring_next("mini", 1.0, 1.01 * recipe.MIN_STEPS * one_step, 1500) is True
+    assert recipe.worth_measuring_next("micro", 1.0, 0.99 * recipe.MIN_STEPS * one_step, 1500) is False
+    assert recipe.worth_measuring_next("micro", 1.0, 1.01 * recipe.MIN_STEPS * one_step, 1500) is True
     assert recipe.worth_measuring_next("medium", 1e9, 1e6, 1500) is False  # nothing after the largest
 
 
@@ -91,7 +92,7 @@ def test_options_set_by_hand_are_kept():
     config = TrainConfig(lr=5e-4, fixed=["train.lr", "model.dropout"])
     new_config, model = _apply_recipe(chosen, config, ModelConfig(dropout=0.3))
     assert new_config.lr == 5e-4 and model.dropout == 0.3  # set by hand
-    assert new_config.warmup_steps == chosen.train["warmup_steps"] and model.d_model == 192  # the recipe's
+    assert new_config.warmup_steps == chosen.train["warmup_steps"] and model.d_model == 128  # the recipe's
     assert recipe.from_record(json.loads(json.dumps(recipe.describe(chosen)))) == chosen
 
 
@@ -103,10 +104,10 @@ def test_train_with_a_budget_and_no_preset_chooses_stores_and_reuses_the_recipe(
     r = run_nmt(*args, "--max-steps", "2")
     err = r.stderr.decode()
     assert r.returncode == 0, err
-    assert "recipe: mini model" in err
+    assert "recipe: micro model" in err
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["train"]["preset"] == "auto" and config["recipe"]["shape"] == "mini"
-    assert config["model"]["d_model"] == 192 and config["model"]["dropout"] == 0.0
+    assert config["train"]["preset"] == "auto" and config["recipe"]["shape"] == "micro"
+    assert config["model"]["d_model"] == 128 and config["model"]["dropout"] == 0.0
     assert config["tokenizer"]["vocab_size"] == 300 and config["train"]["batch_tokens"] == 400  # set by hand
     r = run_nmt(*args, "--max-steps", "3")  # resume: the same recipe, not measured again
     err = r.stderr.decode()
