@@ -41,7 +41,7 @@ class Shape:
 
 
 # Smallest first. While a budget buys few optimizer steps, every shape learns about as much per
-# step (measured: the same training loss at step 200-250 for 4.7 M to 7.6 M parameters), so
+# step (measured: the same training loss at step 200-250 for 3.6 M to 7.6 M parameters), so
 # the fastest one ends best (10 minutes on one core: 2.0 M parameters and 1,170 steps, dev BLEU
 # 6.2; 3.6 M and 784 steps, 4.6; 5.7 M and 495 steps, 1.6); a larger shape pays off once it
 # gets enough steps to use its size.
