@@ -161,7 +161,7 @@ def choose(rates: dict[str, float], corpus_tokens: int, max_time: float | None, 
     lr = 2e-3 if shape.d_model <= 256 else 1e-3
     dropout = dropout_for(epochs)
     evals = _evaluations(max_time, eval_seconds)
-    eval_every = max(50, steps // evals)
+    eval_every = max(50, int(1.1 * steps) // evals)  # the last one inside the budget not right before its end
     speed = f" at {rates[shape.name]:,.0f} tokens/s" if shape.name in rates else f" in {max_steps:,} steps"
     reason = (f"{shape.name} model, dropout {dropout}, lr {lr:g}, batch {batch_tokens}, cosine to 0: the budget buys "
               f"~{tokens / 1e6:.2f} M target tokens (~{epochs:.1f} epochs, ~{steps:,} steps){speed}; "
