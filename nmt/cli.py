@@ -441,7 +441,7 @@ def attention(
 ) -> None:
     """Translate one sentence and show its attention: every layer and head, or a terminal heatmap."""
     from nmt import checkpoint, runtime
-    from nmt.attention import maps_for_sentence
+    from nmt.attention_maps import maps_for_sentence
     from nmt.config import DecodeConfig
     from nmt.plots import attention_png, attention_terminal
     from nmt.translate import Translator
