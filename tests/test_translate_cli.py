@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, ROOT, error_line, run_nmt
+from conftest import DATA, ROOT, error_line, ok, run_nmt, without_paths
 
 # The test machine is small and shared: one thread per subprocess is much faster than
 # oversubscribed cores (the conftest model fixture runs its `nmt train` under this too).
@@ -37,12 +37,6 @@ BUFFERED = {**os.environ, "PYTHONUNBUFFERED": ""}
 def translate(model: Path, *args: str, input: bytes | str | None = None):
     return run_nmt("translate", "-m", str(model), *args, input=input)
 
-
-def ok(r: subprocess.CompletedProcess) -> str:
-    err = r.stderr.decode("utf-8", "replace")
-    assert r.returncode == 0, err
-    assert "Traceback" not in err
-    return r.stdout.decode("utf-8")
 
 
 def out_lines(r: subprocess.CompletedProcess) -> list[str]:
@@ -339,7 +333,7 @@ def test_config_of_another_format_or_version(damaged, one_line, change):
     (damaged / "config.json").write_text(json.dumps(config), encoding="utf-8")
     msg = error_line(translate(damaged, "-i", str(one_line), "--beam-size", "1"), 1)
     assert "config.json" in msg
-    assert ("format" in msg) or ("version" in msg)
+    assert ("format" in without_paths(msg)) or ("version" in without_paths(msg))
 
 
 def test_config_with_unknown_model_key(damaged, one_line):
@@ -368,7 +362,7 @@ def test_corrupt_weights(damaged, one_line, keep):
 def test_missing_tokenizer(damaged, one_line):
     (damaged / "tokenizer.json").unlink()
     msg = error_line(translate(damaged, "-i", str(one_line), "--beam-size", "1"), 1)
-    assert "tokenizer" in msg
+    assert "tokenizer" in without_paths(msg)
 
 
 def test_missing_input_file(model, tmp_path):
