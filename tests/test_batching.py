@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import head_lines
 from nmt.batching import _cut, collate, plan_epoch
 from nmt.cache import Filters, load_or_build
 from nmt.config import TokenizerConfig

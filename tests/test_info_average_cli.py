@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import ok, error_line, run_nmt, write_slice
+from conftest import error_line, ok, run_nmt, write_slice
 from nmt.average import average_state_dicts
 from nmt.errors import NmtError
 

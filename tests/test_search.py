@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_transformer
 from nmt.config import DecodeConfig, ModelConfig
 from nmt.model import Transformer
 from nmt.search import beam_search, greedy, greedy_no_cache, length_penalty, sample, sampling_probs
@@ -15,10 +16,7 @@ BOS, EOS, PAD = 2, 3, 0
 
 
 def tiny(vocab=24, seed=0, d=32) -> Transformer:
-    torch.manual_seed(seed)
-    c = ModelConfig(d_model=d, n_heads=4, d_ff=64, encoder_layers=2, decoder_layers=2, dropout=0.0,
-                    src_vocab_size=vocab, tgt_vocab_size=vocab)
-    return Transformer(c).eval()
+    return tiny_transformer(vocab, seed, d)
 
 
 def sources(lengths, vocab=24, seed=1):
