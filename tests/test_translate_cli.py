@@ -82,6 +82,10 @@ def any_model(request, model) -> Path:
     return model if request.param == "nmt" else request.getfixturevalue("exported")
 
 
+def model_dir(kind: str, request) -> Path:
+    return request.getfixturevalue("model" if kind == "nmt" else "exported")
+
+
 # -- the line contract --------------------------------------------------------------------------
 
 
@@ -91,9 +95,9 @@ def _contract_input() -> list[str]:
     return ["", s[4], s[0], "   ", s[7], "", "", s[2], "\t", s[8], s[1], " \t ", s[5], s[3], "", s[6], ""]
 
 
-@pytest.mark.parametrize("beam", ["1", "2"])
-def test_one_line_per_line_in_order_however_windowed_and_batched(any_model, tmp_path, beam):
-    model = any_model
+@pytest.mark.parametrize("kind, beam", [("nmt", "1"), ("nmt", "2"), ("ctranslate2", "2")])
+def test_one_line_per_line_in_order_however_windowed_and_batched(request, tmp_path, kind, beam):
+    model = model_dir(kind, request)
     lines = _contract_input()
     src = tmp_path / "in.txt"
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
