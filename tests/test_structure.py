@@ -126,13 +126,26 @@ def test_every_model_engine_gives_the_same_greedy_translation(tiny_model_dir):
             assert a.hypotheses[0].logprob == pytest.approx(b.hypotheses[0].logprob, abs=1e-4)
 
 
+def _keep_logging(monkeypatch) -> None:
+    """cli.main configures the "nmt" logger for a terminal: undo that after the test."""
+    import logging
+
+    logger = logging.getLogger("nmt")
+    for name in ("handlers", "propagate", "level"):
+        value = getattr(logger, name)
+        monkeypatch.setattr(logger, name, list(value) if name == "handlers" else value)
+
+
 def test_a_bug_exits_3_with_one_line_and_no_traceback(monkeypatch, capsys, tmp_path):
     import nmt.info
     from nmt import cli
 
+    real = nmt.info.describe
+
     def broken(model):
         raise ZeroDivisionError("a bug")
 
+    _keep_logging(monkeypatch)
     monkeypatch.setattr(nmt.info, "describe", broken)
     monkeypatch.setattr(sys, "argv", ["nmt", "info", str(tmp_path)])
     with pytest.raises(SystemExit) as exit_:
@@ -140,7 +153,7 @@ def test_a_bug_exits_3_with_one_line_and_no_traceback(monkeypatch, capsys, tmp_p
     err = capsys.readouterr().err
     assert exit_.value.code == cli.INTERNAL_ERROR == 3
     assert err.startswith("nmt: error: internal error: ZeroDivisionError: a bug") and err.count("\n") == 1
-    monkeypatch.undo()
+    monkeypatch.setattr(nmt.info, "describe", real)
     monkeypatch.setattr(sys, "argv", ["nmt", "info", str(tmp_path / "missing")])
     with pytest.raises(SystemExit) as exit_:
         cli.main()
