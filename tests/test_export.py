@@ -209,7 +209,7 @@ def test_broken_model_directory_raises_nmt_error(tiny_model_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken, ignore=shutil.ignore_patterns("checkpoints", "cache"))
     (broken / checkpoint.WEIGHTS).write_bytes((broken / checkpoint.WEIGHTS).read_bytes()[:100])
-    with pytest.raises(NmtError, match="cannot load weights"):
+    with pytest.raises(NmtError, match="cannot load weights|not a safetensors file"):
         export_ctranslate2(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
