@@ -12,11 +12,11 @@ to nmt fp32 with the same search. Every system gets the same decoding options (l
 a·|source| + b, batches of --batch-tokens source tokens, windows of 256 lines sorted by
 length). The length penalty is normalised by |Y|^α ("average", which CTranslate2 computes
 too) unless --length-norm gnmt is given, for which CTranslate2 has no equivalent; see
-nmt.export.translate_ctranslate2 for the remaining differences (the cap, beam stopping).
+nmt.engines.CTranslate2 for the remaining differences (the cap, beam stopping).
 
     nmt fp32 / bf16   Translator, runtime dtype float32 / bfloat16 (autocast)
     nmt int8          torch dynamic quantisation of every nn.Linear (as `nmt translate --dtype int8`)
-    naive greedy      nmt.search.greedy_no_cache: recomputes the whole prefix every step (on the
+    naive greedy      engines.NaiveGreedy (search.greedy_no_cache): recomputes the whole prefix every step (on the
                       first --naive-lines lines only, it is slow; compare with "nmt fp32 (same lines)")
     ct2 fp32 / int8   the export, compute_type float32 / int8, intra_threads = the thread count
 
@@ -37,12 +37,11 @@ from pathlib import Path
 import sacrebleu
 import torch
 
-from nmt import checkpoint, runtime
+from nmt import checkpoint, engines, runtime
 from nmt.config import DEFAULT_DATA, DecodeConfig
-from nmt.export import export_ctranslate2, load_ctranslate2, translate_ctranslate2
+from nmt.export import export_ctranslate2
 from nmt.model import count_parameters
-from nmt.search import greedy_no_cache
-from nmt.tokenizer import EOS_ID, PAD_ID, decode_batch, encode_batch
+from nmt.tokenizer import Vocabs
 from nmt.translate import Translator
 
 WARMUP_LINES = 8
@@ -78,43 +77,27 @@ def timed(run, lines: list[str]) -> tuple[float, list[str], int]:
     return time.perf_counter() - t0, texts, tokens
 
 
-def nmt_runner(model, vocabs, rt, config: DecodeConfig):
+def translator_runner(translator_of):
+    """Every system behind the same Translator (sorting, truncation, token-budget batching)."""
     def run(lines):
-        results = list(Translator(model, vocabs, rt, config).translate(lines))
-        return [r.text for r in results], sum(len(r.hypotheses[0][1].tokens) + 1 for r in results if r.hypotheses)
-    return run
-
-
-def naive_runner(model, vocabs, config: DecodeConfig):
-    """greedy_no_cache behind the same sorting, truncation and token-budget batching as Translator."""
-    max_src = model.config.max_positions - 2
-
-    def run(lines):
-        ids = [s[:max_src] for s in encode_batch(vocabs.src, lines)]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out: list[list[int]] = [[] for _ in lines]
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and (end - start + 1) * (len(ids[order[end]]) + 1) <= config.batch_tokens:
-                end += 1
-            batch = order[start:end]
-            src = torch.full((len(batch), len(ids[batch[-1]]) + 1), PAD_ID, dtype=torch.long)
-            for row, i in enumerate(batch):
-                src[row, : len(ids[i]) + 1] = torch.tensor(ids[i] + [EOS_ID])
-            for i, hyp in zip(batch, greedy_no_cache(model, src, config.max_length_a, config.max_length_b)):
-                out[i] = hyp
-            start = end
-        texts = decode_batch(vocabs.tgt, out)
-        return [t if line.strip() else "" for t, line in zip(texts, lines)], sum(len(h) + 1 for h in out)
-    return run
-
-
-def ct2_runner(ct2_model, config: DecodeConfig):
-    def run(lines):
-        results = list(translate_ctranslate2(ct2_model, lines, config))
+        results = list(translator_of().translate(lines))
         return [r.text for r in results], sum(len(r.hypotheses[0].tokens) + 1 for r in results if r.hypotheses)
     return run
+
+
+def nmt_runner(model, vocabs, rt, config: DecodeConfig):
+    return translator_runner(lambda: Translator.from_model(model, vocabs, rt, config))
+
+
+def naive_runner(model, vocabs, rt, config: DecodeConfig):
+    """nmt.search.greedy_no_cache as an engine."""
+    return translator_runner(lambda: Translator(engines.NaiveGreedy(model, rt, config), vocabs, config))
+
+
+def ct2_runner(ct2_dir: Path, compute_type: str, threads: int, config: DecodeConfig):
+    engine = engines.CTranslate2.load(ct2_dir, config, compute_type=compute_type, threads=threads)
+    vocabs: Vocabs = engine.vocabs
+    return translator_runner(lambda: Translator(engine, vocabs, config))
 
 
 def bleu(texts: list[str], refs: list[str]) -> float:
@@ -139,7 +122,7 @@ def bench_nmt(args, threads: int, src: list[str], ref: list[str]) -> list[Row]:
             if dtype == "float32" and beam == 1 and n_naive:
                 sub, sub_ref = src[:n_naive], ref[:n_naive]
                 for label, runner in (("nmt fp32 (same lines)", nmt_runner(model, vocabs, rt, config)),
-                                      (NAIVE, naive_runner(model, vocabs, config))):
+                                      (NAIVE, naive_runner(model, vocabs, rt, config))):
                     secs, texts, toks = timed(runner, sub)
                     rows.append(Row(label, threads, 1, n_naive, secs, toks, bleu(texts, sub_ref), texts))
     return rows
@@ -148,10 +131,9 @@ def bench_nmt(args, threads: int, src: list[str], ref: list[str]) -> list[Row]:
 def bench_ct2(args, threads: int, ct2_dir: Path, src: list[str], ref: list[str]) -> list[Row]:
     rows = []
     for compute_type in ("float32", "int8"):
-        ct2_model = load_ctranslate2(ct2_dir, compute_type=compute_type, threads=threads)
         for beam in args.beams:
             config = decode_config(args, beam)
-            secs, texts, toks = timed(ct2_runner(ct2_model, config), src)
+            secs, texts, toks = timed(ct2_runner(ct2_dir, compute_type, threads, config), src)
             name = "ct2 fp32" if compute_type == "float32" else "ct2 int8"
             rows.append(Row(name, threads, beam, len(src), secs, toks, bleu(texts, ref), texts))
     return rows

@@ -17,9 +17,8 @@ from typing import Callable
 
 import torch
 
-from nmt.batching import Batch
+from nmt.batching import Batch, pad_batch
 from nmt.errors import NmtError
-from nmt.tokenizer import BOS_ID, EOS_ID
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +62,8 @@ def worst_case_batch(tokens: int, max_length: int, vocab_size: int, device: torc
     """`tokens // max_length` pairs (at least one) of max_length real tokens on each side,
     EOS included, with random ids: the largest padded batch a budget of `tokens` can hold."""
     rows = max(1, tokens // max_length)
-    ids = torch.randint(4, vocab_size, (rows, max_length + 1), device=device)  # no special ids
-    src = ids[:, 1:].clone()
-    src[:, -1] = EOS_ID
-    tgt_in = ids[:, :-1].clone()
-    tgt_in[:, 0] = BOS_ID
-    tgt_out = ids[:, 1:].clone()
-    tgt_out[:, -1] = EOS_ID
-    return Batch(src, tgt_in, tgt_out, n_tgt_tokens=rows * max_length)
+    ids = torch.randint(4, vocab_size, (2, rows, max_length - 1)).numpy()  # no special ids
+    return pad_batch(ids[0], ids[1]).to(device)
 
 
 def probe(step: Callable[[Batch], None], model: torch.nn.Module, max_length: int, vocab_size: int,

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from nmt import checkpoint
-from nmt.config import ModelConfig, from_dict
+from nmt import atomic, checkpoint, validate
 from nmt.corpus import ParallelCorpus
 from nmt.errors import NmtError
 from nmt.model import Transformer
@@ -41,9 +40,6 @@ def average_state_dicts(paths: list[Path]) -> dict[str, torch.Tensor]:
 
 def average(directory: Path, last: int, runtime: Runtime, dev_prefix: str | None = None) -> dict:
     """Average the last `last` checkpoints of a run; keep the result if its dev BLEU is higher."""
-    from nmt.tokenizer import Vocabs
-    from nmt.train import evaluate_dev
-
     config = checkpoint.read_config(directory)
     checkpoints = checkpoint.list_checkpoints(directory)[-last:]
     if len(checkpoints) < 2:
@@ -52,12 +48,8 @@ def average(directory: Path, last: int, runtime: Runtime, dev_prefix: str | None
     if not dev_prefix:
         raise NmtError(f"{directory}: no dev set to compare the averaged model on (give --dev)")
     dev = ParallelCorpus.from_prefix(dev_prefix, config["src"], config["tgt"])
-    vocabs = Vocabs.load(directory)
-    model_config = from_dict(ModelConfig, config["model"], "config.json model")
-
-    current = Transformer(model_config)
-    checkpoint.load_weights(current, directory / checkpoint.WEIGHTS)
-    averaged = Transformer(model_config)
+    current, vocabs, _ = checkpoint.load_for_inference(directory)  # every part checked
+    averaged = Transformer(current.config)
     # safetensors stores tied matrices once, so the aliases (tgt_embed, output) are "missing" here
     _, unexpected = averaged.load_state_dict(average_state_dicts([c / checkpoint.WEIGHTS for c in checkpoints]),
                                              strict=False)
@@ -65,13 +57,13 @@ def average(directory: Path, last: int, runtime: Runtime, dev_prefix: str | None
         raise NmtError(f"{directory}: checkpoints hold tensors the model does not have: {unexpected[:3]}")
     scores = {}
     for name, model in (("current", current), ("averaged", averaged)):
-        bleu, signature, loss = evaluate_dev(model.to(runtime.device), vocabs, dev, runtime)
+        bleu, signature, loss = validate.evaluate_dev(model.to(runtime.device), vocabs, dev, runtime)
         scores[name] = {"dev_bleu": bleu, "dev_loss": loss, "signature": signature}
     kept = "averaged" if scores["averaged"]["dev_bleu"] > scores["current"]["dev_bleu"] else "current"
     if kept == "averaged":
         checkpoint.save_weights(averaged, directory / checkpoint.WEIGHTS)
     record = {"checkpoints": [c.name for c in checkpoints], "scores": scores, "kept": kept}
-    checkpoint.atomic_write_text(directory / "averaging.json", json.dumps(record, indent=2))
+    atomic.write_text(directory / "averaging.json", json.dumps(record, indent=2))
     log.info("averaged %d checkpoints: dev BLEU %.2f vs current %.2f: kept the %s model", len(checkpoints),
              scores["averaged"]["dev_bleu"], scores["current"]["dev_bleu"], kept)
     return record

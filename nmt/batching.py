@@ -1,4 +1,6 @@
-"""Token-budget batches of length-sorted pairs, planned with numpy, and their tensors.
+"""Token-budget batches of length-sorted pairs, planned with numpy, and the one builder of
+padded id tensors (BOS/EOS, padding, the source-length limit) that every path uses: training,
+the dev loss, translation, autobatch's worst case, attention maps and the benchmarks.
 
 An epoch's plan is a pure function of (lengths, seed, epoch): pairs sorted by length with a
 random tie-break, cut into batches whose padded size fits the token budget, then the batches
@@ -28,7 +30,7 @@ PAD_MULTIPLE = 8
 
 def padded(length):
     """`length` (an int or an array) rounded up to a multiple of PAD_MULTIPLE."""
-    return -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
+    return padded_to(length, PAD_MULTIPLE)
 
 
 def plan_epoch(src_len: np.ndarray, tgt_len: np.ndarray, batch_tokens: int, seed: int, epoch: int,
@@ -127,17 +129,76 @@ def _cut(sorted_cost: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
     return start, np.append(start[1:], n)
 
 
+# -- padded tensors: the one builder -----------------------------------------------------------
+
+
+def max_source_tokens(max_positions: int) -> int:
+    """The source-length limit: subword tokens a source keeps (EOS not counted). With its EOS a
+    source takes at most max_positions - 1 positions, the same cap as the output side
+    (`search.max_lengths`); anything longer is cut here, never inside the model."""
+    return max_positions - 2
+
+
+def cut_source(ids: list[int], max_positions: int) -> tuple[list[int], bool]:
+    """(ids within the source-length limit, whether they were cut)."""
+    limit = max_source_tokens(max_positions)
+    return (ids[:limit], True) if len(ids) > limit else (ids, False)
+
+
 @dataclass
 class Batch:
     src: torch.Tensor  # [B, S] source ids + EOS, padded
-    tgt_in: torch.Tensor  # [B, T] BOS + target ids, padded
-    tgt_out: torch.Tensor  # [B, T] target ids + EOS, padded
+    tgt_in: torch.Tensor | None  # [B, T] BOS + target ids, padded (None: a source-only batch)
+    tgt_out: torch.Tensor | None  # [B, T] target ids + EOS, padded
     n_tgt_tokens: int  # real (non-pad) target tokens, EOS included
 
     def to(self, device: torch.device) -> "Batch":
         nb = device.type == "cuda"
-        return Batch(self.src.to(device, non_blocking=nb), self.tgt_in.to(device, non_blocking=nb),
-                     self.tgt_out.to(device, non_blocking=nb), self.n_tgt_tokens)
+        move = lambda t: None if t is None else t.to(device, non_blocking=nb)  # noqa: E731
+        return Batch(move(self.src), move(self.tgt_in), move(self.tgt_out), self.n_tgt_tokens)
+
+
+def pad_batch(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]] | None = None, *,
+              max_positions: int | None = None, multiple: int = 1, pin: bool = False) -> Batch:
+    """The one place ids become padded tensors: sources get EOS, targets BOS (input) and EOS
+    (output), every row is padded with PAD_ID to the longest (rounded up to `multiple`).
+
+    With `max_positions` both sides are first cut to the source-length limit (`cut_source`),
+    so no batch built here can exceed the model's positions. Rows of `src` and `tgt` are
+    lists or numpy arrays of ids without specials."""
+    if max_positions is not None:
+        limit = max_source_tokens(max_positions)
+        src = [s[:limit] for s in src]
+        tgt = None if tgt is None else [t[:limit] for t in tgt]
+    src_ids = _pad_rows(src, [], [EOS_ID], multiple)
+    if tgt is None:
+        return Batch(_tensor(src_ids, pin), None, None, 0)
+    tgt_in = _pad_rows(tgt, [BOS_ID], [], multiple)
+    tgt_out = _pad_rows(tgt, [], [EOS_ID], multiple)
+    n_tgt = sum(len(t) for t in tgt) + len(tgt)
+    return Batch(_tensor(src_ids, pin), _tensor(tgt_in, pin), _tensor(tgt_out, pin), n_tgt)
+
+
+def _pad_rows(rows: Sequence[Sequence[int]], before: list[int], after: list[int], multiple: int) -> np.ndarray:
+    width = len(before) + len(after)
+    out = np.full((len(rows), padded_to(max(len(r) for r in rows) + width, multiple)), PAD_ID, dtype=np.int64)
+    for i, r in enumerate(rows):
+        n = len(r)
+        if before:
+            out[i, 0] = before[0]
+        out[i, len(before) : len(before) + n] = r
+        if after:
+            out[i, len(before) + n] = after[0]
+    return out
+
+
+def padded_to(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
+def _tensor(a: np.ndarray, pin: bool) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    return t.pin_memory() if pin else t
 
 
 def target_tokens(cache: TokenCache, indices: np.ndarray) -> int:
@@ -146,21 +207,6 @@ def target_tokens(cache: TokenCache, indices: np.ndarray) -> int:
 
 
 def collate(cache: TokenCache, indices: np.ndarray, pin: bool = False) -> Batch:
-    """Gather pairs from the cache into padded tensors."""
-    pairs = list(zip(*cache.gather(indices)))
-    s_max = padded(max(len(s) for s, _ in pairs) + 1)
-    t_max = padded(max(len(t) for _, t in pairs) + 1)
-    src = np.full((len(pairs), s_max), PAD_ID, dtype=np.int64)
-    tgt = np.full((len(pairs), t_max + 1), PAD_ID, dtype=np.int64)  # BOS ids EOS
-    for row, (s, t) in enumerate(pairs):
-        src[row, : len(s)] = s
-        src[row, len(s)] = EOS_ID
-        tgt[row, 0] = BOS_ID
-        tgt[row, 1 : len(t) + 1] = t
-        tgt[row, len(t) + 1] = EOS_ID
-    tgt_in = tgt[:, :-1].copy()
-    tgt_in[tgt_in == EOS_ID] = PAD_ID  # EOS is never an input
-    tensors = [torch.from_numpy(a) for a in (src, tgt_in, tgt[:, 1:].copy())]
-    if pin:
-        tensors = [t.pin_memory() for t in tensors]
-    return Batch(*tensors, n_tgt_tokens=sum(len(t) for _, t in pairs) + len(pairs))  # = target_tokens()
+    """Gather training pairs from the cache into padded tensors (lengths padded to PAD_MULTIPLE)."""
+    src, tgt = cache.gather(indices)
+    return pad_batch(src, tgt, multiple=PAD_MULTIPLE, pin=pin)

@@ -31,6 +31,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from nmt import atomic
 from nmt.checkpoint import remove_stale_temporaries
 from nmt.corpus import ParallelCorpus, fingerprints
 from nmt.errors import NmtError
@@ -271,11 +272,15 @@ def build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters, direc
     """Encode every pair once, in chunks, into a temporary directory; rename it when complete."""
     vocab = max(vocabs.src.get_vocab_size(), vocabs.tgt.get_vocab_size())
     dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     report = FilterReport()
-    try:
-        tmp.mkdir(parents=True)
+
+    def cache_error(e: OSError) -> NmtError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return NmtError(f"{directory.parent}: disk full while building the token cache (free space, or "
+                            "give --cache-dir on another disk)")
+        return NmtError(f"{e.filename or directory}: cannot write the token cache ({e.strerror or e})")
+
+    with atomic.directory(directory, cache_error) as tmp:
         # A pipeline of two: while the tokenizer (which releases the GIL) encodes one chunk in a
         # worker thread, this thread reads the next chunk and writes the previous one.
         with _gc_paused(), _Writer(tmp, dtype) as writer, ThreadPoolExecutor(max_workers=1) as worker:
@@ -294,16 +299,6 @@ def build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters, direc
         meta = {"key": directory.name, "format": FORMAT_VERSION, "dtype": dtype.name,
                 "report": asdict(report), "files": files, **described}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, directory)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NmtError(f"{directory.parent}: disk full while building the token cache (free space, or "
-                           "give --cache-dir on another disk)") from None
-        raise NmtError(f"{e.filename or tmp}: cannot write the token cache ({e.strerror or e})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("token cache: %s", report.summary())
 
 

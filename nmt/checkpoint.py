@@ -8,8 +8,8 @@
     DIR/metrics.jsonl        one JSON object per log/eval event
     DIR/checkpoints/step-N/  resume state: model.safetensors + state.pt (optimizer, RNG, data position)
 
-Every file is written under a temporary name and renamed, so a crash or a full disk never leaves
-a half-written file in place of a good one. Loading never unpickles arbitrary objects:
+Every file is written through `nmt.atomic` (a temporary name, then a rename), so a crash or a
+full disk never leaves a half-written file in place of a good one. Loading never unpickles arbitrary objects:
 weights come from safetensors, resume state through `torch.load(weights_only=True)`.
 """
 
@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from nmt import atomic
 from nmt.config import ModelConfig, check_model_config, from_dict
 from nmt.errors import NmtError
 from nmt.textio import read_small_file
@@ -37,35 +38,7 @@ WEIGHTS = "model.safetensors"
 CONFIG_LIMIT = 16 << 20  # a config.json is a few kB; a larger one is not ours
 
 
-def _disk_error(path: Path, e: OSError) -> NmtError:
-    if e.errno == errno.ENOSPC:
-        return NmtError(f"{path}: disk full while writing (the previous version is kept)")
-    return NmtError(f"{path}: cannot write ({e.strerror or e})")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync, then rename over `path`; on failure remove the temporary."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _disk_error(path, e) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-# What `atomic_write`, `save_checkpoint` and the cache build name their temporaries.
+# What `nmt.atomic` names its temporaries (`atomic.temporary_name`).
 TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
 
 
@@ -111,7 +84,7 @@ def _process_alive(pid: int) -> bool:
 def _as_os_error(write):
     """safetensors and torch report a failed write (a full disk) as SafetensorError or
     RuntimeError ("unexpected pos 576 vs 534"), not OSError: turn those into OSError, so that
-    `atomic_write` removes the temporary and says in one line what happened."""
+    `atomic.write_file` removes the temporary and says in one line what happened."""
     def run(tmp: Path) -> None:
         try:
             write(tmp)
@@ -128,7 +101,7 @@ def _as_os_error(write):
 def save_weights(model, path: Path) -> None:
     from safetensors.torch import save_model
 
-    atomic_write(path, _as_os_error(lambda tmp: save_model(model, str(tmp))))
+    atomic.write_file(path, _as_os_error(lambda tmp: save_model(model, str(tmp))))
 
 
 def load_weights(model, path: Path) -> None:
@@ -145,7 +118,7 @@ def load_weights(model, path: Path) -> None:
 
 
 def write_config(directory: Path, config: dict[str, Any]) -> None:
-    atomic_write_text(directory / "config.json", json.dumps({"format": FORMAT, "version": FORMAT_VERSION,
+    atomic.write_text(directory / "config.json", json.dumps({"format": FORMAT, "version": FORMAT_VERSION,
                                                             **config}, indent=2))
 
 
@@ -272,22 +245,10 @@ def save_checkpoint(directory: Path, step: int, model, state: dict[str, Any], ke
     then only the newest `keep_last` are kept."""
     import torch
 
-    root = directory / "checkpoints"
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    final = directory / "checkpoints" / f"step-{step:08d}"
+    with atomic.directory(final) as tmp:
         save_weights(model, tmp / WEIGHTS)
-        atomic_write(tmp / "state.pt", _as_os_error(lambda p: torch.save(state, p)))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _disk_error(final, e) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic.write_file(tmp / "state.pt", _as_os_error(lambda p: torch.save(state, p)))
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -332,4 +293,4 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
     except OSError as e:
-        raise _disk_error(path, e) from None
+        raise atomic.write_error(path, e) from None

@@ -1,7 +1,9 @@
 """The `nmt` command: Typer commands that parse options, build configs and call one library function.
 
-Errors a user can fix (`NmtError`) become one line on stderr and exit code 1 (2 for usage);
-no traceback unless `--verbose`. Logs go to stderr, data to stdout. Heavy imports (torch)
+Errors a user can fix (`NmtError`) become one line on stderr and exit code 1 (2 for usage); any
+other exception is a bug: one line saying "internal error" and exit code 3, so a script can tell
+a bug from bad input. No traceback unless `--verbose`. Defaults and allowed values come from the
+config dataclasses (`nmt.config`), which also layer preset → `--config` file → flags. Logs go to stderr, data to stdout. Heavy imports (torch)
 happen inside the commands that need them, so `nmt --help` and `nmt evaluate` stay quick.
 """
 
@@ -18,7 +20,10 @@ from typing import Annotated, List, Optional
 import typer
 
 from nmt import __version__
+from nmt.config import DecodeConfig, choices
 from nmt.errors import NmtError, UsageError
+
+INTERNAL_ERROR = 3  # a bug, not bad input: distinct from user errors (1) and usage errors (2)
 
 log = logging.getLogger("nmt")
 
@@ -106,8 +111,9 @@ def _choice(value: str | None, name: str, allowed: tuple[str, ...]) -> str | Non
 
 
 def _given(**values) -> dict:
-    """The options the user actually gave (None means: keep the preset or config-file value)."""
-    return {k: v for k, v in values.items() if v is not None}
+    from nmt.config import given
+
+    return given(**values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,13 +125,9 @@ SrcOpt = Annotated[Optional[str], typer.Option("--src", help="Source language su
 TgtOpt = Annotated[Optional[str], typer.Option("--tgt", help="Target language suffix. [default: en]")]
 
 
-def _tokenizer_config(preset_tok, overrides: dict, vocab_size, kind, separate_vocab, sample, lowercase):
-    from nmt import config as cfg
-
-    tok = cfg.apply(preset_tok, overrides.get("tokenizer", {}), "--config tokenizer")
-    return cfg.apply(tok, _given(vocab_size=vocab_size, kind=_choice(kind, "--tokenizer", ("bpe", "unigram")),
-                                 joint=None if separate_vocab is None else not separate_vocab,
-                                 sample_lines=sample, lowercase=lowercase), "tokenizer")
+def _tokenizer_flags(vocab_size, kind, separate_vocab, sample) -> dict:
+    return _given(vocab_size=vocab_size, kind=kind, joint=None if separate_vocab is None else not separate_vocab,
+                  sample_lines=sample)
 
 
 @app.command("train-tokenizer")
@@ -138,20 +140,17 @@ def train_tokenizer_cmd(
     kind: Annotated[Optional[str], typer.Option("--tokenizer", help="bpe or unigram.")] = None,
     separate_vocab: Annotated[Optional[bool], typer.Option("--separate-vocab", help="One vocabulary per language instead of a joint one.")] = None,
     sample: Annotated[Optional[int], typer.Option("--tokenizer-sample", help="Train on a uniform sample of this many pairs.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 1,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the sample.")] = None,
     preset: Annotated[str, typer.Option(help="Preset whose vocabulary size is the default.")] = "small",
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="JSON file with a tokenizer section; command-line options override it.")] = None,
 ) -> None:
     """Train the subword tokenizer(s) alone (nmt train does this itself when needed)."""
     from nmt import config as cfg
-    from nmt.corpus import ParallelCorpus, sample_corpora
-    from nmt.tokenizer import train_vocabs_streamed
+    from nmt.train import train_tokenizer
 
-    _, preset_tok, _ = cfg.preset(preset)
-    tok_config = _tokenizer_config(preset_tok, {}, vocab_size, kind, separate_vocab, sample, None)
-    defaults = cfg.TrainConfig()
-    corpora = [ParallelCorpus.from_prefix(p, src or defaults.src, tgt or defaults.tgt) for p in (train or defaults.train)]
-    vocabs = train_vocabs_streamed(lambda: sample_corpora(corpora, tok_config.sample_lines, seed), tok_config,
-                                   f"training data {corpora[0].src_path}, {corpora[0].tgt_path}")
+    _, tok_config, train_config = cfg.layered(preset, config_file, {}, _tokenizer_flags(vocab_size, kind, separate_vocab, sample),
+                                              _given(train=train, src=src, tgt=tgt, seed=seed))
+    vocabs = train_tokenizer(train_config, tok_config)  # the very function `nmt train` uses
     vocabs.save(out)
     log.info("tokenizer (%s, %d pieces) written to %s", tok_config.kind, vocabs.src.get_vocab_size(), out)
 
@@ -204,25 +203,23 @@ def train(
 
     if preset is None:
         preset = "auto" if (max_time is not None or max_steps is not None) else "small"
+    model_flags = _given(dropout=dropout, pre_norm=None if post_norm is None else not post_norm)
     # "auto" starts from the small preset's values; the recipe then replaces those not set by hand
-    model_config, tok_config, train_preset = cfg.preset("small" if preset == "auto" else preset)
-    overrides = cfg.load_overrides(config_file) if config_file else {}
-    model_config = cfg.apply(model_config, overrides.get("model", {}), "--config model")
-    model_config = cfg.apply(model_config, _given(dropout=dropout, pre_norm=None if post_norm is None else not post_norm), "model")
-    tok_config = _tokenizer_config(tok_config, overrides, vocab_size, tokenizer, separate_vocab, tokenizer_sample, None)
-    train_config = cfg.apply(cfg.TrainConfig(preset=preset, **train_preset), overrides.get("train", {}), "--config train")
-    dev_value = dev if dev is not None else train_config.dev
-    train_config = cfg.apply(train_config, _given(
-        train=train, src=src, tgt=tgt, max_time=parse_duration(max_time), max_steps=max_steps, max_epochs=max_epochs,
-        seed=seed, device=device, dtype=dtype, threads=threads, batch_tokens=_batch_tokens(batch_tokens),
-        update_freq=update_freq,
-        lr=lr, lr_schedule=_choice(lr_schedule, "--lr-schedule", ("inverse-sqrt", "cosine")),
-        warmup_steps=warmup_steps, label_smoothing=label_smoothing, eval_every=eval_every, patience=patience,
-        keep_last=keep_last, max_length=max_length, max_ratio=max_ratio, cache_dir=cache_dir, compile=compile,
-        log_every=log_every, average_last=average_last,
-        dedupe=None if no_dedupe is None else not no_dedupe), "train")
-    train_config = cfg.apply(train_config, {"dev": None if str(dev_value).lower() == "none" else dev_value}, "train")
+    model_config, tok_config, train_config = cfg.layered(
+        "small" if preset == "auto" else preset, config_file, model_flags,
+        _tokenizer_flags(vocab_size, tokenizer, separate_vocab, tokenizer_sample),
+        _given(train=train, src=src, tgt=tgt, max_time=parse_duration(max_time), max_steps=max_steps,
+               max_epochs=max_epochs, seed=seed, device=device, dtype=dtype, threads=threads,
+               batch_tokens=_batch_tokens(batch_tokens), update_freq=update_freq, lr=lr, lr_schedule=lr_schedule,
+               warmup_steps=warmup_steps, label_smoothing=label_smoothing, eval_every=eval_every, patience=patience,
+               keep_last=keep_last, max_length=max_length, max_ratio=max_ratio, cache_dir=cache_dir, compile=compile,
+               log_every=log_every, average_last=average_last, dedupe=None if no_dedupe is None else not no_dedupe,
+               dev=dev))
+    train_config = cfg.apply(train_config, {"preset": preset}, "train")
+    if str(train_config.dev).lower() == "none":
+        train_config = cfg.apply(train_config, {"dev": None}, "train")
     if preset == "auto":
+        overrides = cfg.load_overrides(config_file) if config_file else {}
         flags = dict(model=_given(dropout=dropout, pre_norm=post_norm), tokenizer=_given(vocab_size=vocab_size),
                      train=_given(batch_tokens=batch_tokens, update_freq=update_freq, lr=lr, lr_schedule=lr_schedule,
                                   warmup_steps=warmup_steps, eval_every=eval_every, average_last=average_last))
@@ -276,7 +273,6 @@ def _check_train_values(c) -> None:
     if not 0 <= c.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1) (got {c.label_smoothing})")
     _choice(c.device if not c.device.startswith("cuda:") else "cuda", "--device", ("auto", "cpu", "cuda"))
-    _choice(c.dtype, "--dtype", ("auto", "float32", "bfloat16"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,36 +285,37 @@ def translate(
     model: Annotated[Path, typer.Option("--model", "-m", help="Model directory written by `nmt train`.")],
     input: Annotated[str, typer.Option("--input", "-i", help="Input file ('-' = stdin).")] = "-",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file. [default: stdout]")] = None,
-    beam_size: Annotated[int, typer.Option(help="Beam size (1 = greedy).")] = 5,
-    nbest: Annotated[int, typer.Option(help="Hypotheses per line in --format jsonl.")] = 1,
-    length_penalty: Annotated[float, typer.Option(help="Length penalty α (0: none).")] = 1.0,
-    length_norm: Annotated[str, typer.Option(help="gnmt: ((5+|Y|)/6)^α; average: |Y|^α.")] = "gnmt",
-    min_length: Annotated[int, typer.Option(help="Minimum output tokens before EOS.")] = 0,
-    max_length_a: Annotated[float, typer.Option(help="Output cap: a·source length + b.")] = 1.5,
-    max_length_b: Annotated[int, typer.Option(help="Output cap: a·source length + b.")] = 10,
-    batch_tokens: Annotated[int, typer.Option(help="Source tokens per batch.")] = 4000,
-    window: Annotated[int, typer.Option(help="Lines read ahead and sorted by length.")] = 256,
-    sampling_topk: Annotated[int, typer.Option(help="Sample from the k most probable tokens (0: off).")] = 0,
-    sampling_topp: Annotated[float, typer.Option(help="Nucleus sampling threshold (0: off).")] = 0.0,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 1,
+    beam_size: Annotated[int, typer.Option(help="Beam size (1 = greedy).")] = DecodeConfig.beam_size,
+    nbest: Annotated[int, typer.Option(help="Hypotheses per line in --format jsonl.")] = DecodeConfig.nbest,
+    length_penalty: Annotated[float, typer.Option(help="Length penalty α (0: none).")] = DecodeConfig.length_penalty,
+    length_norm: Annotated[str, typer.Option(help=f"{' or '.join(choices(DecodeConfig, 'length_norm'))}: gnmt ((5+|Y|)/6)^α, average |Y|^α.")] = DecodeConfig.length_norm,
+    min_length: Annotated[int, typer.Option(help="Minimum output tokens before EOS.")] = DecodeConfig.min_length,
+    max_length_a: Annotated[float, typer.Option(help="Output cap: a·source length + b.")] = DecodeConfig.max_length_a,
+    max_length_b: Annotated[int, typer.Option(help="Output cap: a·source length + b.")] = DecodeConfig.max_length_b,
+    batch_tokens: Annotated[int, typer.Option(help="Source tokens per batch.")] = DecodeConfig.batch_tokens,
+    window: Annotated[int, typer.Option(help="Lines read ahead and sorted by length.")] = DecodeConfig.window,
+    sampling_topk: Annotated[int, typer.Option(help="Sample from the k most probable tokens (0: off).")] = DecodeConfig.sampling_topk,
+    sampling_topp: Annotated[float, typer.Option(help="Nucleus sampling threshold (0: off).")] = DecodeConfig.sampling_topp,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = DecodeConfig.temperature,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = DecodeConfig.seed,
     format: Annotated[str, typer.Option("--format", help="text (1-best per line) or jsonl (n-best, scores, flags).")] = "text",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or int8 (CPU dynamic quantisation).")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or int8 (CPU dynamic quantisation; a CTranslate2 export: its compute type).")] = "auto",
     threads: Annotated[int, typer.Option(help="CPU threads (0: all cores).")] = 0,
 ) -> None:
-    """Translate lines from a file or stdin to stdout: one output line per input line."""
-    from nmt.config import DecodeConfig
+    """Translate lines from a file or stdin to stdout: one output line per input line.
+
+    -m takes a model directory from `nmt train` or a CTranslate2 export from `nmt export`
+    (recognised from the directory): the same options, line contract and JSON lines."""
+    from nmt import config as cfg
 
     _choice(format, "--format", ("text", "jsonl"))
-    _choice(length_norm, "--length-norm", ("gnmt", "average"))
     _choice(dtype, "--dtype", ("auto", "float32", "bfloat16", "int8"))
-    if beam_size < 1 or not 1 <= nbest <= beam_size:
-        raise UsageError(f"need beam size ≥ 1 and 1 ≤ nbest ≤ beam size (got {beam_size}, {nbest})")
-    if batch_tokens < 1 or window < 1:
+    decode = cfg.from_options(DecodeConfig, locals())  # the options named like DecodeConfig's fields
+    if decode.beam_size < 1 or not 1 <= decode.nbest <= decode.beam_size:
+        raise UsageError(f"need beam size ≥ 1 and 1 ≤ nbest ≤ beam size (got {decode.beam_size}, {decode.nbest})")
+    if decode.batch_tokens < 1 or decode.window < 1:
         raise UsageError("--batch-tokens and --window must be ≥ 1")
-    decode = DecodeConfig(beam_size, nbest, length_penalty, length_norm, min_length, max_length_a, max_length_b,
-                          batch_tokens, window, sampling_topk, sampling_topp, temperature, seed)
     translator = _load_translator(model, decode, device, dtype, threads)
     from nmt.textio import read_lines
 
@@ -356,10 +353,23 @@ def _write_translations(translator, lines, sink, format: str) -> None:
 
 
 def _load_translator(model_dir: Path, decode, device: str, dtype: str, threads: int):
+    """The Translator for -m: nmt's own search on a model directory, or CTranslate2 on an export."""
+    from nmt import engines
+    from nmt.translate import Translator
+
+    if engines.is_ctranslate2_dir(model_dir):
+        if device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"--device: unknown value {device!r} (choose from auto, cpu, cuda)")
+        from nmt.export import ctranslate2_module
+
+        if device == "auto":
+            device = "cuda" if ctranslate2_module().get_cuda_device_count() > 0 else "cpu"
+        compute_type = {"auto": "default"}.get(dtype, dtype)
+        engine = engines.CTranslate2.load(model_dir, decode, compute_type=compute_type, threads=threads, device=device)
+        return Translator(engine, engine.vocabs, decode)
     import torch
 
     from nmt import checkpoint, runtime
-    from nmt.translate import Translator
 
     rt = runtime.setup(device, "float32" if dtype == "int8" else dtype, threads)
     model, vocabs, _ = checkpoint.load_for_inference(model_dir, rt.device)
@@ -367,7 +377,7 @@ def _load_translator(model_dir: Path, decode, device: str, dtype: str, threads: 
         if rt.device.type != "cpu":
             raise UsageError("--dtype int8 is CPU-only (dynamic quantisation)")
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    return Translator(model, vocabs, rt, decode)
+    return Translator.from_model(model, vocabs, rt, decode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,8 +451,7 @@ def attention(
 ) -> None:
     """Translate one sentence and show its attention: every layer and head, or a terminal heatmap."""
     from nmt import checkpoint, runtime
-    from nmt.attention import maps_for_sentence
-    from nmt.config import DecodeConfig
+    from nmt.attention_maps import maps_for_sentence
     from nmt.plots import attention_png, attention_terminal
     from nmt.translate import Translator
 
@@ -459,9 +468,12 @@ def attention(
         raise UsageError("the sentence is empty")
     rt = runtime.setup("cpu", "float32", 0)
     nmt_model, vocabs, _ = checkpoint.load_for_inference(model, rt.device)
-    result = next(iter(Translator(nmt_model, vocabs, rt, DecodeConfig(beam_size=beam_size)).translate([sentence])))
+    result = next(iter(Translator.from_model(nmt_model, vocabs, rt, DecodeConfig(beam_size=beam_size)).translate([sentence])))
+    if result.truncated:
+        log.warning("the sentence is longer than the model's %d positions: its maps show the part translated",
+                    nmt_model.config.max_positions)
     typer.echo(result.text)
-    maps = maps_for_sentence(nmt_model, vocabs, sentence, result.hypotheses[0][1].tokens)
+    maps = maps_for_sentence(nmt_model, vocabs, sentence, result.hypotheses[0].tokens)
     if out is None:
         attention_terminal(maps)
     else:
@@ -518,7 +530,7 @@ def main() -> None:
             _fail(e.format_message().splitlines()[0] if e.format_message() else type(e).__name__, e.exit_code, None)
         if _state["verbose"]:
             raise
-        _fail(f"internal error: {type(e).__name__}: {e} (run with --verbose for the traceback)", 1, None)
+        _fail(f"internal error: {type(e).__name__}: {e} (run with --verbose for the traceback)", INTERNAL_ERROR, None)
 
 
 def _fail(message: str, code: int, exc: BaseException | None) -> None:

@@ -1,7 +1,9 @@
 """Typed configs (tokenizer, model, training, decoding): one source of defaults, saved as plain JSON.
 
-The CLI reads its defaults from these dataclasses and the model directory stores them. Loading
-checks the keys: an unknown or missing key is a one-line error, never a silent default.
+The CLI reads its defaults and allowed values (the `Literal` types) from these dataclasses, and
+the model directory stores them. Loading checks the keys: an unknown or missing key is a
+one-line error, never a silent default. Options are layered in one place (`layered`): the
+preset, then a `--config` file, then the flags given on the command line.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from nmt.errors import NmtError, UsageError
 
@@ -103,7 +105,7 @@ class TrainConfig:
     max_ratio: float = 3.0  # drop pairs whose token-length ratio exceeds this
     dedupe: bool = True
     cache_dir: str | None = None
-    dtype: str = "auto"  # auto | float32 | bfloat16
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # 0: all cores
     compile: bool = False
@@ -221,6 +223,50 @@ def apply(config: C, overrides: dict[str, Any], what: str) -> C:
         raise UsageError(f"{what}: unknown option(s) {unknown}")
     values = {k: (tuple(v) if k == "betas" else v) for k, v in overrides.items()}
     return dataclasses.replace(config, **values)  # type: ignore[type-var]
+
+
+def choices(cls: type, name: str) -> tuple[str, ...]:
+    """The allowed values of a `Literal` field, e.g. choices(DecodeConfig, "length_norm")."""
+    hint = get_type_hints(cls)[name]
+    return tuple(get_args(hint)) if get_origin(hint) is Literal else ()
+
+
+def check_choices(config: Any, what: str = "") -> None:
+    """A usage error naming the option for any `Literal` field holding another value."""
+    for f in fields(config):
+        allowed = choices(type(config), f.name)
+        value = getattr(config, f.name)
+        if allowed and value not in allowed:
+            name = what or f"--{f.name.replace('_', '-')}"
+            raise UsageError(f"{name}: unknown value {value!r} (choose from {', '.join(allowed)})")
+
+
+def from_options(cls: type[C], options: dict[str, Any]) -> C:
+    """A config from the CLI's options named like its fields (others are ignored), choices checked."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    config = cls(**{k: v for k, v in options.items() if k in names})  # type: ignore[call-arg]
+    check_choices(config)
+    return config
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The options the user actually gave (None means: keep the preset or config-file value)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def layered(preset_name: str, config_file: str | Path | None, model: dict[str, Any], tokenizer: dict[str, Any],
+            train: dict[str, Any]) -> tuple[ModelConfig, TokenizerConfig, TrainConfig]:
+    """The run's configs: the preset's values, then the `--config` file's sections, then the
+    command-line flags given (dicts of field → value, None-free)."""
+    model_config, tok_config, train_preset = preset(preset_name)
+    overrides = load_overrides(config_file) if config_file else {}
+    model_config = apply(apply(model_config, overrides.get("model", {}), "--config model"), model, "model")
+    tok_config = apply(apply(tok_config, overrides.get("tokenizer", {}), "--config tokenizer"), tokenizer, "tokenizer")
+    train_config = apply(TrainConfig(preset=preset_name, **train_preset), overrides.get("train", {}), "--config train")
+    train_config = apply(train_config, train, "train")
+    check_choices(tok_config, "--tokenizer")  # its one choice, `kind`, is the --tokenizer flag
+    check_choices(train_config)
+    return model_config, tok_config, train_config
 
 
 def preset(name: str) -> tuple[ModelConfig, TokenizerConfig, dict[str, Any]]:

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from nmt import atomic
 from nmt.errors import NmtError, UsageError
 from nmt.textio import count_lines, open_binary, read_line_blocks, read_lines
 
@@ -150,13 +151,10 @@ def fingerprints(paths: list[Path], memo_file: Path | None = None) -> list[Finge
             memo[key] = {"stamp": stamp, "lines": fp.lines, "sha256": fp.sha256}
             changed = True
     if memo_file is not None and changed:
-        tmp = memo_file.with_name(f".{memo_file.name}.tmp-{os.getpid()}")
         try:
-            memo_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(memo, indent=1))
-            os.replace(tmp, memo_file)
-        except OSError:  # only an optimisation: the next run hashes again (a full disk leaves no temporary)
-            tmp.unlink(missing_ok=True)
+            atomic.write_text(memo_file, json.dumps(memo, indent=1))
+        except NmtError:  # only an optimisation: the next run hashes again (a full disk leaves no temporary)
+            pass
     return out
 
 

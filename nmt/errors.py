@@ -1,7 +1,7 @@
 """The one exception type for problems a user can fix (bad file, bad option, broken model).
 
 The CLI turns an `NmtError` into a single line on stderr and exit code 1 (2 for `UsageError`);
-anything else is a bug and keeps its traceback under `--verbose`.
+anything else is a bug: "internal error", exit code 3, its traceback under `--verbose`.
 """
 
 

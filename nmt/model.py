@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmt.config import ModelConfig
-from nmt.loss import linear_cross_entropy
+from nmt.cpu_kernels import dropout, linear_cross_entropy
 
 
 def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
@@ -41,6 +41,31 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, t, h * dh)  # [B, T, D]
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False,
+              dropout_p: float = 0.0, explicit: bool = False) -> Tensor:
+    """softmax(Q Kᵀ / √Dh + mask) V (section 3.2.1): q [B, H, Tq, Dh], k, v [B, H, Tk, Dh],
+    mask broadcastable to [B, H, Tq, Tk] with True = attend → [B, H, Tq, Dh].
+
+    The fused kernel (`scaled_dot_product_attention`) never builds the [Tq, Tk] weights; the
+    explicit branch writes the formula out and is what it computes (tests check the two agree).
+    The scale keeps the logits' variance near 1 as Dh grows, so the softmax does not saturate."""
+    if not explicit:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+    return F.dropout(attention_weights(q, k, mask, causal), dropout_p) @ v
+
+
+def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """softmax(Q Kᵀ / √Dh) with a padding mask (True = attend) and/or a causal one: [B, H, Tq, Tk]."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # [B, H, Tq, Tk]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if causal:  # position i sees positions ≤ i (Tq == Tk during teacher forcing)
+        t_q, t_k = scores.shape[-2:]
+        future = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).triu(t_k - t_q + 1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return scores.softmax(-1)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention: Q, K, V are projections of the same sequence (section 3.2.2)."""
 
@@ -50,12 +75,12 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
         self.dropout = dropout
+        self.explicit = False  # True: the written-out formula instead of the fused kernel
 
     def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
         q, k, v = (split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))  # [B, H, T, Dh]
         p = self.dropout if self.training else 0.0
-        # softmax(Q Kᵀ / √Dh + mask) V: the scale keeps logits' variance ~1 as Dh grows.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        y = attention(q, k, v, mask, causal, p, self.explicit)  # [B, H, T, Dh]
         return self.out(merge_heads(y))
 
     def step(self, x: Tensor, cache: "LayerCache", t: int) -> Tensor:
@@ -64,7 +89,7 @@ class SelfAttention(nn.Module):
         cache.k[:, :, t : t + 1] = k
         cache.v[:, :, t : t + 1] = v
         # Every cached position is ≤ t, so no mask is needed: causality comes from the cache length.
-        y = F.scaled_dot_product_attention(q, cache.k[:, :, : t + 1], cache.v[:, :, : t + 1])
+        y = attention(q, cache.k[:, :, : t + 1], cache.v[:, :, : t + 1], explicit=self.explicit)
         return self.out(merge_heads(y))
 
 
@@ -78,6 +103,7 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)
         self.dropout = dropout
+        self.explicit = False
 
     def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         k, v = self.kv(memory).chunk(2, dim=-1)
@@ -86,7 +112,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, k: Tensor, v: Tensor, src_mask: Tensor | None) -> Tensor:
         q = split_heads(self.q(x), self.n_heads)  # [B, H, T, Dh]
         p = self.dropout if self.training else 0.0
-        return self.out(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=src_mask, dropout_p=p)))
+        return self.out(merge_heads(attention(q, k, v, src_mask, dropout_p=p, explicit=self.explicit)))
 
     def step(self, x: Tensor, k: Tensor, v: Tensor, src_mask: Tensor | None) -> Tensor:
         """x [B·K, 1, D] against per-sentence k, v [B, H, S, Dh]: the K beams of a sentence become
@@ -94,7 +120,7 @@ class CrossAttention(nn.Module):
         n = x.shape[0]
         b = k.shape[0]
         q = split_heads(self.q(x).view(b, n // b, -1), self.n_heads)  # [B, H, K, Dh]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=src_mask)  # [B, H, K, Dh]
+        y = attention(q, k, v, src_mask, explicit=self.explicit)  # [B, H, K, Dh]
         return self.out(merge_heads(y).reshape(n, 1, -1))  # [B·K, 1, D]
 
 
@@ -114,11 +140,8 @@ class FeedForward(nn.Module):
 
 
 class Dropout(nn.Module):
-    """Dropout (Srivastava et al. 2014): zero each element with probability p, scale the rest by
-    1 / (1 − p). On CPU the mask comes from 16-bit slices of 64-bit random integers, because
-    torch's `bernoulli_` draws one number per element: measured on [3000, 256] bf16 (2 cores)
-    1.6 ms against F.dropout's 4.8 ms, and 12% of a small-preset training step before. p is
-    quantised to a multiple of 1/65536. Same generator as torch's (seeded, saved in checkpoints)."""
+    """Dropout (Srivastava et al. 2014) with probability p while training (the mask itself is
+    drawn by `cpu_kernels.dropout`, fast on CPU)."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -127,14 +150,7 @@ class Dropout(nn.Module):
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
-        bits = bits.view(torch.int16)[:n].view(x.shape)  # uniform on [−32768, 32767]
-        return x.masked_fill(bits < round(self.p * 65536) - 32768, 0) * (1.0 / (1.0 - self.p))
+        return dropout(x, self.p) if self.training else x
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -179,6 +195,10 @@ class DecoderLayer(nn.Module):
         self.res3 = Residual(c.d_model, c.dropout, c.pre_norm)
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, src_mask: Tensor | None) -> Tensor:
+        # No target padding mask: the causal mask already keeps every position from seeing the
+        # ones after it, and padding only ever comes after a sentence's last real token. So a
+        # real position never attends to padding, and what the padding positions compute
+        # themselves is never used (their loss is skipped, their logits never read).
         x = self.res1(x, lambda h: self.self_attn(h, causal=True))
         x = self.res2(x, lambda h: self.cross_attn(h, k, v, src_mask))
         return self.res3(x, self.ffn)
@@ -264,6 +284,14 @@ class Transformer(nn.Module):
             nn.init.normal_(emb.weight, mean=0.0, std=self.config.d_model**-0.5)
             nn.init.zeros_(emb.weight[self.config.pad_id])
 
+    def use_explicit_attention(self, explicit: bool = True) -> "Transformer":
+        """Compute every attention with the written-out softmax(Q Kᵀ / √Dh) V instead of the
+        fused kernel (slower; the same result up to rounding)."""
+        for m in self.modules():
+            if isinstance(m, (SelfAttention, CrossAttention)):
+                m.explicit = explicit
+        return self
+
     def embed(self, table: nn.Embedding, ids: Tensor, offset: int = 0) -> Tensor:
         """Token embeddings × √D plus sinusoidal positions (section 3.4), then dropout."""
         if ids.shape[1] + offset > self.positions.shape[0]:
@@ -299,7 +327,8 @@ class Transformer(nn.Module):
         """Logits [B, T, V] for the next tokens. With `keep` [B, T] (True at real target positions)
         and `targets` [N] (the next token at each of them), the summed label-smoothed
         cross-entropy over those positions instead: the output layer, the largest matrix
-        product, skips the padding, and on CPU the [N, V] logits never exist whole (nmt/loss.py)."""
+        product, skips the padding, and on CPU the [N, V] logits never exist whole
+        (`cpu_kernels.linear_cross_entropy`)."""
         if (keep is None) != (targets is None):
             raise ValueError("keep and targets go together")
         memory, mask = self.encode(src)

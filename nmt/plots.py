@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nmt.attention import AttentionMaps
+from nmt.attention_maps import AttentionMaps
 from nmt.errors import NmtError
 
 SHADES = " ░▒▓█"

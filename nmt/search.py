@@ -1,4 +1,10 @@
-"""Search over token ids: greedy, sampling and batched beam search, all with the decoder cache.
+"""Search over token ids: greedy, sampling and batched beam search, all with the decoder cache,
+and the naive no-cache greedy decoder they are checked against.
+
+Every search reads the model only through the `Decoder` protocol (`encode`, `init_cache`,
+`decode_step` and a `config` with the special ids and `max_positions`): the Transformer is one,
+the scripted decoders of the tests are others. Wrapping a search as an engine for `Translator`
+is `nmt.engines`' job.
 
 Beam search is a loop of short named steps over fixed-shape tensors (after Sockeye and
 fairseq): score the next tokens, pick the top 2·K candidates per sentence (so hypotheses that
@@ -13,11 +19,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
 
 from nmt.config import DecodeConfig
+
+
+class Decoder(Protocol):
+    """What a search needs from a model (the Transformer, or a scripted test decoder)."""
+
+    config: Any  # pad_id, bos_id, eos_id, max_positions
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor | None]:
+        """src [B, S] → (memory [B, S, D], source mask)."""
+
+    def init_cache(self, memory: Tensor, src_mask: Tensor | None, beam: int, max_steps: int) -> Any:
+        """A cache with `reorder(rows, sentences=None)` and `keep_sentences(sentences, beam)`."""
+
+    def decode_step(self, tokens: Tensor, cache: Any) -> Tensor:
+        """tokens [N] → next-token logits [N, V]; advances the cache by one position."""
 
 
 @dataclass
@@ -26,6 +48,7 @@ class Hypothesis:
     logprob: float  # natural-log probability of tokens + EOS under the model
     score: float  # logprob normalised by the length penalty (what the search ranks by)
     hit_max_length: bool = False
+    text: str = ""  # the detokenised tokens (filled in by Translator)
 
 
 @dataclass
@@ -63,8 +86,37 @@ def _next_logprobs(model, tokens: Tensor, cache, step: int, min_len: int, max_le
 
 
 @torch.inference_mode()
-def greedy(model, src: Tensor, config: DecodeConfig, generator: torch.Generator | None = None) -> list[SentenceResult]:
-    """Pick the most probable token (or sample, when the config asks) until EOS, per sentence."""
+def greedy(model: Decoder, src: Tensor, config: DecodeConfig) -> list[SentenceResult]:
+    """The most probable token at every step, until EOS, per sentence."""
+    return _one_path(model, src, config, lambda logp: logp.argmax(-1))
+
+
+@torch.inference_mode()
+def sample(model: Decoder, src: Tensor, config: DecodeConfig, generator: torch.Generator) -> list[SentenceResult]:
+    """A token drawn from `sampling_probs` (temperature, top-k, top-p) at every step, until EOS."""
+    return _one_path(model, src, config,
+                     lambda logp: torch.multinomial(sampling_probs(logp, config), 1, generator=generator)[:, 0])
+
+
+def sampling_probs(logp: Tensor, config: DecodeConfig) -> Tensor:
+    """The distribution a sample is drawn from, [N, V]: softmax(log p / T), restricted to the
+    k most probable tokens (top-k) and then to the smallest set of most probable tokens whose
+    probability reaches p (the nucleus, top-p; Holtzman et al. 2020), renormalised."""
+    logits = logp / max(config.temperature, 1e-6)
+    if config.sampling_topk:
+        kth = logits.topk(min(config.sampling_topk, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if config.sampling_topp:
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
+        outside = probs.cumsum(-1) - probs > config.sampling_topp  # tokens after the nucleus is full
+        logits = logits.scatter(-1, order, logits.gather(-1, order).masked_fill(outside, -math.inf))
+    return logits.softmax(-1)
+
+
+def _one_path(model: Decoder, src: Tensor, config: DecodeConfig, choose: Callable[[Tensor], Tensor]
+              ) -> list[SentenceResult]:
+    """One hypothesis per sentence, extended by `choose(logp [N, V]) → tokens [N]` until EOS;
+    finished sentences leave the batch (and the cache)."""
     c = model.config
     memory, src_mask = model.encode(src)
     lengths = (src != c.pad_id).sum(1)
@@ -77,7 +129,7 @@ def greedy(model, src: Tensor, config: DecodeConfig, generator: torch.Generator 
     results = [SentenceResult() for _ in range(src.shape[0])]
     for step in range(int(max_len.max())):
         logp = _next_logprobs(model, tokens, cache, step, config.min_length, max_len[active], c.eos_id)
-        tokens = _pick(logp, config, generator)
+        tokens = choose(logp)
         logprob[active] += logp.gather(1, tokens[:, None])[:, 0]
         done = tokens == c.eos_id
         for row, tok in zip(active.tolist(), tokens.tolist()):
@@ -86,7 +138,7 @@ def greedy(model, src: Tensor, config: DecodeConfig, generator: torch.Generator 
         for row in active[done].tolist():
             n = len(out[row]) + 1
             lp = logprob[row].item()
-            results[row].hypotheses.append(Hypothesis(out[row], lp, lp / _lp(n, config), n >= max_len[row].item()))
+            results[row].hypotheses.append(Hypothesis(out[row], lp, lp / penalty_of(n, config), n >= max_len[row].item()))
         if done.all():
             break
         keep = (~done).nonzero()[:, 0]
@@ -97,22 +149,9 @@ def greedy(model, src: Tensor, config: DecodeConfig, generator: torch.Generator 
     return results
 
 
-def _lp(length: int, config: DecodeConfig) -> float:
+def penalty_of(length: int, config: DecodeConfig) -> float:
+    """The length penalty of a hypothesis of `length` tokens (EOS included) under `config` (1 for α = 0)."""
     return float(length_penalty(length, config.length_penalty, config.length_norm)) if config.length_penalty else 1.0
-
-
-def _pick(logp: Tensor, config: DecodeConfig, generator: torch.Generator | None) -> Tensor:
-    if not (config.sampling_topk or config.sampling_topp) and config.temperature == 1.0 and generator is None:
-        return logp.argmax(-1)
-    logits = logp / max(config.temperature, 1e-6)
-    if config.sampling_topk:
-        kth = logits.topk(min(config.sampling_topk, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if config.sampling_topp:
-        probs, order = logits.softmax(-1).sort(-1, descending=True)
-        outside = probs.cumsum(-1) - probs > config.sampling_topp  # tokens after the nucleus is full
-        logits = logits.scatter(-1, order, logits.gather(-1, order).masked_fill(outside, -math.inf))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
 # -- beam search --------------------------------------------------------------------------------
@@ -145,7 +184,25 @@ def split_candidates(cand: Candidates, eos_id: int, beam: int) -> tuple[Tensor, 
 
 
 @torch.inference_mode()
-def beam_search(model, src: Tensor, config: DecodeConfig) -> list[SentenceResult]:
+def beam_search(model: Decoder, src: Tensor, config: DecodeConfig) -> list[SentenceResult]:
+    """The `nbest` best hypotheses per sentence under the length penalty, K = beam_size beams.
+
+    1. Encode the sources once; the cache holds each layer's cross-attention keys/values per
+       sentence (never copied per beam) and self-attention buffers for B·K rows.
+    2. Start every sentence with K copies of the empty hypothesis, only the first alive
+       (score 0, the others -inf), so step 0 does not pick the same token K times.
+    3. At each step: log p(next | prefix) for every live beam, with EOS banned before
+       min_length and forced at the sentence's length cap (`_next_logprobs`).
+    4. `top_candidates`: the 2·K best (beam, token) extensions per sentence by cumulative
+       log-probability, so K of them remain even if up to K end with EOS.
+    5. `split_candidates`: EOS candidates among the top K finish (`_collect_finished` scores
+       them with the length penalty and keeps each sentence's K best); the best K that do not
+       end form the next beam.
+    6. The token history and the cache follow their origins (`DecoderCache.reorder`).
+    7. `_sentences_done`: a sentence whose n-best list can no longer change leaves the batch,
+       in the same copy that reorders the cache; the loop ends when all are done or the
+       longest cap is reached.
+    """
     c, k = model.config, config.beam_size
     memory, src_mask = model.encode(src)
     n_sent = src.shape[0]
@@ -190,7 +247,7 @@ def _collect_finished(cand: Candidates, ends: Tensor, history: Tensor, step: int
         logprob = float(cand.scores[row, pos])
         length = step + 1
         hyp = Hypothesis(history[row, int(cand.origins[row, pos]), :step].tolist(), logprob,
-                         logprob / _lp(length, config), length >= int(max_len[sentence]))
+                         logprob / penalty_of(length, config), length >= int(max_len[sentence]))
         kept = finished[sentence]
         if len(kept) < config.beam_size:
             kept.append(hyp)
@@ -209,7 +266,7 @@ def _sentences_done(finished: list[list[Hypothesis]], active: Tensor, best_live:
     Bible test set (small model, beam 5), 11% slower, 25 of 300 lines different, and BLEU
     19.85 instead of 19.77 on 500 lines (CTranslate2: 19.74)."""
     bound = best_live.tolist()
-    penalty = _lp(step + 2, config)
+    penalty = penalty_of(step + 2, config)
     done = []
     for i, sentence in enumerate(active.tolist()):
         kept = finished[sentence]
@@ -226,24 +283,33 @@ def _best(hyps: list[Hypothesis], nbest: int) -> SentenceResult:
 
 
 @torch.inference_mode()
-def greedy_no_cache(model, src: Tensor, max_len_a: float, max_len_b: int) -> list[list[int]]:
-    """Greedy decoding that recomputes the whole prefix at every step: the naive baseline that
-    tests and benchmarks compare the cached search against."""
+def greedy_no_cache(model, src: Tensor, config: DecodeConfig) -> list[SentenceResult]:
+    """Greedy decoding that recomputes the whole prefix at every step with `model.decode`
+    (teacher forcing, no cache, no batch shrinking): the naive baseline that tests and
+    benchmarks compare the cached search against. Same rules as `greedy` (EOS banned before
+    min_length, forced at the cap), written out independently."""
     c = model.config
     memory, src_mask = model.encode(src)
-    max_len = max_lengths((src != c.pad_id).sum(1), max_len_a, max_len_b, c.max_positions)
-    prefix = torch.full((src.shape[0], 1), c.bos_id, dtype=torch.long, device=src.device)
-    done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+    max_len = max_lengths((src != c.pad_id).sum(1), config.max_length_a, config.max_length_b, c.max_positions)
+    n = src.shape[0]
+    prefix = torch.full((n, 1), c.bos_id, dtype=torch.long, device=src.device)
+    done = torch.zeros(n, dtype=torch.bool, device=src.device)
+    logprob = torch.zeros(n, dtype=torch.float64)
     for step in range(int(max_len.max())):
-        logits = model.decode(prefix, memory, src_mask)[:, -1].float()
-        nxt = logits.argmax(-1)
+        logp = torch.log_softmax(model.decode(prefix, memory, src_mask)[:, -1].float(), dim=-1)
+        if step < config.min_length:
+            logp[:, c.eos_id] = -math.inf
+        nxt = logp.argmax(-1)
         nxt = torch.where(step + 1 >= max_len, torch.full_like(nxt, c.eos_id), nxt)
+        logprob += torch.where(done, 0.0, logp.gather(1, nxt[:, None])[:, 0]).double().cpu()
         nxt = torch.where(done, torch.full_like(nxt, c.pad_id), nxt)
         prefix = torch.cat([prefix, nxt[:, None]], dim=1)
         done |= nxt == c.eos_id
         if done.all():
             break
-    out = []
-    for row in prefix[:, 1:].tolist():
-        out.append(row[: row.index(c.eos_id)] if c.eos_id in row else row)
-    return out
+    results = []
+    for row, cap, lp in zip(prefix[:, 1:].tolist(), max_len.tolist(), logprob.tolist()):
+        tokens = row[: row.index(c.eos_id)]
+        length = len(tokens) + 1
+        results.append(SentenceResult([Hypothesis(tokens, lp, lp / penalty_of(length, config), length >= cap)]))
+    return results

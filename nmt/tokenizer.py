@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from nmt import atomic
 from nmt.config import TokenizerConfig
 from nmt.errors import NmtError
 
@@ -120,10 +121,8 @@ class Vocabs:
         return h.hexdigest()
 
     def save(self, directory: Path) -> None:
-        from nmt.checkpoint import atomic_write_text
-
         for name, text in self.files().items():
-            atomic_write_text(directory / name, text)
+            atomic.write_text(directory / name, text)
 
     @staticmethod
     def load(directory: Path) -> "Vocabs":

@@ -24,9 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from nmt import checkpoint, recipe
+from nmt import atomic, checkpoint, recipe, validate
 from nmt.batching import Batch, Plan, collate, padded, plan_epoch, target_tokens
 from nmt.cache import Filters, TokenCache, load_or_build
 from nmt.config import PRESET_TRAINING, DecodeConfig, ModelConfig, TokenizerConfig, TrainConfig, from_dict, to_dict
@@ -64,13 +63,19 @@ def prepare_tokenizer(config: TrainConfig, tok_config: TokenizerConfig, out: Pat
     if Vocabs.exists(out):
         log.info("tokenizer: reusing %s", out)
         return Vocabs.load(out)
+    vocabs = train_tokenizer(config, tok_config)
+    vocabs.save(out)
+    return vocabs
+
+
+def train_tokenizer(config: TrainConfig, tok_config: TokenizerConfig) -> Vocabs:
+    """Train the tokenizer(s) on a seeded sample of the training data, streamed (`nmt train` and
+    `nmt train-tokenizer` alike: the same sample, the same empty-data check)."""
     corpora = corpora_of(config)
     log.info("tokenizer: training %s, %d pieces, on up to %s sampled pairs", tok_config.kind,
              tok_config.vocab_size, f"{tok_config.sample_lines:,}")
-    vocabs = train_vocabs_streamed(lambda: sample_corpora(corpora, tok_config.sample_lines, config.seed), tok_config,
-                                   f"training data {corpora[0].src_path}, {corpora[0].tgt_path}")
-    vocabs.save(out)
-    return vocabs
+    return train_vocabs_streamed(lambda: sample_corpora(corpora, tok_config.sample_lines, config.seed), tok_config,
+                                 f"training data {corpora[0].src_path}, {corpora[0].tgt_path}")
 
 
 def prepare(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerConfig, out: Path,
@@ -427,15 +432,15 @@ class Trainer:
         if self.dist.is_writer and self.p.dev is not None and not self._signal:
             self._evaluate()
             if saved is not None:
-                checkpoint.atomic_write_text(saved / PROGRESS_FILE, json.dumps(asdict(pr)))
+                atomic.write_text(saved / PROGRESS_FILE, json.dumps(asdict(pr)))
         self.dist.share_stop(self)
         self.dist.barrier()
 
     def _evaluate(self) -> None:
         """Dev BLEU and loss of the current weights: logged, kept in the history, best model saved."""
         pr = self.progress
-        bleu, signature, dev_loss = evaluate_dev(self.model, self.p.vocabs, self.p.dev, self.runtime,
-                                                 self.config.eval_max_sentences)
+        bleu, signature, dev_loss = validate.evaluate_dev(self.model, self.p.vocabs, self.p.dev, self.runtime,
+                                                          self.config.eval_max_sentences)
         improved = bleu > pr.best_bleu
         record = {"event": "eval", "step": pr.step, "seconds": pr.seconds, "dev_bleu": bleu,
                   "dev_loss": dev_loss, "signature": signature, "target_tokens": pr.target_tokens}
@@ -454,51 +459,6 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if self.dist.is_writer:
             checkpoint.append_jsonl(self.metrics_path, {"time": time.time(), **record})
-
-
-@torch.inference_mode()
-def evaluate_dev(model, vocabs: Vocabs, dev: ParallelCorpus, runtime: Runtime, max_sentences: int = 0,
-                 ) -> tuple[float, str, float]:
-    """Dev BLEU (sacreBLEU on detokenised greedy output) and dev loss per target token."""
-    from nmt import metrics
-    from nmt.translate import Translator
-
-    pairs = list(dev.pairs())
-    if max_sentences:
-        pairs = pairs[:max_sentences]
-    was_training = model.training
-    model.eval()
-    translator = Translator(model, vocabs, runtime, DecodeConfig(beam_size=1, batch_tokens=6000))
-    hyps = [t.text for t in translator.translate(s for s, _ in pairs)]
-    bleu_metric = metrics.build_metrics(metrics.MetricOptions(metrics=("bleu",)), [[t for _, t in pairs]])
-    record = metrics.corpus_scores(hyps, bleu_metric)["bleu"]
-    dev_loss = _dev_loss(model, vocabs, runtime, pairs)
-    model.train(was_training)
-    return record["score"], record["signature"], dev_loss
-
-
-def _dev_loss(model, vocabs: Vocabs, runtime: Runtime, pairs: list[tuple[str, str]]) -> float:
-    from nmt.tokenizer import BOS_ID, EOS_ID, encode_batch
-
-    src_ids = encode_batch(vocabs.src, [s for s, _ in pairs])
-    tgt_ids = encode_batch(vocabs.tgt, [t for _, t in pairs])
-    limit = model.config.max_positions - 1
-    total, count = 0.0, 0
-    for i in range(0, len(pairs), 64):
-        src = _pad([s[:limit - 1] + [EOS_ID] for s in src_ids[i : i + 64]], runtime)
-        tgt = _pad([[BOS_ID] + t[:limit - 1] + [EOS_ID] for t in tgt_ids[i : i + 64]], runtime)
-        with runtime.autocast():
-            logits = model(src, tgt[:, :-1])
-        total += F.cross_entropy(logits.float().transpose(1, 2), tgt[:, 1:], ignore_index=PAD_ID, reduction="sum").item()
-        count += int((tgt[:, 1:] != PAD_ID).sum())
-    return total / max(count, 1)
-
-
-def _pad(rows: list[list[int]], runtime: Runtime) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r)
-    return out.to(runtime.device)
 
 
 def _optimizer(model: torch.nn.Module, c: TrainConfig, runtime: Runtime) -> torch.optim.Optimizer:
@@ -704,7 +664,7 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path) -> re
         eval_seconds = 1.4 * dev_pairs * mean_tgt / max(min(rates.values()), 1.0)
     chosen = recipe.choose(rates, corpus_tokens, config.max_time, config.max_steps, batch_tokens, eval_seconds)
     log.info("recipe: %s", chosen.reason)
-    checkpoint.atomic_write_text(stored, json.dumps(recipe.describe(chosen), indent=2))
+    atomic.write_text(stored, json.dumps(recipe.describe(chosen), indent=2))
     return chosen
 
 
@@ -814,7 +774,7 @@ def _write_summary(trainer: Trainer, runtime: Runtime, dist: Distributed) -> Non
                "target_tokens_per_s": pr.target_tokens / max(pr.seconds, 1e-9), "device": runtime.describe(),
                "world_size": dist.world_size, "stop_reason": trainer.stop_reason, "best_dev_bleu": pr.best_bleu,
                "best_step": pr.best_step, "parameters": count_parameters(trainer.model), "evaluations": pr.history}
-    checkpoint.atomic_write_text(trainer.p.out / "training.json", json.dumps(summary, indent=2))
+    atomic.write_text(trainer.p.out / "training.json", json.dumps(summary, indent=2))
 
 
 def score_test(out: Path, test: ParallelCorpus, runtime: Runtime, examples: int = 3) -> dict:
@@ -828,9 +788,9 @@ def score_test(out: Path, test: ParallelCorpus, runtime: Runtime, examples: int 
     pairs = list(test.pairs())
     decode = DecodeConfig()
     t0 = time.monotonic()
-    hyps = [t.text for t in Translator(model, vocabs, runtime, decode).translate(s for s, _ in pairs)]
+    hyps = [t.text for t in Translator.from_model(model, vocabs, runtime, decode).translate(s for s, _ in pairs)]
     seconds = time.monotonic() - t0
-    checkpoint.atomic_write_text(out / "test.hyp", "".join(h + "\n" for h in hyps))
+    atomic.write_text(out / "test.hyp", "".join(h + "\n" for h in hyps))
     bleu = metrics.build_metrics(metrics.MetricOptions(metrics=("bleu", "chrf")), [[t for _, t in pairs]])
     scores = metrics.corpus_scores(hyps, bleu)
     record = {"source": str(test.src_path), "reference": str(test.tgt_path), "lines": len(pairs),
@@ -843,5 +803,5 @@ def score_test(out: Path, test: ParallelCorpus, runtime: Runtime, examples: int 
              scores["bleu"]["signature"])
     summary_path = out / "training.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    checkpoint.atomic_write_text(summary_path, json.dumps({**summary, "test": record}, indent=2))
+    atomic.write_text(summary_path, json.dumps({**summary, "test": record}, indent=2))
     return record

@@ -3,8 +3,13 @@ the results back in input order.
 
 The line contract: exactly one result per input line, in input order; an empty line gives an
 empty result without reaching the model; a line longer than the model's positions is cut to
-fit and flagged. Results are yielded window by window, so output can be flushed as it comes
-and a huge input never sits in memory. Writing them (text or JSON lines) is the CLI's job.
+fit (`batching.cut_source`) and flagged. Results are yielded window by window, so output can be
+flushed as it comes and a huge input never sits in memory. Writing them (text or JSON lines)
+is the CLI's job.
+
+The search itself is an engine (`nmt.engines.Engine`): nmt's beam / greedy / sampling, the
+naive reference, or a CTranslate2 export; all of them get exactly this contract and return the
+one `Translation` type.
 """
 
 from __future__ import annotations
@@ -15,30 +20,33 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-import torch
-
+from nmt import engines
+from nmt.batching import cut_source
 from nmt.config import DecodeConfig
 from nmt.runtime import Runtime
-from nmt.search import Hypothesis, beam_search, greedy
-from nmt.tokenizer import EOS_ID, PAD_ID, Vocabs, decode_batch, encode_batch
+from nmt.search import Hypothesis
+from nmt.tokenizer import Vocabs, decode_batch, encode_batch
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Translation:
+    """One input line's result, whatever the engine: its n-best hypotheses (with their text),
+    and the line contract's flags."""
+
     source: str
-    hypotheses: list[tuple[str, Hypothesis]] = field(default_factory=list)  # (text, hypothesis), best first
+    hypotheses: list[Hypothesis] = field(default_factory=list)  # best first; empty for an empty line
     empty_input: bool = False
     truncated: bool = False
 
     @property
     def text(self) -> str:
-        return self.hypotheses[0][0] if self.hypotheses else ""
+        return self.hypotheses[0].text if self.hypotheses else ""
 
     @property
     def hit_max_length(self) -> bool:
-        return bool(self.hypotheses) and self.hypotheses[0][1].hit_max_length
+        return bool(self.hypotheses) and self.hypotheses[0].hit_max_length
 
 
 @dataclass
@@ -58,13 +66,16 @@ class Stats:
 
 
 class Translator:
-    def __init__(self, model, vocabs: Vocabs, runtime: Runtime, config: DecodeConfig):
-        self.model, self.vocabs, self.runtime, self.config = model, vocabs, runtime, config
-        self.max_src = model.config.max_positions - 1  # room for EOS
-        self.generator = None
-        if config.sampling_topk or config.sampling_topp or config.temperature != 1.0:
-            self.generator = torch.Generator(device=runtime.device).manual_seed(config.seed)
+    """The line contract around one search engine (`engines.Engine`)."""
+
+    def __init__(self, engine: engines.Engine, vocabs: Vocabs, config: DecodeConfig):
+        self.engine, self.vocabs, self.config = engine, vocabs, config
         self.stats = Stats()
+
+    @classmethod
+    def from_model(cls, model, vocabs: Vocabs, runtime: Runtime, config: DecodeConfig) -> "Translator":
+        """nmt's own search for `config` (beam, greedy or sampling) over a loaded model."""
+        return cls(engines.for_model(model, runtime, config), vocabs, config)
 
     def translate(self, lines: Iterable[str]) -> Iterator[Translation]:
         """One Translation per input line, in order."""
@@ -85,17 +96,16 @@ class Translator:
         todo = [i for i, line in enumerate(lines) if line.strip()]
         for i in set(range(len(lines))) - set(todo):
             results[i].empty_input = True
-        ids = encode_batch(self.vocabs.src, [lines[i] for i in todo])
-        for i, seq in zip(todo, ids):
-            if len(seq) > self.max_src - 1:
-                results[i].truncated = True
-                seq[:] = seq[: self.max_src - 1]
+        ids = []
+        for i, seq in zip(todo, encode_batch(self.vocabs.src, [lines[i] for i in todo])):
+            seq, results[i].truncated = cut_source(seq, self.engine.max_positions)
+            ids.append(seq)
         order = sorted(range(len(todo)), key=lambda j: len(ids[j]))
         for batch in self._batches(order, ids):
-            hyps = self._search([ids[j] for j in batch])
-            for j, sentence in zip(batch, hyps):
-                texts = [one_line(t) for t in decode_batch(self.vocabs.tgt, [h.tokens for h in sentence.hypotheses])]
-                results[todo[j]].hypotheses = list(zip(texts, sentence.hypotheses))
+            for j, hyps in zip(batch, self.engine.search([ids[j] for j in batch])):
+                for h, text in zip(hyps, decode_batch(self.vocabs.tgt, [h.tokens for h in hyps])):
+                    h.text = one_line(text)
+                results[todo[j]].hypotheses = hyps
         self._count(results)
         return results
 
@@ -111,25 +121,13 @@ class Translator:
         if batch:
             yield batch
 
-    def _search(self, seqs: list[list[int]]):
-        s_max = max(len(s) for s in seqs) + 1
-        src = torch.full((len(seqs), s_max), PAD_ID, dtype=torch.long)
-        for row, s in enumerate(seqs):
-            src[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-            src[row, len(s)] = EOS_ID
-        src = src.to(self.runtime.device)
-        with self.runtime.autocast():
-            if self.config.beam_size <= 1 or self.generator is not None:
-                return greedy(self.model, src, self.config, self.generator)
-            return beam_search(self.model, src, self.config)
-
     def _count(self, results: list[Translation]) -> None:
         s = self.stats
         s.lines += len(results)
         s.empty += sum(r.empty_input for r in results)
         s.truncated += sum(r.truncated for r in results)
         s.hit_max_length += sum(r.hit_max_length for r in results)
-        s.target_tokens += sum(len(r.hypotheses[0][1].tokens) + 1 for r in results if r.hypotheses)
+        s.target_tokens += sum(len(r.hypotheses[0].tokens) + 1 for r in results if r.hypotheses)
 
 
 _LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
@@ -144,7 +142,7 @@ def to_json(t: Translation) -> dict:
     return {
         "source": t.source,
         "translation": t.text,
-        "hypotheses": [{"text": text, "score": h.score, "logprob": h.logprob, "tokens": len(h.tokens) + 1}
-                       for text, h in t.hypotheses],
+        "hypotheses": [{"text": h.text, "score": h.score, "logprob": h.logprob, "tokens": len(h.tokens) + 1}
+                       for h in t.hypotheses],
         "flags": {"empty_input": t.empty_input, "truncated": t.truncated, "hit_max_length": t.hit_max_length},
     }

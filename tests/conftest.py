@@ -1,8 +1,11 @@
-"""Shared fixtures: small slices of the embedded corpus and a tiny model directory."""
+"""Shared test helpers: the CLI in a subprocess and its error lines (with paths removed, so an
+assertion cannot be satisfied by the pytest temporary path), slices of the embedded corpus, a
+tiny in-process Transformer and a tiny model directory from `nmt train`."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +25,42 @@ def run_nmt(*args: str, input: bytes | str | None = None, timeout: float = 300, 
         input = input.encode("utf-8")
     return subprocess.run([sys.executable, "-m", "nmt", *args], input=input, capture_output=True, timeout=timeout,
                           cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def ok(r: subprocess.CompletedProcess) -> str:
+    """Assert exit 0 and no traceback; return stdout."""
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 0, err
+    assert "Traceback" not in err, err
+    return r.stdout.decode("utf-8")
+
+
+_PATH = re.compile(r"(?<![\w./-])/[^\s:,;'\"()]+")  # an absolute path (the tests' files are all under tmp)
+
+
+def without_paths(message: str) -> str:
+    """The message with every absolute file path replaced by <path>: what is left is what the message
+    says about the problem (a word from a test's temporary path can no longer match)."""
+    return _PATH.sub("<path>", message)
+
+
+def head_lines(name: str, n: int) -> list[str]:
+    """The first n lines of the embedded corpus file `name` (e.g. train.es)."""
+    with open(DATA / name, encoding="utf-8") as f:
+        return [next(f).rstrip("\n") for _ in range(n)]
+
+
+def tiny_transformer(vocab: int = 24, seed: int = 0, d_model: int = 32, **options):
+    """A small random Transformer in eval mode (2+2 layers, 4 heads, no dropout)."""
+    import torch
+
+    from nmt.config import ModelConfig
+    from nmt.model import Transformer
+
+    torch.manual_seed(seed)
+    c = ModelConfig(**{"d_model": d_model, "n_heads": 4, "d_ff": 64, "encoder_layers": 2, "decoder_layers": 2,
+                       "dropout": 0.0, "src_vocab_size": vocab, "tgt_vocab_size": vocab, **options})
+    return Transformer(c).eval()
 
 
 def write_slice(directory: Path, name: str, n: int, start: int = 0, split: str = "train") -> Path:

@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from nmt.attention import attention_maps, weights
+from nmt.attention_maps import attention_maps
+from nmt.model import attention_weights as weights
 from nmt.config import ModelConfig
 from nmt.model import Transformer, split_heads
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import head_lines
 from nmt.batching import _cut, collate, plan_epoch
 from nmt.cache import Filters, load_or_build
 from nmt.config import TokenizerConfig
@@ -22,16 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "bible-es-en"
 
 
-def _head(name: str, n: int) -> list[str]:
-    with open(DATA / name, encoding="utf-8") as f:
-        return [next(f).rstrip("\n") for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """A real token cache of 1,000 Bible pairs."""
     directory = tmp_path_factory.mktemp("batching")
-    src, tgt = _head("train.es", 1000), _head("train.en", 1000)
+    src, tgt = head_lines("train.es", 1000), head_lines("train.en", 1000)
     (directory / "c.es").write_text("".join(x + "\n" for x in src), encoding="utf-8")
     (directory / "c.en").write_text("".join(x + "\n" for x in tgt), encoding="utf-8")
     vocabs = train_vocabs(iter(src), iter(tgt), TokenizerConfig(vocab_size=600))

@@ -1,25 +1,41 @@
-"""The model directory's writes are atomic: a failure (a full disk) keeps the previous version."""
+"""The model directory's writes are atomic (`nmt.atomic`): a failure (a full disk) keeps the
+previous version and leaves no temporary."""
 
 import errno
 
 import pytest
 
-from nmt import checkpoint
+from nmt import atomic, checkpoint
 from nmt.errors import NmtError
 
 
 def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
     target = tmp_path / "config.json"
-    checkpoint.atomic_write_text(target, "old")
+    atomic.write_text(target, "old")
 
     def full_disk(tmp):
         tmp.write_text("half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(NmtError, match="disk full"):
-        checkpoint.atomic_write(target, full_disk)
+        atomic.write_file(target, full_disk)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_a_failed_directory_write_keeps_the_previous_directory(tmp_path):
+    target = tmp_path / "export"
+    with atomic.directory(target) as tmp:
+        (tmp / "a.txt").write_text("old")
+    with pytest.raises(NmtError, match="disk full"):
+        with atomic.directory(target) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    assert [p.name for p in target.iterdir()] == ["a.txt"] and (target / "a.txt").read_text() == "old"
+    with atomic.directory(target) as tmp:  # a complete new version replaces the old one
+        (tmp / "b.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["b.txt"]
 
 
 def test_a_failed_checkpoint_keeps_the_older_ones(tmp_path, monkeypatch):

@@ -22,10 +22,10 @@ import pytest
 ctranslate2 = pytest.importorskip("ctranslate2")
 
 from conftest import DATA  # noqa: E402
-from nmt import checkpoint, export, runtime  # noqa: E402
+from nmt import checkpoint, engines, export, runtime  # noqa: E402
 from nmt.config import DecodeConfig, ModelConfig, to_dict  # noqa: E402
 from nmt.errors import NmtError  # noqa: E402
-from nmt.export import export_ctranslate2, load_ctranslate2, translate_ctranslate2  # noqa: E402
+from nmt.export import export_ctranslate2  # noqa: E402
 from nmt.tokenizer import EOS_ID  # noqa: E402
 from nmt.translate import Translator  # noqa: E402
 
@@ -38,11 +38,12 @@ LINES = (DATA / "test.es").read_text(encoding="utf-8").splitlines()[:30]
 def nmt_translate(model_dir: Path, lines: list[str], config: DecodeConfig):
     rt = runtime.setup("cpu", "float32", 1)
     model, vocabs, _ = checkpoint.load_for_inference(model_dir)
-    return list(Translator(model, vocabs, rt, config).translate(lines))
+    return list(Translator.from_model(model, vocabs, rt, config).translate(lines))
 
 
-def ct2_translate(ct2_dir: Path, lines: list[str], config: DecodeConfig, **kwargs):
-    return list(translate_ctranslate2(load_ctranslate2(ct2_dir, threads=1), lines, config, **kwargs))
+def ct2_translate(ct2_dir: Path, lines: list[str], config: DecodeConfig, exact_caps: bool = True):
+    engine = engines.CTranslate2.load(ct2_dir, config, threads=1, exact_caps=exact_caps)
+    return list(Translator(engine, engine.vocabs, config).translate(lines))
 
 
 def hand_set_model(tok_dir: Path, *, pre_norm: bool, tie: bool, cross_scale: float, max_positions: int = 96):
@@ -78,9 +79,9 @@ def hand_set_model(tok_dir: Path, *, pre_norm: bool, tie: bool, cross_scale: flo
                     layer.cross_attn.out.weight.mul_(cross_scale)
                 m.output.weight.mul_(3.0)
                 m.output.weight[EOS_ID].mul_(eos_scale)
-            out = list(Translator(m, vocabs, rt, DecodeConfig(beam_size=1)).translate(LINES))
+            out = list(Translator.from_model(m, vocabs, rt, DecodeConfig(beam_size=1)).translate(LINES))
             ended = sum(not r.hit_max_length for r in out)
-            if ended >= 10 and len({len(r.hypotheses[0][1].tokens) for r in out if not r.hit_max_length}) >= 5:
+            if ended >= 10 and len({len(r.hypotheses[0].tokens) for r in out if not r.hit_max_length}) >= 5:
                 return m, c
     pytest.fail("no calibrated test model: every candidate's greedy outputs were degenerate")
 
@@ -95,9 +96,9 @@ def write_model_dir(tok_dir: Path, out: Path, model, config: ModelConfig, separa
 
 
 def best(result):
-    """(token ids, hit the cap) of a result from either side."""
+    """(token ids, hit the cap) of a result from either engine."""
     h = result.hypotheses[0]
-    return (h[1].tokens, h[1].hit_max_length) if isinstance(h, tuple) else (h.tokens, h.hit_max_length)
+    return h.tokens, h.hit_max_length
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def test_greedy_tokens_and_scores_equal_nmt_translate(hand_set, exact_caps):
     model_dir, ct2_dir = hand_set
     config = DecodeConfig(beam_size=1, length_penalty=0.0)  # α = 0: CTranslate2's score is the log-probability
     ours = nmt_translate(model_dir, LINES, config)
-    theirs = ct2_translate(ct2_dir, LINES, config, exact_caps=exact_caps, return_scores=True)
+    theirs = ct2_translate(ct2_dir, LINES, config, exact_caps=exact_caps)
     ended = [not r.hit_max_length for r in ours]
     assert any(r.truncated for r in ours)  # max_positions 96 cuts the longest lines
     assert [best(r) for r in theirs] == [best(r) for r in ours]
@@ -149,7 +150,7 @@ def test_greedy_tokens_and_scores_equal_nmt_translate(hand_set, exact_caps):
     assert [r.truncated for r in theirs] == [r.truncated for r in ours]
     for a, b, done in zip(ours, theirs, ended):
         if done:  # at the cap we add the forced EOS's log-probability, CTranslate2 stops without it
-            assert b.hypotheses[0].score == pytest.approx(a.hypotheses[0][1].logprob, abs=1e-4)
+            assert b.hypotheses[0].logprob == pytest.approx(a.hypotheses[0].logprob, abs=1e-4)
 
 
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0])
@@ -163,11 +164,11 @@ def test_beam_agrees_with_nmt_translate_away_from_the_cap(hand_set, length_penal
     model_dir, ct2_dir = hand_set
     config = DecodeConfig(beam_size=5, length_penalty=length_penalty, length_norm="average")
     ours = nmt_translate(model_dir, LINES, config)
-    theirs = ct2_translate(ct2_dir, LINES, config, return_scores=True)
+    theirs = ct2_translate(ct2_dir, LINES, config)
     pairs = [(a, b) for a, b in zip(ours, theirs) if not (best(a)[1] or best(b)[1])]
     assert len(pairs) >= 5
     for a, b in pairs:
-        ours_score, their_score = a.hypotheses[0][1].score, b.hypotheses[0].score
+        ours_score, their_score = a.hypotheses[0].score, b.hypotheses[0].score
         if length_penalty == 0.0 or best(a) == best(b):
             assert best(b) == best(a)
             assert their_score == pytest.approx(ours_score, abs=1e-4)
@@ -208,7 +209,7 @@ def test_broken_model_directory_raises_nmt_error(tiny_model_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken, ignore=shutil.ignore_patterns("checkpoints", "cache"))
     (broken / checkpoint.WEIGHTS).write_bytes((broken / checkpoint.WEIGHTS).read_bytes()[:100])
-    with pytest.raises(NmtError, match="cannot load weights"):
+    with pytest.raises(NmtError, match="cannot load weights|not a safetensors file"):
         export_ctranslate2(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import error_line, run_nmt, write_slice
+from conftest import error_line, ok, run_nmt, write_slice
 from nmt.average import average_state_dicts
 from nmt.errors import NmtError
 
@@ -22,12 +22,6 @@ from nmt.errors import NmtError
 # oversubscribed cores (`nmt average` has no --threads option).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-
-def ok(r: subprocess.CompletedProcess) -> str:
-    err = r.stderr.decode("utf-8", "replace")
-    assert r.returncode == 0, err
-    assert "Traceback" not in err
-    return r.stdout.decode("utf-8")
 
 
 

@@ -7,18 +7,16 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_transformer
 from nmt.config import DecodeConfig, ModelConfig
 from nmt.model import Transformer
-from nmt.search import beam_search, greedy, greedy_no_cache, length_penalty
+from nmt.search import beam_search, greedy, greedy_no_cache, length_penalty, sample, sampling_probs
 
 BOS, EOS, PAD = 2, 3, 0
 
 
 def tiny(vocab=24, seed=0, d=32) -> Transformer:
-    torch.manual_seed(seed)
-    c = ModelConfig(d_model=d, n_heads=4, d_ff=64, encoder_layers=2, decoder_layers=2, dropout=0.0,
-                    src_vocab_size=vocab, tgt_vocab_size=vocab)
-    return Transformer(c).eval()
+    return tiny_transformer(vocab, seed, d)
 
 
 def sources(lengths, vocab=24, seed=1):
@@ -54,9 +52,13 @@ def test_cached_decoding_equals_full_recomputation_at_every_step():
 def test_cached_greedy_equals_the_naive_decoder():
     model = tiny(seed=4)
     src = sources([4, 8, 6, 2, 11])
-    cfg = DecodeConfig(beam_size=1, max_length_a=1.5, max_length_b=4)
-    cached = [r.hypotheses[0].tokens for r in greedy(model, src, cfg)]
-    assert cached == greedy_no_cache(model, src, 1.5, 4)
+    cfg = DecodeConfig(beam_size=1, max_length_a=1.5, max_length_b=4, min_length=2)
+    cached, naive = greedy(model, src, cfg), greedy_no_cache(model, src, cfg)
+    assert [r.hypotheses[0].tokens for r in cached] == [r.hypotheses[0].tokens for r in naive]
+    for x, y in zip(cached, naive):
+        assert all(len(r.hypotheses[0].tokens) >= 2 for r in (x, y))
+        assert x.hypotheses[0].logprob == pytest.approx(y.hypotheses[0].logprob, abs=1e-4)
+        assert x.hypotheses[0].hit_max_length == y.hypotheses[0].hit_max_length
 
 
 def test_beam_size_one_equals_greedy():
@@ -211,15 +213,87 @@ def test_scripted_max_length_forces_end_and_flags_it():
     assert by_tokens[(A,)][2] is True and by_tokens[()][2] is False
 
 
-def test_sampling_is_seeded_and_respects_top_k():
+# -- sampling, against a fixed distribution ------------------------------------------------------
+
+# A decoder whose next-token distribution never changes: P[t] for the 6 ordinary tokens 4..9,
+# (almost) never EOS. With a length cap of 2 every hypothesis is one sampled token then the
+# forced EOS, so a batch of N sentences is N independent draws from what the sampler makes of P.
+P = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.40, 0.25, 0.15, 0.10, 0.06, 0.04])
+RANKED = [4, 5, 6, 7, 8, 9]  # most probable first
+
+
+class FixedCache:
+    length = 0
+
+    def reorder(self, rows, sentences=None):
+        pass
+
+    def keep_sentences(self, sentences, beam):
+        pass
+
+
+class FixedDecoder:
+    def __init__(self, probs=P):
+        self.logits = torch.log(probs.clamp(min=1e-12))
+        self.config = ModelConfig(src_vocab_size=len(probs), tgt_vocab_size=len(probs), max_positions=64)
+
+    def encode(self, src):
+        return torch.zeros(src.shape[0], src.shape[1], 1), None
+
+    def init_cache(self, memory, mask, beam, max_steps):
+        return FixedCache()
+
+    def decode_step(self, tokens, cache):
+        return self.logits.expand(len(tokens), -1)
+
+
+def draws(n=4000, seed=0, **options) -> list[int]:
+    cfg = DecodeConfig(beam_size=1, max_length_a=0.0, max_length_b=2, **options)
+    results = sample(FixedDecoder(), torch.full((n, 2), 4), cfg, torch.Generator().manual_seed(seed))
+    tokens = [r.hypotheses[0].tokens for r in results]
+    assert all(len(t) == 1 for t in tokens)
+    return [t[0] for t in tokens]
+
+
+def frequencies(tokens: list[int]) -> torch.Tensor:
+    return torch.bincount(torch.tensor(tokens), minlength=len(P)).double() / len(tokens)
+
+
+def test_top_k_never_emits_a_token_outside_the_k_best():
+    tokens = draws(sampling_topk=3)
+    assert set(tokens) == set(RANKED[:3])  # all of the 3 best, nothing else
+    expected = P.double() * torch.tensor([t in RANKED[:3] for t in range(len(P))])
+    assert torch.allclose(frequencies(tokens), expected / expected.sum(), atol=0.03)
+
+
+def test_top_p_never_emits_a_token_outside_the_nucleus():
+    # the nucleus for p = 0.6 is {0.40, 0.25}: the smallest set of most probable tokens reaching 0.6
+    tokens = draws(sampling_topp=0.6)
+    assert set(tokens) == set(RANKED[:2])
+    assert torch.allclose(frequencies(tokens)[4:6], torch.tensor([0.40, 0.25]).double() / 0.65, atol=0.03)
+    assert set(draws(n=500, sampling_topp=0.3)) == {RANKED[0]}  # the best token alone reaches 0.3
+
+
+def test_temperature_sharpens_or_flattens_the_distribution_as_p_to_the_power_1_over_t():
+    logp = torch.log(P.clamp(min=1e-12))[None]
+    for t in (0.5, 1.0, 2.0):
+        want = P.double() ** (1 / t)
+        want = want / want.sum()
+        got = sampling_probs(logp, DecodeConfig(temperature=t))[0].double()
+        assert torch.allclose(got, want, atol=1e-6)
+        assert torch.allclose(frequencies(draws(temperature=t)), want, atol=0.03)
+    flat, sharp = sampling_probs(logp, DecodeConfig(temperature=2.0))[0], sampling_probs(logp, DecodeConfig(temperature=0.5))[0]
+    assert flat[4] < P[4] < sharp[4] and flat[9] > P[9] > sharp[9]
+
+
+def test_different_seeds_give_different_samples_and_the_same_seed_the_same():
+    a, b, c = draws(n=200, seed=1, sampling_topk=4), draws(n=200, seed=1, sampling_topk=4), draws(n=200, seed=2, sampling_topk=4)
+    assert a == b and a != c
+
+
+def test_top_1_sampling_is_greedy_on_a_real_model():
     model = tiny(seed=11)
     src = sources([5, 7])
-    cfg = DecodeConfig(beam_size=1, sampling_topk=1)
-    # top-1 sampling is greedy
-    sampled = greedy(model, src, cfg, torch.Generator().manual_seed(0))
+    sampled = sample(model, src, DecodeConfig(beam_size=1, sampling_topk=1), torch.Generator().manual_seed(0))
     plain = greedy(model, src, DecodeConfig(beam_size=1))
     assert [r.hypotheses[0].tokens for r in sampled] == [r.hypotheses[0].tokens for r in plain]
-    cfg = DecodeConfig(beam_size=1, sampling_topk=10, temperature=1.5)
-    a = greedy(model, src, cfg, torch.Generator().manual_seed(5))
-    b = greedy(model, src, cfg, torch.Generator().manual_seed(5))
-    assert [r.hypotheses[0].tokens for r in a] == [r.hypotheses[0].tokens for r in b]

@@ -1,4 +1,8 @@
-"""The training loss: label-smoothed cross-entropy of the output layer, summed over target tokens.
+"""CPU speed kernels, kept out of the model's code: the training loss in blocks of rows, and
+dropout masks from 64-bit random words. The model calls `linear_cross_entropy` and `dropout`
+as plain functions; on other devices they are the plain PyTorch operations.
+
+The training loss: label-smoothed cross-entropy of the output layer, summed over target tokens.
 
     loss = Σ_i (1 − ε)·(−log p_i[y_i]) + ε·mean_v(−log p_i[v]),   p_i = softmax(z_i),  z_i = W h_i
 
@@ -23,6 +27,23 @@ from torch import Tensor
 
 ROWS_MULTIPLE = 64  # blocks padded to a multiple of this many rows: few distinct matrix shapes
 BLOCK_BYTES = 8 << 20  # fp32 logits of one block (256 rows at V = 8000: measured fastest of 1–16 MiB)
+
+
+def dropout(x: Tensor, p: float) -> Tensor:
+    """Dropout (Srivastava et al. 2014) in training mode: zero each element with probability p,
+    scale the rest by 1 / (1 − p). On CPU the mask comes from 16-bit slices of 64-bit random
+    integers, because torch's `bernoulli_` draws one number per element: measured on
+    [3000, 256] bf16 (2 cores) 1.6 ms against F.dropout's 4.8 ms, and 12% of a small-preset
+    training step before. p is quantised to a multiple of 1/65536. Same generator as torch's
+    (seeded, saved in checkpoints)."""
+    if p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+    bits = bits.view(torch.int16)[:n].view(x.shape)  # uniform on [−32768, 32767]
+    return x.masked_fill(bits < round(p * 65536) - 32768, 0) * (1.0 / (1.0 - p))
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:

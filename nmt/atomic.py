@@ -1,0 +1,81 @@
+"""Writing a file or a whole directory atomically: built under a temporary name beside the
+target, then renamed over it.
+
+A crash, an interrupt or a full disk never leaves a half-written file in place of a good one:
+either the new version is complete and in place, or the previous one is untouched and the
+temporary is gone. Every writer in nmt goes through here: the model directory (config,
+weights, tokenizer, training summary), checkpoints, the token cache, data fingerprints and
+the CTranslate2 export. What to write is the caller's business (a callback gets the
+temporary path); this module knows nothing of models or formats.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from nmt.errors import NmtError
+
+
+def write_error(path: Path, e: OSError) -> NmtError:
+    """The one-line error for a failed write (a full disk says so)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NmtError(f"{path}: cannot write: disk full while writing (the previous version is kept)")
+    return NmtError(f"{path}: cannot write ({e.strerror or e})")
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden name beside `path`, unique to this process."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`; on failure remove the temporary."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+@contextmanager
+def directory(path: Path, error: Callable[[OSError], NmtError] | None = None) -> Iterator[Path]:
+    """`with directory(path) as tmp:` fill `tmp`; when the block ends normally it replaces
+    `path` (a previous version is moved aside first and restored if the rename fails), and
+    on any error it is removed and `path` is left as it was. An OSError becomes `error(e)`
+    (default: `write_error`)."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        if isinstance(e, OSError):
+            raise (error(e) if error else write_error(path, e)) from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)

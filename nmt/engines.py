@@ -1,0 +1,209 @@
+"""Search engines: what `Translator` calls to turn a batch of source ids into n-best hypotheses.
+
+Everything that is the same for every way of decoding (windows, sorting, batching, order, empty
+lines, truncation, detokenising, stats) is `Translator`'s; an engine only searches. An engine is
+anything with the `Engine` protocol: `max_positions` (the source-length limit derives from it)
+and `search(sources) → hypotheses`, taking source ids without specials, at most
+`batching.max_source_tokens(max_positions)` each, and returning each sentence's hypotheses,
+best first, as `search.Hypothesis` (tokens without BOS/EOS, log-probability with EOS,
+length-penalised score, whether the cap was hit).
+
+The engines:
+
+    BeamSearch, Greedy, Sampling   nmt's own searches (`nmt.search`) over a model
+    NaiveGreedy                    the no-cache reference decoder (recomputes every prefix)
+    CTranslate2                    a directory written by `nmt export` (`is_ctranslate2_dir`)
+
+`for_model` picks nmt's engine for a DecodeConfig; `CTranslate2.load` opens an export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from nmt.batching import pad_batch
+from nmt.config import DecodeConfig
+from nmt.errors import NmtError
+from nmt.runtime import Runtime
+from nmt.search import (Hypothesis, SentenceResult, beam_search, greedy, greedy_no_cache, max_lengths, penalty_of,
+                        sample)
+
+from nmt.tokenizer import EOS_ID, SPECIALS, Vocabs
+
+
+class Engine(Protocol):
+    max_positions: int
+
+    def search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
+        """The hypotheses of each source (ids without specials), best first."""
+
+
+# -- nmt's own searches -------------------------------------------------------------------------
+
+
+class _ModelEngine:
+    """A search function of `nmt.search` over the model, on the runtime's device and dtype."""
+
+    def __init__(self, model, runtime: Runtime, config: DecodeConfig):
+        self.model, self.runtime, self.config = model, runtime, config
+        self.max_positions = model.config.max_positions
+
+    def search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
+        src = pad_batch(sources, max_positions=self.max_positions).src.to(self.runtime.device)
+        with self.runtime.autocast():
+            return [r.hypotheses for r in self._run(src)]
+
+    def _run(self, src: torch.Tensor) -> list[SentenceResult]:
+        raise NotImplementedError
+
+
+class BeamSearch(_ModelEngine):
+    def _run(self, src):
+        return beam_search(self.model, src, self.config)
+
+
+class Greedy(_ModelEngine):
+    def _run(self, src):
+        return greedy(self.model, src, self.config)
+
+
+class Sampling(_ModelEngine):
+    """One sample per sentence; the generator is seeded once, so a run is reproducible."""
+
+    def __init__(self, model, runtime: Runtime, config: DecodeConfig):
+        super().__init__(model, runtime, config)
+        self.generator = torch.Generator(device=runtime.device).manual_seed(config.seed)
+
+    def _run(self, src):
+        return sample(self.model, src, self.config, self.generator)
+
+
+class NaiveGreedy(_ModelEngine):
+    def _run(self, src):
+        return greedy_no_cache(self.model, src, self.config)
+
+
+def is_sampling(config: DecodeConfig) -> bool:
+    return bool(config.sampling_topk or config.sampling_topp or config.temperature != 1.0)
+
+
+def for_model(model, runtime: Runtime, config: DecodeConfig) -> _ModelEngine:
+    """Sampling when any sampling option is set, else greedy for beam 1, else beam search."""
+    if is_sampling(config):
+        return Sampling(model, runtime, config)
+    return Greedy(model, runtime, config) if config.beam_size <= 1 else BeamSearch(model, runtime, config)
+
+
+# -- CTranslate2 --------------------------------------------------------------------------------
+
+
+def is_ctranslate2_dir(directory: Path) -> bool:
+    """A directory written by `nmt export` (it has the export's metadata file)."""
+    from nmt.export import EXPORT_META
+
+    return (Path(directory) / EXPORT_META).is_file()
+
+
+class CTranslate2:
+    """An exported model behind the same interface, with our options mapped onto
+    `ctranslate2.Translator.translate_batch`:
+
+    - beam_size, nbest → beam_size, num_hypotheses; min_length → min_decoding_length (both ban
+      EOS for the first min_length steps).
+    - The cap a·|source| + b (EOS counted, clamped to max_positions - 1) has no CTranslate2
+      equivalent: max_decoding_length is one number per call and counts tokens without EOS, and
+      at the cap CTranslate2 simply stops where we force EOS. So each call gets
+      max_decoding_length = cap - 1: with `exact_caps` the sentences of a batch are grouped by
+      cap (one call per distinct cap: exact, smaller batches); without it a batch is one call
+      with its largest cap and longer outputs are cut to their own cap afterwards (greedy
+      tokens stay exact; beam search may rank differently on lines that reach their cap).
+      Either way a capped hypothesis scores without the EOS we would force.
+    - length_penalty α: CTranslate2 divides by |Y|^α with |Y| counting EOS (return_end_token,
+      then stripped), our length_norm="average" exactly. Its score times |Y|^α is the
+      log-probability, which is then scored with our own penalty, so "gnmt" ranks the n-best
+      list CTranslate2 found by ((5 + |Y|) / 6)^α.
+    - Beam search stops once K hypotheses have finished (CTranslate2's patience 1); ours goes on
+      while a live beam could still win, so with a length penalty the two can differ. With
+      α = 0 both return the most probable finished hypothesis.
+    - Sampling maps to sampling_topk (0 = whole vocabulary), sampling_topp, sampling_temperature;
+      the random streams differ, so samples do not match ours.
+    """
+
+    def __init__(self, translator: Any, vocabs: Vocabs, max_positions: int, config: DecodeConfig,
+                 exact_caps: bool = True):
+        from nmt.export import vocab_tokens
+
+        self.translator, self.vocabs, self.max_positions = translator, vocabs, max_positions
+        self.config, self.exact_caps = config, exact_caps
+        self.src_tokens = vocab_tokens(vocabs.src)
+        self.tgt_ids = {t: i for i, t in enumerate(vocab_tokens(vocabs.tgt))}
+
+    @staticmethod
+    def load(ct2_dir: Path, config: DecodeConfig, compute_type: str = "default", threads: int = 0,
+             device: str = "cpu", exact_caps: bool = True) -> "CTranslate2":
+        """Open an exported directory: the translator (`threads` = CTranslate2's intra_threads, 0
+        for its default), the tokenizer(s) and max_positions saved beside it."""
+        from nmt.export import EXPORT_FORMAT, EXPORT_META, ctranslate2_module
+
+        ct2 = ctranslate2_module()
+        ct2_dir = Path(ct2_dir)
+        try:
+            meta = json.loads((ct2_dir / EXPORT_META).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise NmtError(f"{ct2_dir}: not an nmt CTranslate2 export (cannot read {EXPORT_META}: {e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+            raise NmtError(f"{ct2_dir / EXPORT_META}: format is not {EXPORT_FORMAT!r}")
+        try:
+            translator = ct2.Translator(str(ct2_dir), device=device, compute_type=compute_type,
+                                        inter_threads=1, intra_threads=threads)
+        except (RuntimeError, ValueError) as e:
+            raise NmtError(f"{ct2_dir}: CTranslate2 cannot load it ({str(e).splitlines()[0][:200]})") from None
+        return CTranslate2(translator, Vocabs.load(ct2_dir), int(meta["max_positions"]), config, exact_caps)
+
+    def search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
+        c = self.config
+        # The very function our search uses (float32 arithmetic included), on lengths with EOS.
+        caps = max_lengths(torch.tensor([len(s) + 1 for s in sources]), c.max_length_a, c.max_length_b,
+                           self.max_positions).tolist()
+        groups: dict[int, list[int]] = {}
+        for j, cap in enumerate(caps):
+            groups.setdefault(cap if self.exact_caps else 0, []).append(j)
+        results: list[list[Hypothesis]] = [[] for _ in sources]
+        for group in groups.values():
+            found = self._call([sources[j] for j in group], [caps[j] for j in group])
+            for j, hyps in zip(group, found):
+                results[j] = hyps
+        return results
+
+    def _call(self, seqs: list[list[int]], caps: list[int]) -> list[list[Hypothesis]]:
+        c = self.config
+        limit = max(caps) - 1  # CTranslate2 counts output tokens without EOS
+        if limit < 1:  # a cap of 1 leaves room for EOS only: the empty translation
+            return [[Hypothesis([], 0.0, 0.0, True)] for _ in seqs]
+        sampling = is_sampling(c)
+        outputs = self.translator.translate_batch(
+            [[self.src_tokens[i] for i in s] for s in seqs],
+            max_batch_size=c.batch_tokens, batch_type="tokens",
+            beam_size=1 if sampling else c.beam_size, num_hypotheses=1 if sampling else c.nbest,
+            length_penalty=c.length_penalty, max_input_length=0, max_decoding_length=limit,
+            min_decoding_length=min(c.min_length, limit), return_end_token=True, return_scores=True,
+            sampling_topk=(c.sampling_topk or 0) if sampling else 1, sampling_topp=c.sampling_topp or 1.0,
+            sampling_temperature=c.temperature,
+        )
+        eos = SPECIALS[EOS_ID]
+        results = []
+        for out, cap in zip(outputs, caps):
+            hyps = []
+            for tokens, score in zip(out.hypotheses, out.scores):
+                ended = bool(tokens) and tokens[-1] == eos
+                length = len(tokens)  # EOS included when it ended, as CTranslate2 normalised it
+                ids = [self.tgt_ids[t] for t in (tokens[:-1] if ended else tokens)[: cap - 1]]
+                logprob = score * (length**c.length_penalty if c.length_penalty and length else 1.0)
+                n = len(ids) + 1
+                hyps.append(Hypothesis(ids, logprob, logprob / penalty_of(n, c), n >= cap))
+            results.append(sorted(hyps, key=lambda h: h.score, reverse=True))
+        return results
