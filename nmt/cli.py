@@ -324,21 +324,46 @@ def translate(
         from nmt.textio import open_binary
 
         open_binary(input).close()  # a missing input fails before an existing output is truncated
+    written = _output_path(output, input)
     try:
-        sink = open(output, "w", encoding="utf-8") if output else sys.stdout
+        sink = open(written, "w", encoding="utf-8") if output else sys.stdout
     except OSError as e:
         raise NmtError(f"{output}: cannot write ({e.strerror})") from None
+    done = False
     try:
         _write_translations(translator, lines, sink, format)
+        if output:
+            sink.close()
+        done = True
     except BrokenPipeError:
         raise
-    except OSError as e:  # a full disk, say: what was flushed before stays
+    except OSError as e:  # a full disk, say: the previous output file is kept
         raise NmtError(f"{output or '<stdout>'}: write failed ({e.strerror or e})") from None
     finally:
         if output:
             with contextlib.suppress(OSError):  # the write error, if any, is already reported
                 sink.close()
+            if written != output:
+                if done:
+                    os.replace(written, output)
+                else:
+                    written.unlink(missing_ok=True)
     log.info(translator.stats.summary())
+
+
+def _output_path(output: Path | None, input: str) -> Path | None:
+    """Where translate writes: a temporary beside a regular output file, renamed over it once the
+    output is complete (so a failed run keeps the previous file); a device or pipe directly.
+    An output that is the input (the same file by any path, symlink or hard link) is refused."""
+    if output is None:
+        return None
+    if input != "-" and output.exists() and os.path.samefile(input, output):
+        raise UsageError(f"{output}: the output file is the input file; write the translations elsewhere")
+    if output.exists() and not output.is_file():
+        return output  # /dev/stdout, a FIFO, a character device
+    from nmt.atomic import temporary_name
+
+    return temporary_name(output)
 
 
 def _write_translations(translator, lines, sink, format: str) -> None:

@@ -98,3 +98,15 @@ def error_line(r: subprocess.CompletedProcess, code: int, only_line: bool = True
     if only_line:
         assert lines == errors, f"expected only the error line on stderr:\n{err}"
     return errors[0]
+
+
+def full_device(tmp_path: Path) -> Path:
+    """A device that refuses every write with ENOSPC: /dev/full, or one made like it (some
+    sandboxes replace /dev/full by a regular file)."""
+    if Path("/dev/full").is_char_device():
+        return Path("/dev/full")
+    try:
+        os.mknod(tmp_path / "full", 0o666 | 0o020000, os.makedev(1, 7))  # what /dev/full is
+    except OSError:
+        pytest.skip("no /dev/full, and no permission to make one")
+    return tmp_path / "full"

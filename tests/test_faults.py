@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import full_device
 
 import nmt.cache as cache_mod
 from conftest import DATA, ROOT, error_line
@@ -227,14 +228,7 @@ def test_evaluate_with_stdout_closed_is_one_error_not_lost_scores(tmp_path):
     assert "stdout is closed" in error_line(_evaluate(">&-", tmp_path), 1)
 
 
-def _full_device(tmp_path: Path) -> Path:
-    if Path("/dev/full").is_char_device():
-        return Path("/dev/full")
-    try:
-        os.mknod(tmp_path / "full", 0o666 | 0o020000, os.makedev(1, 7))  # what /dev/full is
-    except OSError:
-        pytest.skip("no /dev/full, and no permission to make one")
-    return tmp_path / "full"
+_full_device = full_device
 
 
 def test_evaluate_onto_a_full_disk_is_one_error(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, ROOT, error_line, ok, run_nmt, without_paths
+from conftest import DATA, ROOT, error_line, full_device, ok, run_nmt, without_paths
 
 # The test machine is small and shared: one thread per subprocess is much faster than
 # oversubscribed cores (the conftest model fixture runs its `nmt train` under this too).
@@ -464,7 +464,33 @@ def test_emitted_newline_bytes_do_not_break_the_line_contract(damaged):
 def test_a_full_disk_is_a_one_line_error(tiny_model_dir, tmp_path):
     src = tmp_path / "in.es"
     src.write_text("Hola.\nAdiós.\n", encoding="utf-8")
-    r = run_nmt("translate", "-m", str(tiny_model_dir), "--beam-size", "1", "-i", str(src), "-o", "/dev/full")
+    r = run_nmt("translate", "-m", str(tiny_model_dir), "--beam-size", "1", "-i", str(src), "-o",
+                str(full_device(tmp_path)))
     err = r.stderr.decode()
     assert r.returncode == 1
     assert err.strip().count("\n") == 0 and "write failed" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("how", ["same path", "symlink", "hard link"])
+def test_an_output_that_is_the_input_is_refused_and_the_input_kept(tiny_model_dir, tmp_path, how):
+    src = tmp_path / "notes.es"
+    src.write_text("Hola.\nAdiós.\n", encoding="utf-8")
+    out = {"same path": src, "symlink": tmp_path / "link.es", "hard link": tmp_path / "hard.es"}[how]
+    if how == "symlink":
+        out.symlink_to(src)
+    elif how == "hard link":
+        os.link(src, out)
+    msg = without_paths(error_line(run_nmt("translate", "-m", str(tiny_model_dir), "-i", str(src), "-o", str(out)), 2))
+    assert "output file is the input file" in msg
+    assert src.read_text(encoding="utf-8") == "Hola.\nAdiós.\n"
+
+
+def test_a_failed_translation_keeps_the_previous_output(tiny_model_dir, tmp_path):
+    out = tmp_path / "hyp.en"
+    out.write_text("yesterday's translations\n", encoding="utf-8")
+    bad = tmp_path / "bad.es"
+    bad.write_bytes(b"Hola.\n\xff\xfe\n")  # invalid UTF-8 on line 2: the run fails after starting
+    r = run_nmt("translate", "-m", str(tiny_model_dir), "--beam-size", "1", "-i", str(bad), "-o", str(out))
+    assert r.returncode == 1
+    assert out.read_text(encoding="utf-8") == "yesterday's translations\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.es", "hyp.en"]  # no temporary left
