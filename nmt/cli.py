@@ -10,6 +10,7 @@ happen inside the commands that need them, so `nmt --help` and `nmt evaluate` st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -307,31 +308,53 @@ def translate(
 
     -m takes a model directory from `nmt train` or a CTranslate2 export from `nmt export`
     (recognised from the directory): the same options, line contract and JSON lines."""
+    from nmt import api
     from nmt import config as cfg
 
     _choice(format, "--format", ("text", "jsonl"))
-    _choice(dtype, "--dtype", ("auto", "float32", "bfloat16", "int8"))
     decode = cfg.from_options(DecodeConfig, locals())  # the options named like DecodeConfig's fields
-    if decode.beam_size < 1 or not 1 <= decode.nbest <= decode.beam_size:
-        raise UsageError(f"need beam size ≥ 1 and 1 ≤ nbest ≤ beam size (got {decode.beam_size}, {decode.nbest})")
-    if decode.batch_tokens < 1 or decode.window < 1:
-        raise UsageError("--batch-tokens and --window must be ≥ 1")
-    translator = _load_translator(model, decode, device, dtype, threads)
+    cfg.check_decode(decode)  # bad options fail before a model is loaded
+    translator = api.load(model, device=device, dtype=dtype, threads=threads).translator(**dataclasses.asdict(decode))
     from nmt.textio import read_lines
+    from nmt.translate import to_json
 
     lines = read_lines(input)
-    if input != "-":
-        from nmt.textio import open_binary
+    _check_inputs(input)
+    _write_windows(translator.translate_windows(lines), lambda t: _json_line(to_json(t)) if format == "jsonl" else t.text,
+                   output, (input,))
+    log.info(translator.stats.summary())
 
-        open_binary(input).close()  # a missing input fails before an existing output is truncated
-    written = _output_path(output, input)
+
+def _json_line(record: dict) -> str:
+    import json
+
+    return json.dumps(record, ensure_ascii=False)
+
+
+def _check_inputs(*paths: str) -> None:
+    """A missing input fails before an existing output is truncated."""
+    from nmt.textio import open_binary
+
+    for path in paths:
+        if path != "-":
+            open_binary(path).close()
+
+
+def _write_windows(windows, render, output: Optional[Path], inputs: tuple[str, ...] = ()) -> None:
+    """One line per record (`render(record)`), flushed window by window, to stdout or to
+    `output` (`_output_path`: a regular file is written under a temporary name and renamed once
+    complete, so a failed run keeps the previous file)."""
+    written = _output_path(output, inputs)
     try:
         sink = open(written, "w", encoding="utf-8") if output else sys.stdout
     except OSError as e:
         raise NmtError(f"{output}: cannot write ({e.strerror})") from None
     done = False
     try:
-        _write_translations(translator, lines, sink, format)
+        for window in windows:
+            for record in window:
+                sink.write(render(record) + "\n")
+            sink.flush()  # each window reaches the reader as soon as it is done
         if output:
             sink.close()
         done = True
@@ -348,17 +371,17 @@ def translate(
                     os.replace(written, output)
                 else:
                     written.unlink(missing_ok=True)
-    log.info(translator.stats.summary())
 
 
-def _output_path(output: Path | None, input: str) -> Path | None:
-    """Where translate writes: a temporary beside a regular output file, renamed over it once the
+def _output_path(output: Path | None, inputs: tuple[str, ...]) -> Path | None:
+    """Where a command writes: a temporary beside a regular output file, renamed over it once the
     output is complete (so a failed run keeps the previous file); a device or pipe directly.
-    An output that is the input (the same file by any path, symlink or hard link) is refused."""
+    An output that is an input (the same file by any path, symlink or hard link) is refused."""
     if output is None:
         return None
-    if input != "-" and output.exists() and os.path.samefile(input, output):
-        raise UsageError(f"{output}: the output file is the input file; write the translations elsewhere")
+    for path in inputs:
+        if path != "-" and output.exists() and os.path.samefile(path, output):
+            raise UsageError(f"{output}: the output file is the input file; write the results elsewhere")
     if output.exists() and not output.is_file():
         return output  # /dev/stdout, a FIFO, a character device
     from nmt.atomic import temporary_name
@@ -366,43 +389,49 @@ def _output_path(output: Path | None, input: str) -> Path | None:
     return temporary_name(output)
 
 
-def _write_translations(translator, lines, sink, format: str) -> None:
-    import json
-
-    from nmt.translate import to_json
-
-    for window in translator.translate_windows(lines):
-        for result in window:
-            sink.write((json.dumps(to_json(result), ensure_ascii=False) if format == "jsonl" else result.text) + "\n")
-        sink.flush()  # each window reaches the reader as soon as it is done
+# ---------------------------------------------------------------------------------------------
+# score
+# ---------------------------------------------------------------------------------------------
 
 
-def _load_translator(model_dir: Path, decode, device: str, dtype: str, threads: int):
-    """The Translator for -m: nmt's own search on a model directory, or CTranslate2 on an export."""
-    from nmt import engines
-    from nmt.translate import Translator
+@app.command()
+def score(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory written by `nmt train`, or a CTranslate2 export.")],
+    src: Annotated[str, typer.Option("--src", help="Source sentences, one per line.")],
+    tgt: Annotated[str, typer.Option("--tgt", help="Target sentences to score, one per line, in step with --src.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file. [default: stdout]")] = None,
+    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Divide by the length penalty, as beam search does for the score it reports (--no-normalize: the summed log-probability).")] = True,
+    length_penalty: Annotated[float, typer.Option(help="Length penalty α (0: none).")] = DecodeConfig.length_penalty,
+    length_norm: Annotated[str, typer.Option(help=f"{' or '.join(choices(DecodeConfig, 'length_norm'))}: gnmt ((5+|Y|)/6)^α, average |Y|^α.")] = DecodeConfig.length_norm,
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per batch (count × longest side).")] = DecodeConfig.batch_tokens,
+    window: Annotated[int, typer.Option(help="Pairs read ahead and sorted by length.")] = DecodeConfig.window,
+    format: Annotated[str, typer.Option("--format", help="text (one score per line) or jsonl (scores, per-token log-probabilities, flags).")] = "text",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or int8 (a CTranslate2 export: its compute type).")] = "auto",
+    threads: Annotated[int, typer.Option(help="CPU threads (0: all cores).")] = 0,
+) -> None:
+    """Score given translations: log p(target | source) of each pair by teacher forcing, EOS
+    included, one line per pair. A pair of two empty lines gives an empty line; one empty side
+    is an error."""
+    from nmt import api
+    from nmt import config as cfg
+    from nmt.corpus import ParallelCorpus
+    from nmt.textio import open_binary
+    from nmt.translate import score_json, score_text
 
-    if engines.is_ctranslate2_dir(model_dir):
-        if device not in ("auto", "cpu", "cuda"):
-            raise UsageError(f"--device: unknown value {device!r} (choose from auto, cpu, cuda)")
-        from nmt.export import ctranslate2_module
-
-        if device == "auto":
-            device = "cuda" if ctranslate2_module().get_cuda_device_count() > 0 else "cpu"
-        compute_type = {"auto": "default"}.get(dtype, dtype)
-        engine = engines.CTranslate2.load(model_dir, decode, compute_type=compute_type, threads=threads, device=device)
-        return Translator(engine, engine.vocabs, decode)
-    import torch
-
-    from nmt import checkpoint, runtime
-
-    rt = runtime.setup(device, "float32" if dtype == "int8" else dtype, threads)
-    model, vocabs, _ = checkpoint.load_for_inference(model_dir, rt.device)
-    if dtype == "int8":
-        if rt.device.type != "cpu":
-            raise UsageError("--dtype int8 is CPU-only (dynamic quantisation)")
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    return Translator.from_model(model, vocabs, rt, decode)
+    _choice(format, "--format", ("text", "jsonl"))
+    decode = cfg.from_options(DecodeConfig, locals())
+    cfg.check_decode(decode)
+    for path in (src, tgt):
+        open_binary(path).close()  # a missing file fails before the model loads or an output is truncated
+    translator = api.load(model, device=device, dtype=dtype, threads=threads).translator(**dataclasses.asdict(decode))
+    pairs = ParallelCorpus(Path(src), Path(tgt)).pairs()
+    names = (src, tgt)
+    _write_windows(translator.score_windows(pairs, normalize, names),
+                   lambda s: _json_line(score_json(s)) if format == "jsonl" else score_text(s), output, (src, tgt))
+    st = translator.stats
+    log.info("scored %s pairs (%s empty, %s truncated) in %.1f s", f"{st.lines:,}", f"{st.empty:,}",
+             f"{st.truncated:,}", st.seconds)
 
 
 # ---------------------------------------------------------------------------------------------

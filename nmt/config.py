@@ -249,6 +249,15 @@ def from_options(cls: type[C], options: dict[str, Any]) -> C:
     return config
 
 
+def check_decode(config: DecodeConfig) -> None:
+    """Usage errors for decoding options that cannot work together (the CLI's and the API's)."""
+    check_choices(config)
+    if config.beam_size < 1 or not 1 <= config.nbest <= config.beam_size:
+        raise UsageError(f"need beam size ≥ 1 and 1 ≤ nbest ≤ beam size (got {config.beam_size}, {config.nbest})")
+    if config.batch_tokens < 1 or config.window < 1:
+        raise UsageError("--batch-tokens and --window must be ≥ 1")
+
+
 def given(**values: Any) -> dict[str, Any]:
     """The options the user actually gave (None means: keep the preset or config-file value)."""
     return {k: v for k, v in values.items() if v is not None}

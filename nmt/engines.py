@@ -6,7 +6,10 @@ anything with the `Engine` protocol: `max_positions` (the source-length limit de
 and `search(sources) → hypotheses`, taking source ids without specials, at most
 `batching.max_source_tokens(max_positions)` each, and returning each sentence's hypotheses,
 best first, as `search.Hypothesis` (tokens without BOS/EOS, log-probability with EOS,
-length-penalised score, whether the cap was hit).
+length-penalised score, whether the cap was hit). Every engine here also has
+`score(sources, targets) → per-token log-probabilities` (teacher forcing; targets without
+specials and within the same limit; one value per target token and one for EOS), which
+`Translator.score` and `nmt score` use.
 
 The engines:
 
@@ -41,6 +44,9 @@ class Engine(Protocol):
     def search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
         """The hypotheses of each source (ids without specials), best first."""
 
+    def score(self, sources: list[list[int]], targets: list[list[int]]) -> list[list[float]]:
+        """log p(token | source, prefix) of each target token and of the EOS after them."""
+
 
 # -- nmt's own searches -------------------------------------------------------------------------
 
@@ -56,6 +62,16 @@ class _ModelEngine:
         src = pad_batch(sources, max_positions=self.max_positions).src.to(self.runtime.device)
         with self.runtime.autocast():
             return [r.hypotheses for r in self._run(src)]
+
+    @torch.inference_mode()
+    def score(self, sources: list[list[int]], targets: list[list[int]]) -> list[list[float]]:
+        """Teacher forcing over a batch from the one padded-batch builder: the log-softmax of
+        the logits in float32 (as the searches take it), gathered at each next target token."""
+        batch = pad_batch(sources, targets, max_positions=self.max_positions).to(self.runtime.device)
+        with self.runtime.autocast():
+            logits = self.model(batch.src, batch.tgt_in)  # [B, T, V]
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(2, batch.tgt_out[:, :, None])[:, :, 0]  # [B, T]
+        return [row[: len(t) + 1] for row, t in zip(logp.cpu().tolist(), targets)]
 
     def _run(self, src: torch.Tensor) -> list[SentenceResult]:
         raise NotImplementedError
@@ -140,7 +156,8 @@ class CTranslate2:
         self.translator, self.vocabs, self.max_positions = translator, vocabs, max_positions
         self.config, self.exact_caps = config, exact_caps
         self.src_tokens = vocab_tokens(vocabs.src)
-        self.tgt_ids = {t: i for i, t in enumerate(vocab_tokens(vocabs.tgt))}
+        self.tgt_tokens = vocab_tokens(vocabs.tgt)
+        self.tgt_ids = {t: i for i, t in enumerate(self.tgt_tokens)}
 
     @staticmethod
     def load(ct2_dir: Path, config: DecodeConfig, compute_type: str = "default", threads: int = 0,
@@ -163,6 +180,18 @@ class CTranslate2:
         except (RuntimeError, ValueError) as e:
             raise NmtError(f"{ct2_dir}: CTranslate2 cannot load it ({str(e).splitlines()[0][:200]})") from None
         return CTranslate2(translator, Vocabs.load(ct2_dir), int(meta["max_positions"]), config, exact_caps)
+
+    def with_config(self, config: DecodeConfig) -> "CTranslate2":
+        """The same loaded translator under other decoding options (nothing is reloaded)."""
+        return CTranslate2(self.translator, self.vocabs, self.max_positions, config, self.exact_caps)
+
+    def score(self, sources: list[list[int]], targets: list[list[int]]) -> list[list[float]]:
+        """`score_batch`: CTranslate2 starts the target with the decoder start token (our BOS)
+        and appends EOS itself, and returns one log-probability per target token and EOS."""
+        results = self.translator.score_batch(
+            [[self.src_tokens[i] for i in s] for s in sources], [[self.tgt_tokens[i] for i in t] for t in targets],
+            max_batch_size=self.config.batch_tokens, batch_type="tokens", max_input_length=0)
+        return [list(r.log_probs) for r in results]
 
     def search(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
         c = self.config

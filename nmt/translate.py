@@ -7,6 +7,10 @@ fit (`batching.cut_source`) and flagged. Results are yielded window by window, s
 flushed as it comes and a huge input never sits in memory. Writing them (text or JSON lines)
 is the CLI's job.
 
+Scoring given pairs (`Translator.score`, `nmt score`) keeps the same contract over pairs: one
+`Score` per pair, in order; a pair with both sides empty gives an empty result, a pair with
+one side empty is an error naming the side and its line.
+
 The search itself is an engine (`nmt.engines.Engine`): nmt's beam / greedy / sampling, the
 naive reference, or a CTranslate2 export; all of them get exactly this contract and return the
 one `Translation` type.
@@ -23,8 +27,9 @@ from typing import Iterable, Iterator
 from nmt import engines
 from nmt.batching import cut_source
 from nmt.config import DecodeConfig
+from nmt.errors import NmtError
 from nmt.runtime import Runtime
-from nmt.search import Hypothesis
+from nmt.search import Hypothesis, penalty_of
 from nmt.tokenizer import Vocabs, decode_batch, encode_batch
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,22 @@ class Translation:
     @property
     def hit_max_length(self) -> bool:
         return bool(self.hypotheses) and self.hypotheses[0].hit_max_length
+
+
+@dataclass
+class Score:
+    """One pair's log-probability under the model (teacher forcing): per target token and EOS,
+    summed (`logprob`), and normalised as beam search normalises the score it reports
+    (`score`: logprob / the length penalty of the target's length with EOS; = logprob when
+    scoring without normalisation or with α = 0)."""
+
+    source: str
+    target: str
+    token_logprobs: list[float] = field(default_factory=list)  # target tokens, then EOS; empty for an empty pair
+    logprob: float | None = None
+    score: float | None = None
+    empty_input: bool = False
+    truncated: bool = False  # a side was cut to the source-length limit
 
 
 @dataclass
@@ -101,7 +122,7 @@ class Translator:
             seq, results[i].truncated = cut_source(seq, self.engine.max_positions)
             ids.append(seq)
         order = sorted(range(len(todo)), key=lambda j: len(ids[j]))
-        for batch in self._batches(order, ids):
+        for batch in self._batches(order, [len(seq) for seq in ids]):
             for j, hyps in zip(batch, self.engine.search([ids[j] for j in batch])):
                 for h, text in zip(hyps, decode_batch(self.vocabs.tgt, [h.tokens for h in hyps])):
                     h.text = one_line(text)
@@ -109,11 +130,60 @@ class Translator:
         self._count(results)
         return results
 
-    def _batches(self, order: list[int], ids: list[list[int]]) -> Iterator[list[int]]:
+    def score(self, pairs: Iterable[tuple[str, str]], normalize: bool = True,
+              names: tuple[str, str] = ("source", "target")) -> Iterator[Score]:
+        """One Score per (source, target) pair, in order; `names` name the two sides in errors."""
+        for window in self.score_windows(pairs, normalize, names):
+            yield from window
+
+    def score_windows(self, pairs: Iterable[tuple[str, str]], normalize: bool = True,
+                      names: tuple[str, str] = ("source", "target")) -> Iterator[list[Score]]:
+        """The scores of each window of pairs, in order: a caller can flush after each."""
+        start = time.perf_counter()
+        it = iter(pairs)
+        first_line = 1
+        while window := list(itertools.islice(it, self.config.window)):
+            results = self._score_window(window, first_line, normalize, names)
+            first_line += len(window)
+            self.stats.lines += len(window)
+            self.stats.seconds = time.perf_counter() - start
+            yield results
+
+    def _score_window(self, pairs: list[tuple[str, str]], first_line: int, normalize: bool,
+                      names: tuple[str, str]) -> list[Score]:
+        results = [Score(s, t) for s, t in pairs]
+        todo = []
+        for i, (s, t) in enumerate(pairs):
+            if bool(s.strip()) != bool(t.strip()):
+                empty, other = (0, 1) if not s.strip() else (1, 0)
+                raise NmtError(f"{names[empty]}: line {first_line + i} is empty but its pair in {names[other]} is not")
+            results[i].empty_input = not s.strip()
+            if s.strip():
+                todo.append(i)
+        self.stats.empty += len(pairs) - len(todo)
+        src, tgt = [], []
+        limit = self.engine.max_positions
+        for i, s_ids, t_ids in zip(todo, encode_batch(self.vocabs.src, [pairs[i][0] for i in todo]),
+                                   encode_batch(self.vocabs.tgt, [pairs[i][1] for i in todo])):
+            (s_ids, cut_s), (t_ids, cut_t) = cut_source(s_ids, limit), cut_source(t_ids, limit)
+            results[i].truncated = cut_s or cut_t
+            self.stats.truncated += results[i].truncated
+            src.append(s_ids)
+            tgt.append(t_ids)
+        lengths = [max(len(s_ids), len(t_ids)) for s_ids, t_ids in zip(src, tgt)]
+        for batch in self._batches(sorted(range(len(todo)), key=lambda j: lengths[j]), lengths):
+            for j, logps in zip(batch, self.engine.score([src[j] for j in batch], [tgt[j] for j in batch])):
+                r = results[todo[j]]
+                r.token_logprobs, r.logprob = logps, sum(logps)
+                r.score = r.logprob / penalty_of(len(logps), self.config) if normalize else r.logprob
+                self.stats.target_tokens += len(logps)
+        return results
+
+    def _batches(self, order: list[int], lengths: list[int]) -> Iterator[list[int]]:
         """Consecutive (length-sorted) sentences while (count × longest) stays within the token budget."""
         batch: list[int] = []
         for j in order:
-            longest = len(ids[j]) + 1
+            longest = lengths[j] + 1
             if batch and (len(batch) + 1) * longest > self.config.batch_tokens:
                 yield batch
                 batch = []
@@ -145,4 +215,21 @@ def to_json(t: Translation) -> dict:
         "hypotheses": [{"text": h.text, "score": h.score, "logprob": h.logprob, "tokens": len(h.tokens) + 1}
                        for h in t.hypotheses],
         "flags": {"empty_input": t.empty_input, "truncated": t.truncated, "hit_max_length": t.hit_max_length},
+    }
+
+
+def score_text(s: Score) -> str:
+    """A score's line in text format: the number, or nothing for an empty pair."""
+    return "" if s.score is None else f"{s.score:.6f}"
+
+
+def score_json(s: Score) -> dict:
+    return {
+        "source": s.source,
+        "target": s.target,
+        "score": s.score,
+        "logprob": s.logprob,
+        "tokens": len(s.token_logprobs),
+        "token_logprobs": s.token_logprobs,
+        "flags": {"empty_input": s.empty_input, "truncated": s.truncated},
     }

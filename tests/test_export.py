@@ -137,6 +137,21 @@ def test_greedy_equals_nmt_translate_on_trained_tiny_model(tiny_model_dir, tiny_
     assert [r.truncated for r in theirs] == [r.truncated for r in ours]
 
 
+def test_nmt_load_of_an_export_scores_as_the_model_directory(tiny_model_dir, tiny_export):
+    """`nmt.load` on both directories: `score_batch` gives nmt's teacher-forced log-probabilities."""
+    import nmt
+
+    ours, theirs = (nmt.load(d, device="cpu", dtype="float32" if d == tiny_model_dir else "auto", threads=1)
+                    for d in (tiny_model_dir, tiny_export))
+    sources = [*LINES[:8], ""]
+    targets = [*(DATA / "test.en").read_text(encoding="utf-8").splitlines()[:8], ""]
+    a, b = list(ours.scores(sources, targets)), list(theirs.scores(sources, targets))
+    assert [r.score is None for r in b] == [not s.strip() for s in sources]
+    for x, y in zip(a, b):
+        assert y.token_logprobs == pytest.approx(x.token_logprobs, abs=1e-4)
+        assert (y.score is None and x.score is None) or y.score == pytest.approx(x.score, abs=1e-4)
+
+
 @pytest.mark.parametrize("exact_caps", [True, False])
 def test_greedy_tokens_and_scores_equal_nmt_translate(hand_set, exact_caps):
     model_dir, ct2_dir = hand_set
