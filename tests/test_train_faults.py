@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import ROOT, write_slice
-from nmt import checkpoint
+from nmt import checkpoint, validate
 from nmt import config as cfg
 from nmt import train as train_mod
 from nmt.corpus import ParallelCorpus
@@ -149,7 +149,7 @@ def test_an_evaluation_that_fails_loses_no_steps(prepared, tmp_path, monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError("evaluation failed")
 
-    monkeypatch.setattr(train_mod, "evaluate_dev", broken)
+    monkeypatch.setattr(validate, "evaluate_dev", broken)
     with pytest.raises(RuntimeError):
         trainer.evaluate_and_save()
     assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "run")] == ["step-00000007"]
@@ -158,7 +158,7 @@ def test_an_evaluation_that_fails_loses_no_steps(prepared, tmp_path, monkeypatch
 def test_the_evaluation_after_the_save_is_kept_for_the_resume(prepared, tmp_path, monkeypatch):
     trainer = trainer_in(prepared, tmp_path / "run")
     trainer.progress.step = 5
-    monkeypatch.setattr(train_mod, "evaluate_dev", lambda *a, **k: (12.5, "sig", 3.0))
+    monkeypatch.setattr(validate, "evaluate_dev", lambda *a, **k: (12.5, "sig", 3.0))
     trainer.evaluate_and_save()
     again = trainer_in(prepared, tmp_path / "run")
     assert again.resume()
