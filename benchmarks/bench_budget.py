@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,20 +42,18 @@ def resolved_dtype() -> str:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout.strip()
 
 
-def train(system: str, budget: str, dtype: str, threads: int, out: Path) -> float:
+def train(system: str, budget: str, dtype: str, threads: int, out: Path) -> None:
     if (out / "training.json").exists():
-        return 0.0
+        return
     args = ["train", "--max-time", budget, "--out", str(out), "--threads", str(threads)]
     if dtype != "auto":
         args += ["--dtype", dtype]
     if system == "small":
         args += ["--preset", "small"]
-    t0 = time.monotonic()
     r = nmt(*args, threads=threads)
     (out / "train.log").write_bytes(r.stderr)
     if r.returncode != 0:
         raise SystemExit(f"{out}: nmt train failed:\n{r.stderr.decode()[-2000:]}")
-    return time.monotonic() - t0
 
 
 def score(out: Path, beam: int, threads: int) -> tuple[float, float]:

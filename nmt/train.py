@@ -28,7 +28,7 @@ import torch
 from nmt import atomic, checkpoint, recipe, validate
 from nmt.batching import Batch, Plan, collate, padded, plan_epoch, target_tokens
 from nmt.cache import Filters, TokenCache, load_or_build
-from nmt.config import PRESET_TRAINING, DecodeConfig, ModelConfig, TokenizerConfig, TrainConfig, from_dict, to_dict
+from nmt.config import PRESET_TRAINING, ModelConfig, TokenizerConfig, TrainConfig, to_dict
 from nmt.corpus import ParallelCorpus, sample_corpora
 from nmt.errors import Interrupted, NmtError, UsageError
 from nmt.model import Transformer, count_parameters
@@ -706,7 +706,7 @@ def _shape_trial(p: Prepared, config: TrainConfig, runtime: Runtime, batch_token
 def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerConfig, out: Path,
           test: ParallelCorpus | None = None, force: bool = False) -> Progress:
     """Prepare (or resume) the run in `out` and train until a budget ends it; then, with `test`,
-    translate its source with the final model (beam search) and report BLEU (`score_test`).
+    translate its source with the final model (beam search) and report BLEU (`validate.score_test`).
     `out` must be new, empty or this run's unless `force`; a signal ends it with `Interrupted`."""
     check_max_length(config, model_config)
     dist = Distributed(config.device)
@@ -754,7 +754,7 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         log.info("training ended: %s; best dev BLEU %.2f at step %d; model in %s", trainer.stop_reason,
                  result.best_bleu, result.best_step, out)
         if dist.is_writer and test is not None:
-            score_test(out, test, runtime)
+            validate.score_test(out, test, runtime)
         return result
     finally:
         dist.close()
@@ -776,32 +776,3 @@ def _write_summary(trainer: Trainer, runtime: Runtime, dist: Distributed) -> Non
                "best_step": pr.best_step, "parameters": count_parameters(trainer.model), "evaluations": pr.history}
     atomic.write_text(trainer.p.out / "training.json", json.dumps(summary, indent=2))
 
-
-def score_test(out: Path, test: ParallelCorpus, runtime: Runtime, examples: int = 3) -> dict:
-    """The final model of `out` on a held-out set, reported, never used for a decision: beam search
-    (the translate defaults), BLEU and chrF with signatures, the translations written to OUT/test.hyp,
-    a few lines shown, and the record kept in training.json."""
-    from nmt import metrics
-    from nmt.translate import Translator
-
-    model, vocabs, _ = checkpoint.load_for_inference(out, runtime.device)
-    pairs = list(test.pairs())
-    decode = DecodeConfig()
-    t0 = time.monotonic()
-    hyps = [t.text for t in Translator.from_model(model, vocabs, runtime, decode).translate(s for s, _ in pairs)]
-    seconds = time.monotonic() - t0
-    atomic.write_text(out / "test.hyp", "".join(h + "\n" for h in hyps))
-    bleu = metrics.build_metrics(metrics.MetricOptions(metrics=("bleu", "chrf")), [[t for _, t in pairs]])
-    scores = metrics.corpus_scores(hyps, bleu)
-    record = {"source": str(test.src_path), "reference": str(test.tgt_path), "lines": len(pairs),
-              "beam_size": decode.beam_size, "seconds": seconds,
-              **{name: {"score": r["score"], "signature": r["signature"]} for name, r in scores.items()}}
-    for (src, ref), hyp in list(zip(pairs, hyps))[:examples]:
-        log.info("test example\n  source:     %s\n  translated: %s\n  reference:  %s", src, hyp, ref)
-    log.info("test BLEU %.1f, chrF %.1f on %s (%d lines, beam %d, %.0f s); %s", scores["bleu"]["score"],
-             scores["chrf"]["score"], test.src_path.name, len(pairs), decode.beam_size, seconds,
-             scores["bleu"]["signature"])
-    summary_path = out / "training.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    atomic.write_text(summary_path, json.dumps({**summary, "test": record}, indent=2))
-    return record

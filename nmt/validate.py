@@ -4,19 +4,28 @@ Dev BLEU is sacreBLEU on detokenised greedy output (the same `Translator` as `nm
 so the same line contract and source-length limit), with its signature; dev loss is the
 cross-entropy per target token under teacher forcing (no label smoothing), over batches from
 the one padded-batch builder. What to do with the scores (keep the best model, stop early,
-keep an average) is the caller's business.
+keep an average) is the caller's business. `score_test` reports a finished model on a held-out
+set (`nmt train --test`): beam search, BLEU and chrF, examples; it decides nothing.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
+from nmt import atomic, checkpoint
 from nmt.batching import pad_batch
 from nmt.config import DecodeConfig
 from nmt.corpus import ParallelCorpus
 from nmt.runtime import Runtime
 from nmt.tokenizer import PAD_ID, Vocabs, encode_batch
+
+log = logging.getLogger(__name__)
 
 LOSS_BATCH = 64  # sentences per dev-loss batch
 DEV_BATCH_TOKENS = 6000  # source tokens per greedy batch
@@ -58,3 +67,33 @@ def dev_loss(model, vocabs: Vocabs, runtime: Runtime, pairs: list[tuple[str, str
                                  reduction="sum").item()
         count += int((batch.tgt_out != PAD_ID).sum())
     return total / max(count, 1)
+
+
+def score_test(out: Path, test: ParallelCorpus, runtime: Runtime, examples: int = 3) -> dict:
+    """The final model of `out` on a held-out set, reported, never used for a decision: beam search
+    (the translate defaults), BLEU and chrF with signatures, the translations written to OUT/test.hyp,
+    a few lines shown, and the record kept in training.json."""
+    from nmt import metrics
+    from nmt.translate import Translator
+
+    model, vocabs, _ = checkpoint.load_for_inference(out, runtime.device)
+    pairs = list(test.pairs())
+    decode = DecodeConfig()
+    t0 = time.monotonic()
+    hyps = [t.text for t in Translator.from_model(model, vocabs, runtime, decode).translate(s for s, _ in pairs)]
+    seconds = time.monotonic() - t0
+    atomic.write_text(out / "test.hyp", "".join(h + "\n" for h in hyps))
+    bleu = metrics.build_metrics(metrics.MetricOptions(metrics=("bleu", "chrf")), [[t for _, t in pairs]])
+    scores = metrics.corpus_scores(hyps, bleu)
+    record = {"source": str(test.src_path), "reference": str(test.tgt_path), "lines": len(pairs),
+              "beam_size": decode.beam_size, "seconds": seconds,
+              **{name: {"score": r["score"], "signature": r["signature"]} for name, r in scores.items()}}
+    for (src, ref), hyp in list(zip(pairs, hyps))[:examples]:
+        log.info("test example\n  source:     %s\n  translated: %s\n  reference:  %s", src, hyp, ref)
+    log.info("test BLEU %.1f, chrF %.1f on %s (%d lines, beam %d, %.0f s); %s", scores["bleu"]["score"],
+             scores["chrf"]["score"], test.src_path.name, len(pairs), decode.beam_size, seconds,
+             scores["bleu"]["signature"])
+    summary_path = out / "training.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    atomic.write_text(summary_path, json.dumps({**summary, "test": record}, indent=2))
+    return record

@@ -9,8 +9,9 @@ import math
 import os
 
 import pytest
+import sacrebleu
 
-from conftest import run_nmt, write_slice
+from conftest import error_line, run_nmt, without_paths, write_slice
 from nmt import recipe
 from nmt.config import ModelConfig, TrainConfig
 
@@ -102,10 +103,18 @@ def test_train_with_a_budget_and_no_preset_chooses_stores_and_reuses_the_recipe(
     dev = write_slice(tmp_path / "d", "dev", 4, split="dev")
     args = ("train", "--train", str(train), "--dev", str(dev), "--src", "es", "--tgt", "en", "--out",
             str(tmp_path / "run"), "--dtype", "float32", "--vocab-size", "300", "--batch-tokens", "400")
-    r = run_nmt(*args, "--max-steps", "2")
+    r = run_nmt(*args, "--max-steps", "2", "--test", str(dev))
     err = r.stderr.decode()
     assert r.returncode == 0, err
     assert "recipe: micro model" in err
+    # --test: the final model's translations of the held-out set, scored as sacreBLEU scores them
+    hyps = (tmp_path / "run" / "test.hyp").read_text(encoding="utf-8").splitlines()
+    refs = (tmp_path / "d" / "dev.en").read_text(encoding="utf-8").splitlines()
+    assert len(hyps) == len(refs) == 4
+    record = json.loads((tmp_path / "run" / "training.json").read_text())["test"]
+    assert record["lines"] == 4 and record["beam_size"] == 5
+    assert record["bleu"]["score"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert record["bleu"]["signature"].startswith("nrefs:1|") and "test BLEU" in err
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["train"]["preset"] == "auto" and config["recipe"]["shape"] == "micro"
     assert config["model"]["d_model"] == 128 and config["model"]["dropout"] == 0.0
@@ -114,3 +123,11 @@ def test_train_with_a_budget_and_no_preset_chooses_stores_and_reuses_the_recipe(
     err = r.stderr.decode()
     assert r.returncode == 0, err
     assert "recipe (stored)" in err and "resuming from step-" in err
+
+
+def test_a_missing_test_set_fails_before_training(tmp_path):
+    train = write_slice(tmp_path / "d", "train", 20)
+    r = run_nmt("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--out",
+                str(tmp_path / "run"), "--max-steps", "2", "--test", str(tmp_path / "nowhere" / "test"))
+    assert without_paths(error_line(r, 1)) == "nmt: error: <path>: no such file (nor <path>)"
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
