@@ -175,7 +175,7 @@ def train(
     batch_tokens: Annotated[Optional[str], typer.Option(help="Padded target tokens per batch, or 'auto': the largest that fits in GPU memory.")] = None,
     update_freq: Annotated[Optional[int], typer.Option(help="Batches accumulated per optimizer step.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
-    lr_schedule: Annotated[Optional[str], typer.Option(help="inverse-sqrt, or cosine (to 0 at the end of --max-steps/--max-time).")] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option(help="inverse-sqrt, or cosine or linear (to 0 at the end of --max-steps/--max-time).")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option("--warmup", help="Warm-up steps.")] = None,
     label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing ε.")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Dropout rate.")] = None,

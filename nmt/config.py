@@ -86,7 +86,7 @@ class TrainConfig:
     batch_tokens: int | str = 3000  # target tokens per batch (per device), before --update-freq; or "auto"
     update_freq: int = 1  # gradient accumulation: batches per optimizer step
     lr: float = 1e-3
-    lr_schedule: Literal["inverse-sqrt", "cosine"] = "inverse-sqrt"  # cosine decays to 0 at the budget's end
+    lr_schedule: Literal["inverse-sqrt", "cosine", "linear"] = "inverse-sqrt"  # cosine/linear: to 0 at the budget's end
     warmup_steps: int = 400
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01

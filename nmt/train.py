@@ -214,6 +214,13 @@ def cosine_lr(step: int, peak: float, warmup: int, budget_used: float) -> float:
     return peak * warm * 0.5 * (1 + math.cos(math.pi * min(max(budget_used, 0.0), 1.0)))
 
 
+def linear_lr(step: int, peak: float, warmup: int, budget_used: float) -> float:
+    """Linear warm-up, then a straight line from `peak` to 0 as the budget runs out (the
+    budget-aware schedule Li et al. 2020 found best): it stays high longer than the cosine."""
+    warm = min(max(step, 1) / max(warmup, 1), 1.0)
+    return peak * warm * (1 - min(max(budget_used, 0.0), 1.0))
+
+
 class Trainer:
     def __init__(self, p: Prepared, config: TrainConfig, runtime: Runtime, dist: "Distributed"):
         self.p, self.config, self.runtime, self.dist = p, config, runtime, dist
@@ -375,6 +382,8 @@ class Trainer:
         c = self.config
         if c.lr_schedule == "cosine" and (c.max_steps or c.max_time):
             return cosine_lr(step, c.lr, c.warmup_steps, self.budget_used(step))
+        if c.lr_schedule == "linear" and (c.max_steps or c.max_time):
+            return linear_lr(step, c.lr, c.warmup_steps, self.budget_used(step))
         return inverse_sqrt_lr(step, c.lr, c.warmup_steps)
 
     def budget_used(self, step: int) -> float:

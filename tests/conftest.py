@@ -18,6 +18,13 @@ DATA = ROOT / "data" / "bible-es-en"
 # A fixed decision keeps tests independent of how busy the machine is when the race is run.
 os.environ.setdefault("NMT_CPU_BF16_SPEEDUP", "1.0")
 
+# Under pytest-xdist (pyproject: two workers) each worker and every `nmt` it starts uses one
+# torch thread: two processes with a thread per core each would oversubscribe the cores, and
+# OpenMP's spinning threads then run many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 
 def run_nmt(*args: str, input: bytes | str | None = None, timeout: float = 300, env: dict | None = None):
     """Run the real CLI in a subprocess (as a user would), returning CompletedProcess with bytes."""
