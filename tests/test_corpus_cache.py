@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import head_lines
+
 import nmt.cache as cache_mod
 from nmt.cache import FilterReport, Filters, cache_key, load_or_build, open_cache, verify
 from nmt.config import TokenizerConfig
@@ -40,14 +42,9 @@ PERMISSIVE = Filters(max_length=10**6, max_ratio=1e9, dedupe=False)
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def _head(name: str, n: int) -> list[str]:
-    with open(DATA / name, encoding="utf-8") as f:
-        return [next(f).rstrip("\n") for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def bible():
-    return _head("train.es", 2000), _head("train.en", 2000)
+    return head_lines("train.es", 2000), head_lines("train.en", 2000)
 
 
 def write_side(path: Path, lines: list[str], gz: bool = False, final_newline: bool = True) -> Path:
