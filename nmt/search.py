@@ -56,6 +56,8 @@ class Hypothesis:
     score: float  # logprob normalised by the length penalty (what the search ranks by)
     hit_max_length: bool = False
     text: str = ""  # the detokenised tokens (filled in by Translator)
+    attention: list[list[float]] | None = None  # [len(tokens)][source tokens], when alignments are asked for
+    alignment: list[tuple[int, int]] | None = None  # (source word, target word) pairs (filled in by Translator)
 
 
 @dataclass
