@@ -172,8 +172,8 @@ class CTranslate2:
       the random streams differ, so samples do not match ours.
     - Forced prefixes map to target_prefix (its max_decoding_length counts the prefix, as our cap
       does, raised to the prefix + EOS like ours). CTranslate2's score leaves the prefix tokens
-      out, so their log-probabilities (`score_batch` of the prefix) are added back: the
-      reported score covers the whole hypothesis, as ours does.
+      out, so a prefixed line's hypotheses are scored again with `score_batch`: the reported
+      score covers the whole hypothesis (EOS included, also at the cap), as ours does.
     - no_repeat_ngram maps to no_repeat_ngram_size; alignments read return_attention, which
       averages the heads and layer chosen at export (`export.build_spec`, the same as ours for
       an export written by this version).
@@ -264,29 +264,28 @@ class CTranslate2:
             sampling_topk=(c.sampling_topk or 0) if sampling else 1, sampling_topp=c.sampling_topp or 1.0,
             sampling_temperature=c.temperature, no_repeat_ngram_size=ngram, return_attention=attention,
         )
-        prefix_logprob = self._prefix_logprobs(seqs, prefixes) if has_prefix else [0.0] * len(seqs)
         eos = SPECIALS[EOS_ID]
         results = []
-        for out, cap, source, before in zip(outputs, caps, seqs, prefix_logprob):
+        for out, cap, source, prefix in zip(outputs, caps, seqs, prefixes):
             hyps = []
             for k, (tokens, score) in enumerate(zip(out.hypotheses, out.scores)):
                 ended = bool(tokens) and tokens[-1] == eos
                 length = len(tokens)  # EOS included when it ended, as CTranslate2 normalised it
                 ids = [self.tgt_ids[t] for t in (tokens[:-1] if ended else tokens)[: cap - 1]]
-                logprob = score * (length**c.length_penalty if c.length_penalty and length else 1.0) + before
+                logprob = score * (length**c.length_penalty if c.length_penalty and length else 1.0)
                 n = len(ids) + 1
                 hyp = Hypothesis(ids, logprob, logprob / penalty_of(n, c), n >= cap)
                 if attention:
                     hyp.attention = [list(row[: len(source)]) for row in out.attention[k][: len(ids)]]
                 hyps.append(hyp)
+            if prefix:
+                self._rescore(source, hyps)
             results.append(sorted(hyps, key=lambda h: h.score, reverse=True))
         return results
 
-    def _prefix_logprobs(self, seqs: list[list[int]], prefixes: list[list[int]]) -> list[float]:
-        """log p(prefix | source), which CTranslate2's score of a prefixed hypothesis leaves out."""
-        todo = [j for j, p in enumerate(prefixes) if p]
-        logps = self.score([seqs[j] for j in todo], [prefixes[j] for j in todo])
-        out = [0.0] * len(seqs)
-        for j, lp in zip(todo, logps):
-            out[j] = sum(lp[: len(prefixes[j])])  # the prefix tokens, without the EOS after them
-        return out
+    def _rescore(self, source: list[int], hyps: list[Hypothesis]) -> None:
+        """CTranslate2's score of a prefixed hypothesis leaves the prefix tokens out (and, at the
+        cap, the EOS we force): `score_batch` gives the whole hypothesis' log-probability."""
+        for h, logps in zip(hyps, self.score([source] * len(hyps), [h.tokens for h in hyps])):
+            h.logprob = sum(logps)
+            h.score = h.logprob / penalty_of(len(logps), self.config)
