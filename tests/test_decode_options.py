@@ -234,8 +234,6 @@ def test_the_guard_retries_exactly_the_looping_lines(beam):
 
 
 def test_no_repeat_ngram_applies_to_every_line(model):
-    for text in model.translate(LINES, no_repeat_ngram=1, guard=False, beam_size=2, **SHORT):
-        assert len(text.split()) == len(set(text.split())) or True  # words may repeat across subwords
     results = list(model.translations(LINES, no_repeat_ngram=2, guard=False, beam_size=2, **SHORT))
     for t in results:
         for h in t.hypotheses:
