@@ -174,7 +174,8 @@ class CTranslate2:
       does, raised to the prefix + EOS like ours). CTranslate2's score leaves the prefix tokens
       out, so a prefixed line's hypotheses are scored again with `score_batch`: the reported
       score covers the whole hypothesis (EOS included, also at the cap), as ours does.
-    - no_repeat_ngram maps to no_repeat_ngram_size; alignments read return_attention, which
+    - no_repeat_ngram maps to no_repeat_ngram_size (the same tokens as ours; its scores are
+      renormalised over the allowed tokens, so those hypotheses are rescored too); alignments read return_attention, which
       averages the heads and layer chosen at export (`export.build_spec`, the same as ours for
       an export written by this version).
     """
@@ -278,14 +279,16 @@ class CTranslate2:
                 if attention:
                     hyp.attention = [list(row[: len(source)]) for row in out.attention[k][: len(ids)]]
                 hyps.append(hyp)
-            if prefix:
+            if prefix or ngram:
                 self._rescore(source, hyps)
             results.append(sorted(hyps, key=lambda h: h.score, reverse=True))
         return results
 
     def _rescore(self, source: list[int], hyps: list[Hypothesis]) -> None:
         """CTranslate2's score of a prefixed hypothesis leaves the prefix tokens out (and, at the
-        cap, the EOS we force): `score_batch` gives the whole hypothesis' log-probability."""
+        cap, the EOS we force), and under no_repeat_ngram_size it is the log-probability of the
+        banned distribution renormalised: `score_batch` gives the model's log-probability of
+        the whole hypothesis, as our searches report it."""
         for h, logps in zip(hyps, self.score([source] * len(hyps), [h.tokens for h in hyps])):
             h.logprob = sum(logps)
             h.score = h.logprob / penalty_of(len(logps), self.config)
