@@ -29,8 +29,9 @@ class Model:
     """A loaded model directory (or CTranslate2 export) and its default decoding options."""
 
     def __init__(self, engine_for: Callable[[DecodeConfig], Any], vocabs: Any, defaults: DecodeConfig,
-                 directory: Path):
+                 directory: Path, src_language: str | None = None):
         self._engine_for, self.vocabs, self.defaults, self.directory = engine_for, vocabs, defaults, directory
+        self.src_language = src_language  # for split_sentences' sentence splitter
 
     def __repr__(self) -> str:
         return f"nmt.Model({str(self.directory)!r})"
@@ -44,18 +45,28 @@ class Model:
         from nmt.translate import Translator
 
         config = self.options(**options)
-        return Translator(self._engine_for(config), self.vocabs, config)
+        return Translator(self._engine_for(config), self.vocabs, config, self.src_language)
 
-    def translate(self, lines: str | Iterable[str], **options: Any) -> str | list[str]:
+    def translate(self, lines: str | Iterable[str], prefix: str | Iterable[str] | None = None,
+                  **options: Any) -> str | list[str]:
         """The 1-best translation of each line (one string per line, in order; "" for an empty
-        line). A single string in gives a single string out."""
-        if isinstance(lines, str):
-            return self.translate([lines], **options)[0]
-        return [t.text for t in self.translations(lines, **options)]
+        line). A single string in gives a single string out. `prefix`: the start forced on each
+        line's translation (a string per line, "" for none; one string for one line).
+        With `alignment=True` each translation comes as `text ||| 0-0 1-2`, as `nmt translate
+        --alignment` prints it."""
+        from nmt.translate import to_text
 
-    def translations(self, lines: Iterable[str], **options: Any) -> Iterator:
-        """The full records (`translate.Translation`: n-best hypotheses with scores, flags), lazily."""
-        return self.translator(**options).translate(lines)
+        if isinstance(lines, str):
+            return self.translate([lines], None if prefix is None else [_one(prefix)], **options)[0]
+        aligned = bool(options.get("alignment", self.defaults.alignment))
+        return [to_text(t, aligned) for t in self.translations(lines, prefix, **options)]
+
+    def translations(self, lines: Iterable[str], prefix: Iterable[str] | None = None, **options: Any) -> Iterator:
+        """The full records (`translate.Translation`: n-best hypotheses with scores, flags,
+        alignments, sentences), lazily; `prefix` as for `translate`."""
+        if isinstance(lines, str) or isinstance(prefix, str):
+            raise TypeError("translations(lines, prefix): give lists of strings")
+        return self.translator(**options).translate(lines, prefix, names=("lines", "prefix"))
 
     def score(self, sources: str | Iterable[str], targets: str | Iterable[str], normalize: bool = True,
               **options: Any) -> float | None | list[float | None]:
@@ -73,6 +84,12 @@ class Model:
         if isinstance(sources, str) or isinstance(targets, str):
             raise TypeError("score(sources, targets): give two strings or two lists of strings")
         return self.translator(**options).score(_in_step(sources, targets), normalize, names=("sources", "targets"))
+
+
+def _one(prefix: Any) -> str:
+    if not isinstance(prefix, str):
+        raise TypeError("translate(line, prefix): one line takes one prefix string")
+    return prefix
 
 
 def _in_step(sources: Iterable[str], targets: Iterable[str]) -> Iterator[tuple[str, str]]:
@@ -123,15 +140,17 @@ def load(directory: str | Path, *, device: str = "auto", dtype: str = "auto", th
             device = "cuda" if ctranslate2_module().get_cuda_device_count() > 0 else "cpu"
         compute_type = {"auto": "default"}.get(dtype, dtype)
         base = engines.CTranslate2.load(directory, defaults, compute_type=compute_type, threads=threads, device=device)
-        return Model(base.with_config, base.vocabs, defaults, directory)
+        return Model(base.with_config, base.vocabs, defaults, directory, base.src_language)
     import torch
 
     from nmt import checkpoint, runtime
 
     rt = runtime.setup(device, "float32" if dtype == "int8" else dtype, threads)
-    model, vocabs, _ = checkpoint.load_for_inference(directory, rt.device)
+    model, vocabs, config = checkpoint.load_for_inference(directory, rt.device)
     if dtype == "int8":
         if rt.device.type != "cpu":
             raise UsageError("--dtype int8 is CPU-only (dynamic quantisation)")
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    return Model(lambda config: engines.for_model(model, rt, config), vocabs, defaults, directory)
+    src = config.get("src")
+    return Model(lambda c: engines.for_model(model, rt, c), vocabs, defaults, directory,
+                 src if isinstance(src, str) else None)

@@ -281,28 +281,44 @@ def _check_train_values(c) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Model directory written by `nmt train`, or a CTranslate2 export.")]
+OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file. [default: stdout]")]
+LengthPenaltyOpt = Annotated[float, typer.Option(help="Length penalty α (0: none).")]
+LengthNormOpt = Annotated[str, typer.Option(help=f"{' or '.join(choices(DecodeConfig, 'length_norm'))}: gnmt ((5+|Y|)/6)^α, average |Y|^α.")]
+BatchTokensOpt = Annotated[int, typer.Option(help="Tokens per batch (sentences × longest).")]
+WindowOpt = Annotated[int, typer.Option(help="Lines read ahead and sorted by length.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or int8 (CPU dynamic quantisation; a CTranslate2 export: its compute type).")]
+ThreadsOpt = Annotated[int, typer.Option(help="CPU threads (0: all cores).")]
+
+
 @app.command()
 def translate(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory written by `nmt train`.")],
+    model: ModelOpt,
     input: Annotated[str, typer.Option("--input", "-i", help="Input file ('-' = stdin).")] = "-",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file. [default: stdout]")] = None,
+    output: OutputOpt = None,
     beam_size: Annotated[int, typer.Option(help="Beam size (1 = greedy).")] = DecodeConfig.beam_size,
     nbest: Annotated[int, typer.Option(help="Hypotheses per line in --format jsonl.")] = DecodeConfig.nbest,
-    length_penalty: Annotated[float, typer.Option(help="Length penalty α (0: none).")] = DecodeConfig.length_penalty,
-    length_norm: Annotated[str, typer.Option(help=f"{' or '.join(choices(DecodeConfig, 'length_norm'))}: gnmt ((5+|Y|)/6)^α, average |Y|^α.")] = DecodeConfig.length_norm,
+    length_penalty: LengthPenaltyOpt = DecodeConfig.length_penalty,
+    length_norm: LengthNormOpt = DecodeConfig.length_norm,
     min_length: Annotated[int, typer.Option(help="Minimum output tokens before EOS.")] = DecodeConfig.min_length,
     max_length_a: Annotated[float, typer.Option(help="Output cap: a·source length + b.")] = DecodeConfig.max_length_a,
     max_length_b: Annotated[int, typer.Option(help="Output cap: a·source length + b.")] = DecodeConfig.max_length_b,
-    batch_tokens: Annotated[int, typer.Option(help="Source tokens per batch.")] = DecodeConfig.batch_tokens,
-    window: Annotated[int, typer.Option(help="Lines read ahead and sorted by length.")] = DecodeConfig.window,
+    batch_tokens: BatchTokensOpt = DecodeConfig.batch_tokens,
+    window: WindowOpt = DecodeConfig.window,
     sampling_topk: Annotated[int, typer.Option(help="Sample from the k most probable tokens (0: off).")] = DecodeConfig.sampling_topk,
     sampling_topp: Annotated[float, typer.Option(help="Nucleus sampling threshold (0: off).")] = DecodeConfig.sampling_topp,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = DecodeConfig.temperature,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = DecodeConfig.seed,
+    prefix: Annotated[Optional[str], typer.Option("--prefix", metavar="FILE", help="Forced start of each translation: one line per input line (an empty line: none).")] = None,
+    alignment: Annotated[bool, typer.Option("--alignment", help="Word alignments (Pharaoh i-j, source-target, 0-based): text prints `translation ||| 0-0 1-2`, jsonl adds `alignment`.")] = DecodeConfig.alignment,
+    guard: Annotated[bool, typer.Option("--guard/--no-guard", help="Decode lines that loop, blow up in length or hit the length cap again with a 3-gram ban.")] = DecodeConfig.guard,
+    no_repeat_ngram: Annotated[int, typer.Option(help="Never repeat an n-gram of this many target tokens, on every line (0: off).")] = DecodeConfig.no_repeat_ngram,
+    split_sentences: Annotated[bool, typer.Option("--split-sentences", help="Translate each line sentence by sentence (sentencex, the model's source language) and join the translations with a space.")] = DecodeConfig.split_sentences,
     format: Annotated[str, typer.Option("--format", help="text (1-best per line) or jsonl (n-best, scores, flags).")] = "text",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or int8 (CPU dynamic quantisation; a CTranslate2 export: its compute type).")] = "auto",
-    threads: Annotated[int, typer.Option(help="CPU threads (0: all cores).")] = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = 0,
 ) -> None:
     """Translate lines from a file or stdin to stdout: one output line per input line.
 
@@ -314,14 +330,21 @@ def translate(
     _choice(format, "--format", ("text", "jsonl"))
     decode = cfg.from_options(DecodeConfig, locals())  # the options named like DecodeConfig's fields
     cfg.check_decode(decode)  # bad options fail before a model is loaded
-    translator = api.load(model, device=device, dtype=dtype, threads=threads).translator(**dataclasses.asdict(decode))
+    if prefix == "-" and input == "-":
+        raise UsageError("--prefix and --input cannot both be stdin")
     from nmt.textio import read_lines
-    from nmt.translate import to_json
+    from nmt.translate import to_json, to_text
 
+    _check_inputs(input, *([prefix] if prefix else []))
+    translator = api.load(model, device=device, dtype=dtype, threads=threads).translator(**dataclasses.asdict(decode))
     lines = read_lines(input)
-    _check_inputs(input)
-    _write_windows(translator.translate_windows(lines), lambda t: _json_line(to_json(t)) if format == "jsonl" else t.text,
-                   output, (input,))
+    prefixes = read_lines(prefix) if prefix else None
+    from nmt.textio import display_name
+
+    names = (display_name(input), display_name(prefix)) if prefix else ("input", "prefix")
+    _write_windows(translator.translate_windows(lines, prefixes, names),
+                   lambda t: _json_line(to_json(t)) if format == "jsonl" else to_text(t, alignment),
+                   output, (input, *([prefix] if prefix else [])))
     log.info(translator.stats.summary())
 
 
@@ -396,19 +419,19 @@ def _output_path(output: Path | None, inputs: tuple[str, ...]) -> Path | None:
 
 @app.command()
 def score(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory written by `nmt train`, or a CTranslate2 export.")],
+    model: ModelOpt,
     src: Annotated[str, typer.Option("--src", help="Source sentences, one per line.")],
     tgt: Annotated[str, typer.Option("--tgt", help="Target sentences to score, one per line, in step with --src.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file. [default: stdout]")] = None,
+    output: OutputOpt = None,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Divide by the length penalty, as beam search does for the score it reports (--no-normalize: the summed log-probability).")] = True,
-    length_penalty: Annotated[float, typer.Option(help="Length penalty α (0: none).")] = DecodeConfig.length_penalty,
-    length_norm: Annotated[str, typer.Option(help=f"{' or '.join(choices(DecodeConfig, 'length_norm'))}: gnmt ((5+|Y|)/6)^α, average |Y|^α.")] = DecodeConfig.length_norm,
-    batch_tokens: Annotated[int, typer.Option(help="Tokens per batch (count × longest side).")] = DecodeConfig.batch_tokens,
-    window: Annotated[int, typer.Option(help="Pairs read ahead and sorted by length.")] = DecodeConfig.window,
+    length_penalty: LengthPenaltyOpt = DecodeConfig.length_penalty,
+    length_norm: LengthNormOpt = DecodeConfig.length_norm,
+    batch_tokens: BatchTokensOpt = DecodeConfig.batch_tokens,
+    window: WindowOpt = DecodeConfig.window,
     format: Annotated[str, typer.Option("--format", help="text (one score per line) or jsonl (scores, per-token log-probabilities, flags).")] = "text",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or int8 (a CTranslate2 export: its compute type).")] = "auto",
-    threads: Annotated[int, typer.Option(help="CPU threads (0: all cores).")] = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = 0,
 ) -> None:
     """Score given translations: log p(target | source) of each pair by teacher forcing, EOS
     included, one line per pair. A pair of two empty lines gives an empty line; one empty side

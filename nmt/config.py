@@ -128,6 +128,10 @@ class DecodeConfig:
     sampling_topp: float = 0.0
     temperature: float = 1.0
     seed: int = 1
+    no_repeat_ngram: int = 0  # ban repeating any n-gram of this many target tokens (0: off)
+    guard: bool = True  # decode lines that loop, blow up or hit the cap again with an n-gram ban
+    alignment: bool = False  # word alignments from the cross-attention
+    split_sentences: bool = False  # translate a line sentence by sentence and join the results
 
 
 C = TypeVar("C")
@@ -256,6 +260,8 @@ def check_decode(config: DecodeConfig) -> None:
         raise UsageError(f"need beam size ≥ 1 and 1 ≤ nbest ≤ beam size (got {config.beam_size}, {config.nbest})")
     if config.batch_tokens < 1 or config.window < 1:
         raise UsageError("--batch-tokens and --window must be ≥ 1")
+    if config.no_repeat_ngram < 0:
+        raise UsageError(f"--no-repeat-ngram must be ≥ 0 (got {config.no_repeat_ngram})")
 
 
 def given(**values: Any) -> dict[str, Any]:

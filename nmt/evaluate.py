@@ -377,6 +377,8 @@ def _diagnostic_lines(diag: dict) -> list[tuple[str, str]]:
     if diag["identical_to_source"] is not None:
         rows.append(("identical to source", share(diag["identical_to_source"])))
     rows.append(("repetition loops", share(diag["repetition_loops"])))
+    if diag.get("length_blowups") is not None:
+        rows.append(("length blow-ups (vs source)", share(diag["length_blowups"])))
     if diag["hit_max_length"] is not None:
         rows.append(("hit length cap", share(diag["hit_max_length"])))
     return rows

@@ -67,7 +67,7 @@ def export_ctranslate2(model_dir: Path, out_dir: Path, quantization: str | None 
         raise UsageError(f"unknown quantization {quantization!r} (choose from {', '.join(accepted)})")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_target(model_dir, out_dir)
-    model, vocabs, _ = checkpoint.load_for_inference(model_dir)
+    model, vocabs, model_meta = checkpoint.load_for_inference(model_dir)
     spec = build_spec(ct2, model, vocabs)
     spec.validate()
     spec.optimize(quantization=quantization)  # alias tied matrices, then quantize
@@ -75,6 +75,7 @@ def export_ctranslate2(model_dir: Path, out_dir: Path, quantization: str | None 
     meta = {
         "format": EXPORT_FORMAT, "version": 1, "source_model": str(model_dir.resolve()),
         "max_positions": c.max_positions, "quantization": quantization or "float32",
+        "src": model_meta.get("src"), "tgt": model_meta.get("tgt"),
         "tokenizer_files": sorted(vocabs.files()), "vocab_fingerprint": vocabs.fingerprint(),
         "decode_defaults": {"max_length_a": DecodeConfig.max_length_a, "max_length_b": DecodeConfig.max_length_b},
         "versions": {"nmt": __version__, "ctranslate2": ct2.__version__},
@@ -87,8 +88,12 @@ def build_spec(ct2, model, vocabs: Vocabs):
     """A filled-in `TransformerSpec` (not yet validated) for our Transformer and vocabularies."""
     c = model.config
     specs = ct2.specs
+    from nmt.attention_maps import alignment_layer
+
+    # return_attention gives the layer and heads nmt's own alignments read (all heads averaged)
     spec = specs.TransformerSpec.from_config(
-        (c.encoder_layers, c.decoder_layers), c.n_heads, pre_norm=c.pre_norm, activation=specs.Activation.RELU)
+        (c.encoder_layers, c.decoder_layers), c.n_heads, pre_norm=c.pre_norm, activation=specs.Activation.RELU,
+        alignment_layer=alignment_layer(c.decoder_layers), alignment_heads=c.n_heads)
     enc, dec = spec.encoder, spec.decoder
     enc.embeddings[0].weight = _np(model.src_embed.weight)
     dec.embeddings.weight = _np(model.tgt_embed.weight)

@@ -3,7 +3,8 @@
 Every number here comes from sacreBLEU's own implementation (`sacrebleu.metrics`,
 `sacrebleu.significance.PairedTest`), so scores and signatures equal those of the `sacrebleu`
 command on the same lines. This module only adds the glue (which metric objects, which seed)
-and a few plain diagnostics of the outputs (length, empty lines, copies of the source, loops).
+and a few plain diagnostics of the outputs (length, empty lines, copies of the source, and the
+per-line checks of `nmt.checks`: loops, length blow-ups).
 It reads no files and prints nothing: `nmt.evaluate` does that. No torch import; sacreBLEU and
 numpy are imported inside the functions so `nmt --help` stays quick.
 
@@ -18,6 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence
 
+from nmt.checks import has_repetition_loop, is_length_blowup
 from nmt.errors import NmtError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,8 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
 METRIC_NAMES = ("bleu", "chrf", "ter")
 DEFAULT_METRICS = ("bleu", "chrf")
 DEFAULT_SEED = 12345  # sacreBLEU's own default, so results match `sacrebleu` without SACREBLEU_SEED
-LOOP_MAX_N = 4  # repetition loops: n-grams of 1..LOOP_MAX_N words …
-LOOP_MIN_REPEATS = 3  # … repeated at least this many times in a row
 
 
 @dataclass(frozen=True)
@@ -205,21 +205,6 @@ def signatures(metrics: Mapping[str, "Metric"]) -> dict[str, str]:
     return {key: metric.get_signature().format() for key, metric in metrics.items()}
 
 
-def has_repetition_loop(line: str, max_n: int = LOOP_MAX_N, min_repeats: int = LOOP_MIN_REPEATS) -> bool:
-    """True when some run of n whitespace-separated words (1 ≤ n ≤ `max_n`) occurs `min_repeats`
-    times back to back, as in "the the the" or "of the of the of the". Case-sensitive, words
-    compared with punctuation attached, so "Holy, holy, holy" is not a loop.
-    """
-    words = line.split()
-    for n in range(1, max_n + 1):
-        span = n * min_repeats
-        for start in range(len(words) - span + 1):
-            first = words[start : start + n]
-            if all(words[start + k * n : start + (k + 1) * n] == first for k in range(1, min_repeats)):
-                return True
-    return False
-
-
 def _share(count: int, total: int) -> dict:
     return {"count": count, "share": count / total if total else 0.0}
 
@@ -237,15 +222,18 @@ def diagnostics(
     - `empty`: lines that are empty or whitespace only;
     - `identical_to_source`: non-empty source lines copied unchanged (outer whitespace ignored);
       None without sources;
-    - `repetition_loops`: lines with a loop as defined by `has_repetition_loop`;
+    - `repetition_loops`: lines with a loop as defined by `checks.has_repetition_loop`;
+    - `length_blowups`: lines longer than their source allows (`checks.is_length_blowup`);
+      None without sources;
     - `hit_max_length`: lines whose translation stopped at the length cap (from
       `nmt translate --format jsonl` flags); None without those flags.
     """
     total = len(hypotheses)
     hyp_chars = sum(len(h) for h in hypotheses)
     ref_chars = sum(len(r) for stream in references for r in stream) / max(len(references), 1)
-    identical = None
+    identical = blowups = None
     if sources is not None:
+        blowups = _share(sum(1 for h, s in zip(hypotheses, sources) if is_length_blowup(h, s)), total)
         copies = sum(1 for h, s in zip(hypotheses, sources) if s.strip() and h.strip() == s.strip())
         identical = _share(copies, total)
     return {
@@ -254,5 +242,6 @@ def diagnostics(
         "empty": _share(sum(1 for h in hypotheses if not h.strip()), total),
         "identical_to_source": identical,
         "repetition_loops": _share(sum(1 for h in hypotheses if has_repetition_loop(h)), total),
+        "length_blowups": blowups,
         "hit_max_length": None if hit_max_length is None else _share(sum(map(bool, hit_max_length)), total),
     }

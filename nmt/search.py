@@ -12,6 +12,13 @@ end do not starve the beam), move those that end to the finished list, keep the 
 go on, reorder the cache, and let sentences with K finished hypotheses leave the batch.
 The length of a hypothesis counts its end-of-sentence token.
 
+Two constraints apply to every search: a forced prefix per sentence (`prefixes`: those tokens
+are chosen first, whatever the model prefers, and their log-probabilities count in the score,
+so the reported score is the whole hypothesis') and `no_repeat_ngram` n (a token that would
+repeat an n-gram already in the hypothesis is banned, as fairseq's and CTranslate2's option).
+Both only mask the next-token log-probabilities (`_next_logprobs`), so the scores of the tokens
+chosen stay the model's own.
+
 Shapes: B sentences still decoding, K beam, V vocabulary, S source length.
 """
 
@@ -49,6 +56,8 @@ class Hypothesis:
     score: float  # logprob normalised by the length penalty (what the search ranks by)
     hit_max_length: bool = False
     text: str = ""  # the detokenised tokens (filled in by Translator)
+    attention: list[list[float]] | None = None  # [len(tokens)][source tokens], when alignments are asked for
+    alignment: list[tuple[int, int]] | None = None  # (source word, target word) pairs (filled in by Translator)
 
 
 @dataclass
@@ -68,34 +77,80 @@ def max_lengths(src_lengths: Tensor, a: float, b: int, max_positions: int) -> Te
     return (src_lengths.float() * a + b).floor().long().clamp(min=1, max=max_positions - 1)
 
 
-def _next_logprobs(model, tokens: Tensor, cache, step: int, min_len: int, max_len: Tensor, eos_id: int) -> Tensor:
-    """log p(next | prefix) as float32 [N, V], with EOS banned before min_len and forced at max_len."""
+class Forced:
+    """Forced prefixes of a batch: tokens [B, P], -1 after each sentence's prefix (P = 0: none)."""
+
+    def __init__(self, prefixes: list[list[int]] | None, n: int, device, max_positions: int):
+        prefixes = [list(p)[: max_positions - 2] for p in prefixes] if prefixes else [[] for _ in range(n)]
+        self.lengths = torch.tensor([len(p) for p in prefixes], device=device)  # [B]
+        self.tokens = torch.full((n, int(self.lengths.max()) if n else 0), -1, dtype=torch.long, device=device)
+        for i, p in enumerate(prefixes):
+            self.tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+
+    def caps(self, max_len: Tensor) -> Tensor:
+        """The length caps, raised where needed so a prefix still leaves room for EOS."""
+        return torch.maximum(max_len, self.lengths + 1)
+
+    def at(self, step: int, rows: Tensor) -> Tensor | None:
+        """The forced token of each of these sentences at this step ([N], -1 = free), or None."""
+        return self.tokens[rows, step] if step < self.tokens.shape[1] else None
+
+
+def _next_logprobs(model, tokens: Tensor, cache, step: int, min_len: int, max_len: Tensor, eos_id: int,
+                   forced: Tensor | None = None, history: Tensor | None = None, no_repeat: int = 0) -> Tensor:
+    """log p(next | prefix) as float32 [N, V], with EOS banned before min_len and forced at max_len,
+    repeats of an n-gram of `history` [N, step] banned (`no_repeat` n), and `forced` tokens [N]
+    (-1: none) imposed; every allowed token keeps its real log-probability."""
     logp = torch.log_softmax(model.decode_step(tokens, cache).float(), dim=-1)
     if step < min_len:
         logp[:, eos_id] = -math.inf
-    forced = step + 1 >= max_len  # [N]: this is the last token allowed
-    if forced.any():
+    if no_repeat and history is not None:
+        ban_repeated_ngrams(logp, history, no_repeat)
+    at_cap = step + 1 >= max_len  # [N]: this is the last token allowed
+    if at_cap.any():
         eos_row = torch.full_like(logp[0], -math.inf)
         eos_row[eos_id] = 0.0
         # keep the real EOS probability for the score, ban everything else
-        logp[forced] = torch.where(eos_row == 0, logp[forced], eos_row)
+        logp[at_cap] = torch.where(eos_row == 0, logp[at_cap], eos_row)
+    if forced is not None and (forced >= 0).any():
+        rows = (forced >= 0).nonzero()[:, 0]
+        kept = logp[rows, forced[rows]]
+        logp[rows] = -math.inf
+        logp[rows, forced[rows]] = kept
     return logp
+
+
+def ban_repeated_ngrams(logp: Tensor, history: Tensor, n: int) -> None:
+    """In place: -inf for every token that would end an n-gram already in `history` [N, t] (the
+    tokens so far): the n-grams whose first n - 1 tokens equal the last n - 1 tokens."""
+    t = history.shape[1]
+    if t < n:
+        return
+    windows = history.unfold(1, n, 1)  # [N, t - n + 1, n]
+    recent = history[:, t - n + 1 :]  # [N, n - 1]
+    match = (windows[:, :, :-1] == recent[:, None, :]).all(-1)  # [N, t - n + 1]
+    rows, cols = match.nonzero(as_tuple=True)
+    logp[rows, windows[rows, cols, -1]] = -math.inf
 
 
 # -- greedy and sampling ------------------------------------------------------------------------
 
 
 @torch.inference_mode()
-def greedy(model: Decoder, src: Tensor, config: DecodeConfig) -> list[SentenceResult]:
+def greedy(model: Decoder, src: Tensor, config: DecodeConfig, prefixes: list[list[int]] | None = None
+           ) -> list[SentenceResult]:
     """The most probable token at every step, until EOS, per sentence."""
-    return _one_path(model, src, config, lambda logp: logp.argmax(-1))
+    return _one_path(model, src, config, lambda logp: logp.argmax(-1), prefixes)
 
 
 @torch.inference_mode()
-def sample(model: Decoder, src: Tensor, config: DecodeConfig, generator: torch.Generator) -> list[SentenceResult]:
-    """A token drawn from `sampling_probs` (temperature, top-k, top-p) at every step, until EOS."""
+def sample(model: Decoder, src: Tensor, config: DecodeConfig, generator: torch.Generator,
+           prefixes: list[list[int]] | None = None) -> list[SentenceResult]:
+    """A token drawn from `sampling_probs` (temperature, top-k, top-p) at every step, until EOS
+    (a forced token is the only one with probability left, so it is the one drawn)."""
     return _one_path(model, src, config,
-                     lambda logp: torch.multinomial(sampling_probs(logp, config), 1, generator=generator)[:, 0])
+                     lambda logp: torch.multinomial(sampling_probs(logp, config), 1, generator=generator)[:, 0],
+                     prefixes)
 
 
 def sampling_probs(logp: Tensor, config: DecodeConfig) -> Tensor:
@@ -113,23 +168,28 @@ def sampling_probs(logp: Tensor, config: DecodeConfig) -> Tensor:
     return logits.softmax(-1)
 
 
-def _one_path(model: Decoder, src: Tensor, config: DecodeConfig, choose: Callable[[Tensor], Tensor]
-              ) -> list[SentenceResult]:
+def _one_path(model: Decoder, src: Tensor, config: DecodeConfig, choose: Callable[[Tensor], Tensor],
+              prefixes: list[list[int]] | None = None) -> list[SentenceResult]:
     """One hypothesis per sentence, extended by `choose(logp [N, V]) → tokens [N]` until EOS;
     finished sentences leave the batch (and the cache)."""
     c = model.config
     memory, src_mask = model.encode(src)
     lengths = (src != c.pad_id).sum(1)
-    max_len = max_lengths(lengths, config.max_length_a, config.max_length_b, c.max_positions)
+    forced = Forced(prefixes, src.shape[0], src.device, c.max_positions)
+    max_len = forced.caps(max_lengths(lengths, config.max_length_a, config.max_length_b, c.max_positions))
     cache = model.init_cache(memory, src_mask, 1, int(max_len.max()))
     active = torch.arange(src.shape[0], device=src.device)  # original index of each row
     tokens = torch.full((src.shape[0],), c.bos_id, dtype=torch.long, device=src.device)
     out: list[list[int]] = [[] for _ in range(src.shape[0])]
+    history = torch.full((src.shape[0], int(max_len.max())), c.pad_id, dtype=torch.long, device=src.device)
     logprob = torch.zeros(src.shape[0], device=src.device)
     results = [SentenceResult() for _ in range(src.shape[0])]
     for step in range(int(max_len.max())):
-        logp = _next_logprobs(model, tokens, cache, step, config.min_length, max_len[active], c.eos_id)
+        logp = _next_logprobs(model, tokens, cache, step, config.min_length, max_len[active], c.eos_id,
+                              forced.at(step, active), history[active, :step] if config.no_repeat_ngram else None,
+                              config.no_repeat_ngram)
         tokens = choose(logp)
+        history[active, step] = tokens
         logprob[active] += logp.gather(1, tokens[:, None])[:, 0]
         done = tokens == c.eos_id
         for row, tok in zip(active.tolist(), tokens.tolist()):
@@ -184,7 +244,8 @@ def split_candidates(cand: Candidates, eos_id: int, beam: int) -> tuple[Tensor, 
 
 
 @torch.inference_mode()
-def beam_search(model: Decoder, src: Tensor, config: DecodeConfig) -> list[SentenceResult]:
+def beam_search(model: Decoder, src: Tensor, config: DecodeConfig, prefixes: list[list[int]] | None = None
+                ) -> list[SentenceResult]:
     """The `nbest` best hypotheses per sentence under the length penalty, K = beam_size beams.
 
     1. Encode the sources once; the cache holds each layer's cross-attention keys/values per
@@ -198,6 +259,8 @@ def beam_search(model: Decoder, src: Tensor, config: DecodeConfig) -> list[Sente
     5. `split_candidates`: EOS candidates among the top K finish (`_collect_finished` scores
        them with the length penalty and keeps each sentence's K best); the best K that do not
        end form the next beam.
+       A forced prefix token leaves one finite candidate per beam, so the prefix is followed
+       by the one live beam and the search widens after it.
     6. The token history and the cache follow their origins (`DecoderCache.reorder`).
     7. `_sentences_done`: a sentence whose n-best list can no longer change leaves the batch,
        in the same copy that reorders the cache; the loop ends when all are done or the
@@ -206,7 +269,9 @@ def beam_search(model: Decoder, src: Tensor, config: DecodeConfig) -> list[Sente
     c, k = model.config, config.beam_size
     memory, src_mask = model.encode(src)
     n_sent = src.shape[0]
-    max_len = max_lengths((src != c.pad_id).sum(1), config.max_length_a, config.max_length_b, c.max_positions)
+    forced = Forced(prefixes, n_sent, src.device, c.max_positions)
+    max_len = forced.caps(max_lengths((src != c.pad_id).sum(1), config.max_length_a, config.max_length_b,
+                                      c.max_positions))
     t_max = int(max_len.max())
     cache = model.init_cache(memory, src_mask, k, t_max)
     active = torch.arange(n_sent, device=src.device)
@@ -217,7 +282,11 @@ def beam_search(model: Decoder, src: Tensor, config: DecodeConfig) -> list[Sente
     finished: list[list[Hypothesis]] = [[] for _ in range(n_sent)]
     for step in range(t_max):
         rows_max = max_len[active].repeat_interleave(k)
-        logp = _next_logprobs(model, last, cache, step, config.min_length, rows_max, c.eos_id)
+        now = forced.at(step, active)
+        logp = _next_logprobs(model, last, cache, step, config.min_length, rows_max, c.eos_id,
+                              None if now is None else now.repeat_interleave(k),
+                              history[:, :, :step].reshape(len(active) * k, step) if config.no_repeat_ngram else None,
+                              config.no_repeat_ngram)
         cand = top_candidates(scores, logp.view(len(active), k, -1))
         ends, goes_on = split_candidates(cand, c.eos_id, k)
         _collect_finished(cand, ends, history, step, active, max_len, finished, config)
@@ -283,23 +352,33 @@ def _best(hyps: list[Hypothesis], nbest: int) -> SentenceResult:
 
 
 @torch.inference_mode()
-def greedy_no_cache(model, src: Tensor, config: DecodeConfig) -> list[SentenceResult]:
+def greedy_no_cache(model, src: Tensor, config: DecodeConfig, prefixes: list[list[int]] | None = None
+                    ) -> list[SentenceResult]:
     """Greedy decoding that recomputes the whole prefix at every step with `model.decode`
     (teacher forcing, no cache, no batch shrinking): the naive baseline that tests and
     benchmarks compare the cached search against. Same rules as `greedy` (EOS banned before
-    min_length, forced at the cap), written out independently."""
+    min_length, forced at the cap, forced prefix tokens, the n-gram ban), written out
+    independently."""
     c = model.config
     memory, src_mask = model.encode(src)
-    max_len = max_lengths((src != c.pad_id).sum(1), config.max_length_a, config.max_length_b, c.max_positions)
     n = src.shape[0]
+    forced = Forced(prefixes, n, src.device, c.max_positions)
+    max_len = forced.caps(max_lengths((src != c.pad_id).sum(1), config.max_length_a, config.max_length_b,
+                                      c.max_positions))
     prefix = torch.full((n, 1), c.bos_id, dtype=torch.long, device=src.device)
     done = torch.zeros(n, dtype=torch.bool, device=src.device)
     logprob = torch.zeros(n, dtype=torch.float64)
+    everyone = torch.arange(n, device=src.device)
     for step in range(int(max_len.max())):
         logp = torch.log_softmax(model.decode(prefix, memory, src_mask)[:, -1].float(), dim=-1)
         if step < config.min_length:
             logp[:, c.eos_id] = -math.inf
+        if config.no_repeat_ngram:
+            ban_repeated_ngrams(logp, prefix[:, 1:], config.no_repeat_ngram)
         nxt = logp.argmax(-1)
+        now = forced.at(step, everyone)
+        if now is not None:
+            nxt = torch.where(now >= 0, now, nxt)
         nxt = torch.where(step + 1 >= max_len, torch.full_like(nxt, c.eos_id), nxt)
         logprob += torch.where(done, 0.0, logp.gather(1, nxt[:, None])[:, 0]).double().cpu()
         nxt = torch.where(done, torch.full_like(nxt, c.pad_id), nxt)

@@ -14,6 +14,13 @@ one side empty is an error naming the side and its line.
 The search itself is an engine (`nmt.engines.Engine`): nmt's beam / greedy / sampling, the
 naive reference, or a CTranslate2 export; all of them get exactly this contract and return the
 one `Translation` type.
+
+Around the search, per window and all batched: a forced target prefix per line (`prefixes`);
+`split_sentences` (a line is cut into sentences, `nmt.sentences`, each searched as a unit in
+the same length-sorted batches as every other line, and the translations joined with a space);
+the loop guard (`guard`: a unit whose best output fails a check of `nmt.checks` is searched
+again, all such units of the window in batches, with a no-repeat n-gram ban); and word
+alignments (`alignment`, `nmt.alignment`) from the attention the engine returns.
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from nmt import alignment as align
 from nmt import engines
 from nmt.batching import cut_source
+from nmt.checks import failed_check
 from nmt.config import DecodeConfig
 from nmt.errors import NmtError
 from nmt.runtime import Runtime
@@ -33,6 +42,17 @@ from nmt.search import Hypothesis, penalty_of
 from nmt.tokenizer import Vocabs, decode_batch, encode_batch
 
 log = logging.getLogger(__name__)
+
+GUARD_NGRAM = 3  # the loop guard's retry bans repeating any 3 target tokens (fairseq's usual size)
+
+
+@dataclass
+class Segment:
+    """One sentence of a line translated with `split_sentences`."""
+
+    source: str
+    translation: str
+    retried: bool = False
 
 
 @dataclass
@@ -44,10 +64,16 @@ class Translation:
     hypotheses: list[Hypothesis] = field(default_factory=list)  # best first; empty for an empty line
     empty_input: bool = False
     truncated: bool = False
+    retried: bool = False  # the loop guard decoded (a sentence of) it again
+    segments: list[Segment] | None = None  # with split_sentences: the sentences and their translations
 
     @property
     def text(self) -> str:
         return self.hypotheses[0].text if self.hypotheses else ""
+
+    @property
+    def alignment(self) -> list[tuple[int, int]] | None:
+        return self.hypotheses[0].alignment if self.hypotheses else None
 
     @property
     def hit_max_length(self) -> bool:
@@ -76,59 +102,174 @@ class Stats:
     empty: int = 0
     truncated: int = 0
     hit_max_length: int = 0
+    retried: int = 0
     target_tokens: int = 0
     seconds: float = 0.0
 
     def summary(self) -> str:
         rate = self.lines / self.seconds if self.seconds else 0.0
         return (f"translated {self.lines:,} lines ({self.empty:,} empty, {self.truncated:,} truncated, "
-                f"{self.hit_max_length:,} hit the length cap) in {self.seconds:.1f} s: {rate:.1f} sentences/s, "
+                f"{self.hit_max_length:,} hit the length cap, {self.retried:,} retried by the loop guard) in "
+                f"{self.seconds:.1f} s: {rate:.1f} sentences/s, "
                 f"{self.target_tokens / max(self.seconds, 1e-9):,.0f} target tokens/s")
+
+
+@dataclass
+class _Unit:
+    """What one search is about: a line, or one sentence of it (`split_sentences`)."""
+
+    line: int  # index in the window
+    source: str
+    word_offset: int = 0  # words of the line before this sentence
+    prefix_text: str = ""  # the forced target prefix (a line's first sentence only)
+    prefix: list[int] = field(default_factory=list)  # its ids
+    ids: list[int] = field(default_factory=list)
+    offsets: list[tuple[int, int]] = field(default_factory=list)  # character spans of ids (alignment only)
+    truncated: bool = False
+    retried: bool = False
+    hypotheses: list[Hypothesis] = field(default_factory=list)
 
 
 class Translator:
     """The line contract around one search engine (`engines.Engine`)."""
 
-    def __init__(self, engine: engines.Engine, vocabs: Vocabs, config: DecodeConfig):
+    def __init__(self, engine: engines.Engine, vocabs: Vocabs, config: DecodeConfig, src_language: str | None = None):
         self.engine, self.vocabs, self.config = engine, vocabs, config
         self.stats = Stats()
+        self.split = None
+        if config.split_sentences:
+            from nmt.sentences import splitter
+
+            self.split = splitter(src_language)
 
     @classmethod
     def from_model(cls, model, vocabs: Vocabs, runtime: Runtime, config: DecodeConfig) -> "Translator":
         """nmt's own search for `config` (beam, greedy or sampling) over a loaded model."""
         return cls(engines.for_model(model, runtime, config), vocabs, config)
 
-    def translate(self, lines: Iterable[str]) -> Iterator[Translation]:
-        """One Translation per input line, in order."""
-        for window in self.translate_windows(lines):
+    def translate(self, lines: Iterable[str], prefixes: Iterable[str] | None = None,
+                  names: tuple[str, str] = ("input", "prefixes")) -> Iterator[Translation]:
+        """One Translation per input line, in order; `prefixes`, in step with the lines, are
+        forced at the start of their line's translation ("" for none); `names` name the two in
+        a line-count error."""
+        for window in self.translate_windows(lines, prefixes, names):
             yield from window
 
-    def translate_windows(self, lines: Iterable[str]) -> Iterator[list[Translation]]:
+    def translate_windows(self, lines: Iterable[str], prefixes: Iterable[str] | None = None,
+                          names: tuple[str, str] = ("input", "prefixes")) -> Iterator[list[Translation]]:
         """The translations of each window of input lines, in order: a caller can flush after each."""
         start = time.perf_counter()
-        it = iter(lines)
+        it = iter(lines) if prefixes is None else _in_step(lines, prefixes, names)
         while window := list(itertools.islice(it, self.config.window)):
-            results = self._window(window)
+            if prefixes is None:
+                results = self._window(window, [""] * len(window))
+            else:
+                results = self._window([line for line, _ in window], [p for _, p in window])
             self.stats.seconds = time.perf_counter() - start
             yield results
 
-    def _window(self, lines: list[str]) -> list[Translation]:
-        results = [Translation(line) for line in lines]
-        todo = [i for i, line in enumerate(lines) if line.strip()]
-        for i in set(range(len(lines))) - set(todo):
-            results[i].empty_input = True
-        ids = []
-        for i, seq in zip(todo, encode_batch(self.vocabs.src, [lines[i] for i in todo])):
-            seq, results[i].truncated = cut_source(seq, self.engine.max_positions)
-            ids.append(seq)
-        order = sorted(range(len(todo)), key=lambda j: len(ids[j]))
-        for batch in self._batches(order, [len(seq) for seq in ids]):
-            for j, hyps in zip(batch, self.engine.search([ids[j] for j in batch])):
-                for h, text in zip(hyps, decode_batch(self.vocabs.tgt, [h.tokens for h in hyps])):
-                    h.text = one_line(text)
-                results[todo[j]].hypotheses = hyps
+    def _window(self, lines: list[str], prefixes: list[str]) -> list[Translation]:
+        """1. lines → units (sentences with split_sentences), 2. encode, 3. search in sorted
+        batches, 4. the loop guard's retries, 5. detokenise (and align), 6. units → lines."""
+        results = [Translation(line, empty_input=not line.strip()) for line in lines]
+        units = self._units(lines, prefixes)
+        self._encode(units)
+        self._search(units)
+        if self.config.guard:
+            self._guard(units)
+        for unit in units:
+            self._finish(unit)
+        self._assemble(results, units)
         self._count(results)
         return results
+
+    def _units(self, lines: list[str], prefixes: list[str]) -> list[_Unit]:
+        units = []
+        for i, (line, prefix) in enumerate(zip(lines, prefixes)):
+            if not line.strip():
+                continue
+            sentences = self.split(line) if self.split else [line]
+            pos = words = 0
+            for k, sentence in enumerate(sentences or [line]):
+                start = line.find(sentence, pos)
+                if start >= 0:  # words of the line before this sentence (alignment indices)
+                    words += len(line[pos:start].split())
+                    pos = start
+                units.append(_Unit(i, sentence, words, prefix if k == 0 else ""))
+                if start >= 0:
+                    words += len(sentence.split())
+                    pos = start + len(sentence)
+        return units
+
+    def _encode(self, units: list[_Unit]) -> None:
+        sources = [u.source for u in units]
+        if self.config.alignment:  # the slower call that also gives character offsets
+            encodings = self.vocabs.src.encode_batch(sources, add_special_tokens=False)
+            pairs = [(e.ids, e.offsets) for e in encodings]
+        else:
+            pairs = [(ids, []) for ids in encode_batch(self.vocabs.src, sources)]
+        with_prefix = [u for u in units if u.prefix_text.strip()]
+        for u, ids in zip(with_prefix, encode_batch(self.vocabs.tgt, [u.prefix_text for u in with_prefix])):
+            u.prefix = ids
+        for u, (ids, offsets) in zip(units, pairs):
+            u.ids, u.truncated = cut_source(ids, self.engine.max_positions)
+            u.offsets = offsets[: len(u.ids)]
+
+    def _search(self, units: list[_Unit], no_repeat_ngram: int | None = None) -> None:
+        """Every unit searched, in batches of similar length; prefixes passed only where given."""
+        order = sorted(range(len(units)), key=lambda j: len(units[j].ids))
+        for batch in self._batches(order, [len(u.ids) for u in units]):
+            prefixes = [units[j].prefix for j in batch]
+            found = self.engine.search([units[j].ids for j in batch], prefixes if any(prefixes) else None,
+                                       no_repeat_ngram, self.config.alignment)
+            for j, hyps in zip(batch, found):
+                units[j].hypotheses = hyps
+
+    def _guard(self, units: list[_Unit]) -> None:
+        """Units whose best output loops, blows up or hits the cap are searched again, together,
+        with repeats of any GUARD_NGRAM tokens banned (one fewer than a --no-repeat-ngram that
+        is already that small; with 1, nothing is left to ban)."""
+        n = self.config.no_repeat_ngram
+        ngram = min(GUARD_NGRAM, n - 1) if n else GUARD_NGRAM
+        if ngram < 1:
+            return
+        best = [u.hypotheses[0] for u in units]
+        for h, text in zip(best, decode_batch(self.vocabs.tgt, [h.tokens for h in best])):
+            h.text = one_line(text)
+        again = [u for u, h in zip(units, best) if failed_check(h.text, u.source, h.hit_max_length)]
+        if again:
+            self._search(again, ngram)
+            for u in again:
+                u.retried = True
+
+    def _finish(self, unit: _Unit) -> None:
+        """Text (and word alignment) of each hypothesis."""
+        hyps = unit.hypotheses
+        for h, text in zip(hyps, decode_batch(self.vocabs.tgt, [h.tokens for h in hyps])):
+            h.text = one_line(text)
+        if not self.config.alignment:
+            return
+        src_words = align.source_words(unit.source, unit.offsets)
+        for h in hyps:
+            prefixes = decode_batch(self.vocabs.tgt, [h.tokens[: k + 1] for k in range(len(h.tokens))])
+            tgt_words = align.target_words([one_line(t) for t in prefixes])
+            pairs = align.word_alignment(h.attention or [], src_words, tgt_words)
+            h.alignment = [(i + unit.word_offset, j) for i, j in pairs]
+            h.attention = None  # not needed any more
+
+    def _assemble(self, results: list[Translation], units: list[_Unit]) -> None:
+        """Each line's result from its units: a line's own hypotheses, or (split_sentences) its
+        sentences' best translations joined with a space into one hypothesis."""
+        by_line: dict[int, list[_Unit]] = {}
+        for u in units:
+            by_line.setdefault(u.line, []).append(u)
+        for i, parts in by_line.items():
+            r = results[i]
+            r.truncated = any(u.truncated for u in parts)
+            r.retried = any(u.retried for u in parts)
+            if self.split:
+                r.segments = [Segment(u.source, u.hypotheses[0].text, u.retried) for u in parts]
+            r.hypotheses = parts[0].hypotheses if len(parts) == 1 else [_joined([u.hypotheses[0] for u in parts])]
 
     def score(self, pairs: Iterable[tuple[str, str]], normalize: bool = True,
               names: tuple[str, str] = ("source", "target")) -> Iterator[Score]:
@@ -197,7 +338,36 @@ class Translator:
         s.empty += sum(r.empty_input for r in results)
         s.truncated += sum(r.truncated for r in results)
         s.hit_max_length += sum(r.hit_max_length for r in results)
+        s.retried += sum(r.retried for r in results)
         s.target_tokens += sum(len(r.hypotheses[0].tokens) + 1 for r in results if r.hypotheses)
+
+
+def _joined(parts: list[Hypothesis]) -> Hypothesis:
+    """Sentences' hypotheses as one: texts joined with a space (empty ones skipped), tokens
+    concatenated, log-probabilities and scores summed, target word indices shifted."""
+    alignment = None
+    if all(h.alignment is not None for h in parts):
+        alignment, words = [], 0
+        for h in parts:
+            alignment += [(i, j + words) for i, j in h.alignment or []]
+            words += len(h.text.split())
+    return Hypothesis([t for h in parts for t in h.tokens], sum(h.logprob for h in parts),
+                      sum(h.score for h in parts), any(h.hit_max_length for h in parts),
+                      " ".join(h.text for h in parts if h.text), alignment=alignment)
+
+
+def _in_step(lines: Iterable[str], prefixes: Iterable[str], names: tuple[str, str]) -> Iterator[tuple[str, str]]:
+    """(line, prefix) pairs; a different number of lines and prefixes is an error naming both."""
+    a, b = iter(lines), iter(prefixes)
+    n = 0
+    for line in a:
+        prefix = next(b, None)
+        if prefix is None:
+            raise NmtError(f"line counts differ: {names[1]} has {n} lines, {names[0]} has more")
+        n += 1
+        yield line, prefix
+    if next(b, None) is not None:
+        raise NmtError(f"line counts differ: {names[0]} has {n} lines, {names[1]} has more")
 
 
 _LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
@@ -209,13 +379,36 @@ def one_line(text: str) -> str:
 
 
 def to_json(t: Translation) -> dict:
-    return {
+    """A JSON line's record; `alignment` (Pharaoh) when alignments were asked for, `segments` with
+    split_sentences."""
+    record: dict = {
         "source": t.source,
         "translation": t.text,
-        "hypotheses": [{"text": h.text, "score": h.score, "logprob": h.logprob, "tokens": len(h.tokens) + 1}
-                       for h in t.hypotheses],
+        "hypotheses": [_hypothesis_json(h) for h in t.hypotheses],
         "flags": {"empty_input": t.empty_input, "truncated": t.truncated, "hit_max_length": t.hit_max_length},
+        "retried": t.retried,
     }
+    if t.hypotheses and t.hypotheses[0].alignment is not None:
+        record["alignment"] = align.pharaoh(t.hypotheses[0].alignment)
+    if t.segments is not None:
+        record["segments"] = [{"source": s.source, "translation": s.translation, "retried": s.retried}
+                              for s in t.segments]
+    return record
+
+
+def _hypothesis_json(h: Hypothesis) -> dict:
+    out = {"text": h.text, "score": h.score, "logprob": h.logprob, "tokens": len(h.tokens) + 1}
+    if h.alignment is not None:
+        out["alignment"] = align.pharaoh(h.alignment)
+    return out
+
+
+def to_text(t: Translation, alignment: bool = False) -> str:
+    """A text line: the translation, or `translation ||| 0-0 1-2` with alignments (an empty
+    line stays empty)."""
+    if not alignment or t.empty_input:
+        return t.text
+    return f"{t.text} ||| {align.pharaoh(t.alignment or [])}"
 
 
 def score_text(s: Score) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import sacrebleu
 
+from nmt import checks
 from nmt import metrics as m
 from nmt.errors import UsageError
 
@@ -145,7 +146,7 @@ def test_sentence_scores_equal_sacrebleu_sentence_api(dev):
     ],
 )
 def test_repetition_loop_definition(line, loops):
-    assert m.has_repetition_loop(line) is loops
+    assert checks.has_repetition_loop(line) is loops
 
 
 def test_diagnostics_known_answers():
@@ -160,11 +161,21 @@ def test_diagnostics_known_answers():
     assert d["identical_to_source"] == {"count": 1, "share": pytest.approx(1 / 6)}
     assert d["repetition_loops"] == {"count": 2, "share": pytest.approx(2 / 6)}
     assert d["hit_max_length"] == {"count": 2, "share": pytest.approx(2 / 6)}
+    assert d["length_blowups"] == {"count": 2, "share": pytest.approx(2 / 6)}  # 20 > 2.5·1 + 10, 16 > 0 + 10
+
+
+def test_length_blowup_boundary():
+    source = "a" * 8  # allows 2.5 · 8 + 10 = 30 characters
+    assert not checks.is_length_blowup("b" * 30, source) and checks.is_length_blowup("b" * 31, source)
+    assert checks.failed_check("x y x y x y", "s", False) == "loop"
+    assert checks.failed_check("b" * 31, source, True) == "length ratio"
+    assert checks.failed_check("fine", source, True) == "length cap"
+    assert checks.failed_check("fine", source, False) is None
 
 
 def test_diagnostics_optional_parts_and_multi_reference_ratio():
     d = m.diagnostics(["abcd", "ef"], [["ab", "cd"], ["abcdef", "gh"]])
-    assert d["identical_to_source"] is None and d["hit_max_length"] is None
+    assert d["identical_to_source"] is None and d["hit_max_length"] is None and d["length_blowups"] is None
     assert d["length_ratio_chars"] == pytest.approx(6 / ((4 + 8) / 2))
 
 

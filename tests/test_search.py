@@ -297,3 +297,63 @@ def test_top_1_sampling_is_greedy_on_a_real_model():
     sampled = sample(model, src, DecodeConfig(beam_size=1, sampling_topk=1), torch.Generator().manual_seed(0))
     plain = greedy(model, src, DecodeConfig(beam_size=1))
     assert [r.hypotheses[0].tokens for r in sampled] == [r.hypotheses[0].tokens for r in plain]
+
+
+# -- forced prefixes and the n-gram ban ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam", "naive"])
+def test_a_forced_prefix_starts_every_hypothesis_and_is_scored(search):
+    """Each hypothesis starts with its sentence's prefix; the reported log-probability is the
+    teacher-forced one of the whole hypothesis (prefix included); an empty prefix is no prefix."""
+    model = tiny(seed=4)
+    src = sources([5, 3, 7, 4], seed=5)
+    prefixes = [[7, 8, 9], [], [10], [11, 12, 13, 14, 15]]
+    cfg = DecodeConfig(beam_size=1 if search != "beam" else 3, nbest=1 if search != "beam" else 3,
+                       length_penalty=0.0, max_length_a=0.0, max_length_b=8)
+    run = {"greedy": greedy, "beam": beam_search, "naive": greedy_no_cache}[search]
+    results = run(model, src, cfg, prefixes)
+    plain = run(model, src, cfg)
+    for i, (r, p) in enumerate(zip(results, prefixes)):
+        for h in r.hypotheses:
+            assert h.tokens[: len(p)] == p
+            row = src[i, : int((src[i] != PAD).sum())]
+            assert h.logprob == pytest.approx(teacher_forced_logprob(model, row, h.tokens), abs=1e-4)
+    assert [h.tokens for h in results[1].hypotheses] == [h.tokens for h in plain[1].hypotheses]
+    assert results[3].hypotheses[0].tokens[:5] == prefixes[3] and len(results[3].hypotheses[0].tokens) <= 7
+
+
+def test_cached_greedy_equals_the_naive_decoder_with_prefix_and_ngram_ban():
+    model = tiny(seed=6)
+    src = sources([4, 6, 2], seed=7)
+    cfg = DecodeConfig(beam_size=1, max_length_a=0.0, max_length_b=14, no_repeat_ngram=2)
+    prefixes = [[5, 5], [], [9]]
+    a, b = greedy(model, src, cfg, prefixes), greedy_no_cache(model, src, cfg, prefixes)
+    assert [r.hypotheses[0].tokens for r in a] == [r.hypotheses[0].tokens for r in b]
+
+
+def _brute_force_greedy_without_repeats(probs: torch.Tensor, n: int, steps: int) -> list[int]:
+    """The most probable token at each step among those that repeat no n-gram (fixed distribution)."""
+    out: list[int] = []
+    ranked = probs.argsort(descending=True).tolist()
+    for _ in range(steps):
+        grams = {tuple(out[i : i + n]) for i in range(len(out) - n + 1)}
+        out.append(next(t for t in ranked if tuple(out[len(out) - n + 1 :] + [t]) not in grams or n > len(out) + 1))
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("beam", [1, 2])
+def test_no_repeat_ngram_bans_exactly_the_repeats(n, beam):
+    """A decoder that always prefers token 4 loops on it; with the ban the output is what a
+    brute-force choice among the non-repeating tokens gives, and never repeats an n-gram."""
+    probs = torch.tensor([0.0, 0.0, 0.0, 1e-6, 0.40, 0.25, 0.15, 0.10, 0.06, 0.04])
+    cfg = DecodeConfig(beam_size=beam, max_length_a=0.0, max_length_b=7, length_penalty=0.0, no_repeat_ngram=n)
+    search = greedy if beam == 1 else beam_search
+    tokens = search(FixedDecoder(probs), torch.full((1, 2), 4), cfg)[0].hypotheses[0].tokens
+    if beam == 1:
+        assert tokens == _brute_force_greedy_without_repeats(probs, n, 6)
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    assert len(grams) == len(set(grams)) and len(tokens) == 6
+    assert search(FixedDecoder(probs), torch.full((1, 2), 4), DecodeConfig(beam_size=beam, max_length_a=0.0,
+                  max_length_b=7, length_penalty=0.0))[0].hypotheses[0].tokens == [4] * 6

@@ -152,7 +152,7 @@ def test_jsonl_records(any_model):
     records = [json.loads(line) for line in out_lines(r)]
     assert len(records) == len(lines)
     for rec, line in zip(records, lines):
-        assert set(rec) == {"source", "translation", "hypotheses", "flags"}
+        assert set(rec) == {"source", "translation", "hypotheses", "flags", "retried"}
         assert rec["source"] == line
         assert set(rec["flags"]) == {"empty_input", "truncated", "hit_max_length"}
         assert rec["flags"]["truncated"] is False
