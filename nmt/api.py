@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from nmt.config import DecodeConfig, apply, check_decode
+from nmt.directions import of_model
 from nmt.errors import UsageError
 
 
@@ -29,8 +30,12 @@ class Model:
     """A loaded model directory (or CTranslate2 export) and its default decoding options."""
 
     def __init__(self, engine_for: Callable[[DecodeConfig], Any], vocabs: Any, defaults: DecodeConfig,
-                 directory: Path):
+                 directory: Path, directions: Any = None):
+        from nmt import directions as d
+
         self._engine_for, self.vocabs, self.defaults, self.directory = engine_for, vocabs, defaults, directory
+        self.directions = directions if directions is not None else d.Directions(())  # `directions.Directions`
+        self._tag_ids = d.tag_ids(vocabs.src, self.directions, str(directory))
 
     def __repr__(self) -> str:
         return f"nmt.Model({str(self.directory)!r})"
@@ -39,16 +44,20 @@ class Model:
         """The defaults with these options applied and checked."""
         return decode_config(self.defaults, options, "Model")
 
-    def translator(self, **options: Any):
-        """A `Translator` (the line contract around this model's engine) for these options."""
+    def translator(self, tgt_lang: str | None = None, **options: Any):
+        """A `Translator` (the line contract around this model's engine) for these options;
+        `tgt_lang` picks the output language of a multi-direction model (its tag)."""
+        from nmt.directions import source_prefix
         from nmt.translate import Translator
 
         config = self.options(**options)
-        return Translator(self._engine_for(config), self.vocabs, config)
+        prefix = source_prefix(self.directions, self._tag_ids, tgt_lang)
+        return Translator(self._engine_for(config), self.vocabs, config, prefix)
 
     def translate(self, lines: str | Iterable[str], **options: Any) -> str | list[str]:
         """The 1-best translation of each line (one string per line, in order; "" for an empty
-        line). A single string in gives a single string out."""
+        line). A single string in gives a single string out. `tgt_lang="es"` chooses the output
+        language of a model trained on several directions (required there)."""
         if isinstance(lines, str):
             return self.translate([lines], **options)[0]
         return [t.text for t in self.translations(lines, **options)]
@@ -123,15 +132,26 @@ def load(directory: str | Path, *, device: str = "auto", dtype: str = "auto", th
             device = "cuda" if ctranslate2_module().get_cuda_device_count() > 0 else "cpu"
         compute_type = {"auto": "default"}.get(dtype, dtype)
         base = engines.CTranslate2.load(directory, defaults, compute_type=compute_type, threads=threads, device=device)
-        return Model(base.with_config, base.vocabs, defaults, directory)
+        return Model(base.with_config, base.vocabs, defaults, directory, _export_directions(directory))
     import torch
 
     from nmt import checkpoint, runtime
 
     rt = runtime.setup(device, "float32" if dtype == "int8" else dtype, threads)
-    model, vocabs, _ = checkpoint.load_for_inference(directory, rt.device)
+    model, vocabs, config = checkpoint.load_for_inference(directory, rt.device)
     if dtype == "int8":
         if rt.device.type != "cpu":
             raise UsageError("--dtype int8 is CPU-only (dynamic quantisation)")
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    return Model(lambda config: engines.for_model(model, rt, config), vocabs, defaults, directory)
+    return Model(lambda c: engines.for_model(model, rt, c), vocabs, defaults, directory,
+                 of_model(config, str(directory / "config.json")))
+
+
+def _export_directions(directory: Path):
+    """The directions an export's metadata records (an export from before they were: untagged)."""
+    import json
+
+    from nmt.export import EXPORT_META
+
+    meta = json.loads((directory / EXPORT_META).read_text(encoding="utf-8"))
+    return of_model(meta if isinstance(meta, dict) else {}, str(directory / EXPORT_META))

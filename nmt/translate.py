@@ -89,14 +89,16 @@ class Stats:
 class Translator:
     """The line contract around one search engine (`engines.Engine`)."""
 
-    def __init__(self, engine: engines.Engine, vocabs: Vocabs, config: DecodeConfig):
+    def __init__(self, engine: engines.Engine, vocabs: Vocabs, config: DecodeConfig, src_prefix: tuple[int, ...] = ()):
         self.engine, self.vocabs, self.config = engine, vocabs, config
+        self.src_prefix = tuple(src_prefix)  # ids before every source: a target-language tag (`nmt.directions`)
         self.stats = Stats()
 
     @classmethod
-    def from_model(cls, model, vocabs: Vocabs, runtime: Runtime, config: DecodeConfig) -> "Translator":
+    def from_model(cls, model, vocabs: Vocabs, runtime: Runtime, config: DecodeConfig,
+                   src_prefix: tuple[int, ...] = ()) -> "Translator":
         """nmt's own search for `config` (beam, greedy or sampling) over a loaded model."""
-        return cls(engines.for_model(model, runtime, config), vocabs, config)
+        return cls(engines.for_model(model, runtime, config), vocabs, config, src_prefix)
 
     def translate(self, lines: Iterable[str]) -> Iterator[Translation]:
         """One Translation per input line, in order."""
@@ -119,7 +121,7 @@ class Translator:
             results[i].empty_input = True
         ids = []
         for i, seq in zip(todo, encode_batch(self.vocabs.src, [lines[i] for i in todo])):
-            seq, results[i].truncated = cut_source(seq, self.engine.max_positions)
+            seq, results[i].truncated = cut_source([*self.src_prefix, *seq], self.engine.max_positions)
             ids.append(seq)
         order = sorted(range(len(todo)), key=lambda j: len(ids[j]))
         for batch in self._batches(order, [len(seq) for seq in ids]):
@@ -165,7 +167,7 @@ class Translator:
         limit = self.engine.max_positions
         for i, s_ids, t_ids in zip(todo, encode_batch(self.vocabs.src, [pairs[i][0] for i in todo]),
                                    encode_batch(self.vocabs.tgt, [pairs[i][1] for i in todo])):
-            (s_ids, cut_s), (t_ids, cut_t) = cut_source(s_ids, limit), cut_source(t_ids, limit)
+            (s_ids, cut_s), (t_ids, cut_t) = cut_source([*self.src_prefix, *s_ids], limit), cut_source(t_ids, limit)
             results[i].truncated = cut_s or cut_t
             self.stats.truncated += results[i].truncated
             src.append(s_ids)
