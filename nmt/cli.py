@@ -256,6 +256,11 @@ def train(
     if out is None:
         out = Path("runs") / ("bible-es-en" if train is None and not pair_list and init_from is None else
                               "+".join(pair_list) if pair_list else f"{train_config.src}-{train_config.tgt}")
+    parent = None
+    if init_from is not None:  # checked before torch is imported: a wrong option fails at once
+        from nmt import finetune
+
+        parent, train_config, model_config, tok_config = finetune.configs(train_config, model_config, tok_config, out)
     from nmt.train import train as run_training
 
     test_corpus = None
@@ -264,7 +269,7 @@ def train(
 
         test_corpus = ParallelCorpus.from_prefix(test, train_config.src, train_config.tgt)
         test_corpus.check_line_counts()  # a bad test set fails now, not after the training
-    run_training(train_config, model_config, tok_config, out, test_corpus, force=force)
+    run_training(train_config, model_config, tok_config, out, test_corpus, force=force, parent=parent)
 
 
 def _survive_closed_stderr() -> None:

@@ -21,12 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from nmt import checkpoint
-from nmt.config import ModelConfig, TokenizerConfig, check_choices, from_dict
+from nmt.config import ModelConfig, TokenizerConfig, TrainConfig, check_choices, from_dict
 from nmt.directions import Directions, of_model
 from nmt.errors import NmtError, UsageError
 
@@ -48,8 +48,17 @@ class Parent:
 
 def read_parent(directory: Path) -> Parent:
     """The parent's config, checked: its model section as `checkpoint` checks any model directory,
-    its tokenizer section's keys and choices, its directions; and it must have translation weights."""
-    directory = Path(directory)
+    its tokenizer section's keys and choices, its directions; and it must have translation weights.
+    Any problem is one error line starting with --init-from."""
+    try:
+        return _read_parent(Path(directory))
+    except UsageError:
+        raise
+    except NmtError as e:
+        raise NmtError(f"--init-from: {e}") from None
+
+
+def _read_parent(directory: Path) -> Parent:
     config = checkpoint.read_config(directory)
     model_config = checkpoint.read_model_config(directory, config)
     what = f"{directory / 'config.json'}: tokenizer"
@@ -61,7 +70,7 @@ def read_parent(directory: Path) -> Parent:
     except UsageError as e:
         raise NmtError(str(e)) from None
     if not (directory / checkpoint.WEIGHTS).is_file():
-        raise NmtError(f"--init-from {directory}: no {checkpoint.WEIGHTS} (has the parent saved a model yet?)")
+        raise NmtError(f"{directory}: no {checkpoint.WEIGHTS} (has the parent saved a model yet?)")
     return Parent(directory, config, model_config, tok_config, of_model(config, f"{directory / 'config.json'}"))
 
 
@@ -71,6 +80,7 @@ def check_options(parent: Parent, model: dict[str, Any], tokenizer: dict[str, An
     for name, value in model.items():
         old = getattr(parent.model_config, name, None)
         if name not in FREE_MODEL_OPTIONS and name not in ("src_vocab_size", "tgt_vocab_size") and old != value:
+            name = "pre_norm (--post-norm)" if name == "pre_norm" else name
             raise UsageError(f"--init-from {parent.directory}: model option {name} is {value}, the parent's is {old} "
                              f"(a fine-tune keeps the parent's model: drop the option or the --preset)")
     for name, value in tokenizer.items():
@@ -82,7 +92,7 @@ def check_options(parent: Parent, model: dict[str, Any], tokenizer: dict[str, An
                              f"{shown(old)} (a fine-tune keeps the parent's tokenizer and vocabulary: drop the option)")
 
 
-def model_config(parent: Parent, model: dict[str, Any]) -> ModelConfig:
+def parent_model_config(parent: Parent, model: dict[str, Any]) -> ModelConfig:
     """The parent's model options, with the free ones (dropout) given explicitly applied."""
     return replace(parent.model_config, **{k: v for k, v in model.items() if k in FREE_MODEL_OPTIONS})
 
@@ -103,6 +113,26 @@ def training_defaults(parent: Parent, has_budget: bool) -> dict[str, Any]:
     if isinstance(every, int) and not isinstance(every, bool) and 1 <= every <= 1 << 30:
         out["eval_every"] = every
     return out
+
+
+def configs(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerConfig, out: Path):
+    """(parent, configs) of a fine-tune: the parent's model and tokenizer options (explicit ones
+    must agree, `config.fixed` says which), its directions unless --src/--tgt/--pairs are given,
+    and the fine-tuning schedule for the training options not given by hand."""
+    parent = read_parent(Path(config.init_from))
+    if out.exists() and parent.directory.exists() and out.resolve() == parent.directory.resolve():
+        raise UsageError(f"--init-from {parent.directory} is the --out directory: a fine-tune is a new run, "
+                         f"give it a new --out")
+    chosen = lambda section, c: {k.split(".", 1)[1]: getattr(c, k.split(".", 1)[1])  # noqa: E731
+                                 for k in config.fixed if k.startswith(section + ".")}
+    check_options(parent, chosen("model", model_config), chosen("tokenizer", tok_config))
+    model_config = parent_model_config(parent, chosen("model", model_config))
+    defaults = training_defaults(parent, bool(config.max_steps or config.max_time))
+    if not {"train.src", "train.tgt", "train.pairs"} & set(config.fixed) and parent.directions.pairs:
+        pairs = parent.directions.pairs
+        defaults.update(src=pairs[0][0], tgt=pairs[0][1], pairs=[f"{a}-{b}" for a, b in pairs] if len(pairs) > 1 else [])
+    config = replace(config, **{k: v for k, v in defaults.items() if f"train.{k}" not in config.fixed})
+    return parent, config, model_config, parent.tok_config
 
 
 def sha256_of(path: Path) -> str:
@@ -150,6 +180,3 @@ def load_weights(model, parent: Parent) -> None:
     loaded, _, _ = checkpoint.load_for_inference(parent.directory)
     model.load_state_dict(loaded.state_dict())
 
-
-def explicit_model_fields() -> set[str]:
-    return {f.name for f in fields(ModelConfig)}

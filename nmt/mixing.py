@@ -25,15 +25,17 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from nmt.batching import Plan, plan_epoch
 from nmt.cache import FilterReport, TokenCache
 from nmt.corpus import ParallelCorpus
 from nmt.directions import Directions
 from nmt.errors import NmtError, UsageError
+
+if TYPE_CHECKING:
+    from nmt.batching import Plan
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +149,6 @@ class Mixture:
         self.parts, self.weights = parts, weights
         self.offsets = np.cumsum([0] + [len(p) for p in parts])
         self.caches = list({id(p.cache): p.cache for p in parts}.values())
-        self.directory = self.caches[0].directory
         if self._plain:  # exactly today's single cache: its memory-mapped arrays, nothing copied
             self.src_len, self.tgt_len = parts[0].cache.src_len, parts[0].cache.tgt_len
         else:  # the tag is one more source token
@@ -206,6 +207,8 @@ class Mixture:
              curriculum: float = 0.0) -> Plan:
         """The epoch's batches: `plan_epoch` over every pair, or with weights over the epoch's
         weighted selection (batch b is still `order[starts[b]:ends[b]]`, of mixture indices)."""
+        from nmt.batching import Plan, plan_epoch  # torch: not needed to parse --weights
+
         if self.weights is None:
             return plan_epoch(self.src_len, self.tgt_len, batch_tokens, seed, epoch, rank, world_size, curriculum)
         chosen = self.selection(seed, epoch)

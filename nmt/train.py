@@ -745,14 +745,15 @@ def _shape_trial(p: Prepared, config: TrainConfig, runtime: Runtime, batch_token
 
 
 def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerConfig, out: Path,
-          test: ParallelCorpus | None = None, force: bool = False) -> Progress:
+          test: ParallelCorpus | None = None, force: bool = False,
+          parent: finetune.Parent | None = None) -> Progress:
     """Prepare (or resume) the run in `out` and train until a budget ends it; then, with `test`,
     translate its source with the final model (beam search) and report BLEU (`validate.score_test`).
     `out` must be new, empty or this run's unless `force`; a signal ends it with `Interrupted`.
-    With `config.init_from` the run is a fine-tune of that model directory (`nmt.finetune`)."""
-    parent = None
-    if config.init_from:
-        parent, config, model_config, tok_config = _finetune_configs(config, model_config, tok_config, out)
+    With `config.init_from` the run is a fine-tune of that model directory (`nmt.finetune`; `parent`:
+    the configs already resolved by `finetune.configs`)."""
+    if config.init_from and parent is None:
+        parent, config, model_config, tok_config = finetune.configs(config, model_config, tok_config, out)
     check_max_length(config, model_config, bool(run_directions(config, parent).tagged))
     dist = Distributed(config.device)
     try:
@@ -810,26 +811,6 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         return result
     finally:
         dist.close()
-
-
-def _finetune_configs(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerConfig, out: Path):
-    """(parent, configs) of a fine-tune: the parent's model and tokenizer options (explicit ones
-    must agree, `config.fixed` says which), its directions unless --src/--tgt/--pairs are given,
-    and the fine-tuning schedule for the training options not given by hand."""
-    parent = finetune.read_parent(Path(config.init_from))
-    if out.exists() and parent.directory.exists() and out.resolve() == parent.directory.resolve():
-        raise UsageError(f"--init-from {parent.directory} is the --out directory: a fine-tune is a new run, "
-                         f"give it a new --out")
-    chosen = lambda section, c: {k.split(".", 1)[1]: getattr(c, k.split(".", 1)[1])  # noqa: E731
-                                 for k in config.fixed if k.startswith(section + ".")}
-    finetune.check_options(parent, chosen("model", model_config), chosen("tokenizer", tok_config))
-    model_config = finetune.model_config(parent, chosen("model", model_config))
-    defaults = finetune.training_defaults(parent, bool(config.max_steps or config.max_time))
-    if not {"train.src", "train.tgt", "train.pairs"} & set(config.fixed) and parent.directions.pairs:
-        pairs = parent.directions.pairs
-        defaults.update(src=pairs[0][0], tgt=pairs[0][1], pairs=[f"{a}-{b}" for a, b in pairs] if len(pairs) > 1 else [])
-    config = replace(config, **{k: v for k, v in defaults.items() if f"train.{k}" not in config.fixed})
-    return parent, config, model_config, parent.tok_config
 
 
 def _mixing_record(trainer: Trainer) -> dict[str, Any]:
