@@ -788,6 +788,7 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
             finetune.load_weights(trainer.model, parent)  # a fresh fine-tune: the parent's weights, all else anew
             log.info("fine-tuning %s (weights sha256 %s…)", parent.directory, described["parent"]["weights_sha256"][:12])
         _announce(trainer, runtime, dist)
+        trainer.batch_tokens()  # on every rank: with `auto` on a GPU the ranks agree on it together
         if dist.is_writer and len(p.cache.parts) > 1:
             described["mixing"] = _mixing_record(trainer)
             checkpoint.write_config(out, described)
