@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from nmt.config import DecodeConfig, apply, check_decode
+from nmt.directions import of_model
 from nmt.errors import UsageError
 
 
@@ -29,9 +30,13 @@ class Model:
     """A loaded model directory (or CTranslate2 export) and its default decoding options."""
 
     def __init__(self, engine_for: Callable[[DecodeConfig], Any], vocabs: Any, defaults: DecodeConfig,
-                 directory: Path, src_language: str | None = None):
+                 directory: Path, src_language: str | None = None, directions: Any = None):
+        from nmt import directions as d
+
         self._engine_for, self.vocabs, self.defaults, self.directory = engine_for, vocabs, defaults, directory
         self.src_language = src_language  # for split_sentences' sentence splitter
+        self.directions = directions if directions is not None else d.Directions(())  # `directions.Directions`
+        self._tag_ids = d.tag_ids(vocabs.src, self.directions, str(directory))
 
     def __repr__(self) -> str:
         return f"nmt.Model({str(self.directory)!r})"
@@ -40,12 +45,22 @@ class Model:
         """The defaults with these options applied and checked."""
         return decode_config(self.defaults, options, "Model")
 
-    def translator(self, **options: Any):
-        """A `Translator` (the line contract around this model's engine) for these options."""
+    def translator(self, tgt_lang: str | None = None, **options: Any):
+        """A `Translator` (the line contract around this model's engine) for these options;
+        `tgt_lang` picks the output language of a multi-direction model (its tag)."""
+        from nmt.directions import source_prefix
         from nmt.translate import Translator
 
         config = self.options(**options)
-        return Translator(self._engine_for(config), self.vocabs, config, self.src_language)
+        prefix = source_prefix(self.directions, self._tag_ids, tgt_lang)
+        return Translator(self._engine_for(config), self.vocabs, config, self._source_language(tgt_lang), prefix)
+
+    def _source_language(self, tgt_lang: str | None) -> str | None:
+        """The source language of the chosen direction (the sentence splitter's language)."""
+        for src, tgt in self.directions.pairs:
+            if tgt_lang is None or tgt == tgt_lang:
+                return src
+        return self.src_language
 
     def translate(self, lines: str | Iterable[str], prefix: str | Iterable[str] | None = None,
                   **options: Any) -> str | list[str]:
@@ -53,7 +68,8 @@ class Model:
         line). A single string in gives a single string out. `prefix`: the start forced on each
         line's translation (a string per line, "" for none; one string for one line).
         With `alignment=True` each translation comes as `text ||| 0-0 1-2`, as `nmt translate
-        --alignment` prints it."""
+        --alignment` prints it. `tgt_lang="es"` chooses the output language of a model trained
+        on several directions (required there)."""
         from nmt.translate import to_text
 
         if isinstance(lines, str):
@@ -140,7 +156,7 @@ def load(directory: str | Path, *, device: str = "auto", dtype: str = "auto", th
             device = "cuda" if ctranslate2_module().get_cuda_device_count() > 0 else "cpu"
         compute_type = {"auto": "default"}.get(dtype, dtype)
         base = engines.CTranslate2.load(directory, defaults, compute_type=compute_type, threads=threads, device=device)
-        return Model(base.with_config, base.vocabs, defaults, directory, base.src_language)
+        return Model(base.with_config, base.vocabs, defaults, directory, base.src_language, _export_directions(directory))
     import torch
 
     from nmt import checkpoint, runtime
@@ -153,4 +169,14 @@ def load(directory: str | Path, *, device: str = "auto", dtype: str = "auto", th
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     src = config.get("src")
     return Model(lambda c: engines.for_model(model, rt, c), vocabs, defaults, directory,
-                 src if isinstance(src, str) else None)
+                 src if isinstance(src, str) else None, of_model(config, str(directory / "config.json")))
+
+
+def _export_directions(directory: Path):
+    """The directions an export's metadata records (an export from before they were: untagged)."""
+    import json
+
+    from nmt.export import EXPORT_META
+
+    meta = json.loads((directory / EXPORT_META).read_text(encoding="utf-8"))
+    return of_model(meta if isinstance(meta, dict) else {}, str(directory / EXPORT_META))

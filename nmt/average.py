@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from nmt import atomic, checkpoint, validate
-from nmt.corpus import ParallelCorpus
+from nmt import atomic, checkpoint, directions, mixing, validate
 from nmt.errors import NmtError
 from nmt.model import Transformer
 from nmt.runtime import Runtime
@@ -47,8 +46,9 @@ def average(directory: Path, last: int, runtime: Runtime, dev_prefix: str | None
     dev_prefix = dev_prefix or config["train"].get("dev")
     if not dev_prefix:
         raise NmtError(f"{directory}: no dev set to compare the averaged model on (give --dev)")
-    dev = ParallelCorpus.from_prefix(dev_prefix, config["src"], config["tgt"])
     current, vocabs, _ = checkpoint.load_for_inference(directory)  # every part checked
+    run = directions.of_model(config, str(directory / "config.json"))
+    devs = mixing.dev_sets(dev_prefix, run, directions.tag_ids(vocabs.src, run, str(directory)))
     averaged = Transformer(current.config)
     # safetensors stores tied matrices once, so the aliases (tgt_embed, output) are "missing" here
     _, unexpected = averaged.load_state_dict(average_state_dicts([c / checkpoint.WEIGHTS for c in checkpoints]),
@@ -57,7 +57,7 @@ def average(directory: Path, last: int, runtime: Runtime, dev_prefix: str | None
         raise NmtError(f"{directory}: checkpoints hold tensors the model does not have: {unexpected[:3]}")
     scores = {}
     for name, model in (("current", current), ("averaged", averaged)):
-        bleu, signature, loss = validate.evaluate_dev(model.to(runtime.device), vocabs, dev, runtime)
+        bleu, signature, loss, _ = validate.evaluate_devs(model.to(runtime.device), vocabs, devs, runtime)
         scores[name] = {"dev_bleu": bleu, "dev_loss": loss, "signature": signature}
     kept = "averaged" if scores["averaged"]["dev_bleu"] > scores["current"]["dev_bleu"] else "current"
     if kept == "averaged":

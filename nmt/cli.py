@@ -196,18 +196,30 @@ def train(
     average_last: Annotated[Optional[int], typer.Option(help="At the end, average this many last checkpoints if that scores higher on dev (0: off).")] = None,
     test: Annotated[Optional[str], typer.Option("--test", help="Held-out prefix: at the end, translate it (beam 5) and report BLEU with examples; never used to choose anything.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Train into an existing --out that is not empty and not this run's (nmt's files there are replaced; a tokenizer there is reused).")] = False,
+    init_from: Annotated[Optional[Path], typer.Option("--init-from", "--finetune-from-model", help="Fine-tune: start from this model directory's weights, with its tokenizer and model options (optimizer, schedule and best score start afresh).")] = None,
+    pairs: Annotated[Optional[str], typer.Option("--pairs", "--lang-pairs", help="Several directions in one model, e.g. es-en,en-es: each --train PREFIX is read for every pair it has files for; sources get a target-language tag <2xx> (translate with --tgt-lang). Replaces --src/--tgt.")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="Share of each --train corpus in every epoch, e.g. 0.7,0.3 (one per corpus; normalised).")] = None,
 ) -> None:
     """Train tokenizer and Transformer on parallel text; re-running the same command resumes."""
     from nmt import config as cfg
+    from nmt import directions, mixing
 
     _survive_closed_stderr()
 
+    preset_given = preset is not None
     if preset is None:
-        preset = "auto" if (max_time is not None or max_steps is not None) else "small"
+        preset = "finetune" if init_from is not None else \
+            "auto" if (max_time is not None or max_steps is not None) else "small"
+    elif init_from is not None and preset == "auto":
+        raise UsageError("--preset auto chooses a model shape; a fine-tune (--init-from) keeps the parent's "
+                         "(drop --preset, give --max-time for its budget)")
+    if pairs is not None and (src is not None or tgt is not None):
+        raise UsageError("give --pairs or --src/--tgt, not both (--pairs es-en names both sides)")
+    pair_list = [f"{a}-{b}" for a, b in directions.parse_pairs(pairs).pairs] if pairs is not None else None
     model_flags = _given(dropout=dropout, pre_norm=None if post_norm is None else not post_norm)
     # "auto" starts from the small preset's values; the recipe then replaces those not set by hand
     model_config, tok_config, train_config = cfg.layered(
-        "small" if preset == "auto" else preset, config_file, model_flags,
+        "small" if preset in ("auto", "finetune") else preset, config_file, model_flags,
         _tokenizer_flags(vocab_size, tokenizer, separate_vocab, tokenizer_sample),
         _given(train=train, src=src, tgt=tgt, max_time=parse_duration(max_time), max_steps=max_steps,
                max_epochs=max_epochs, seed=seed, device=device, dtype=dtype, threads=threads,
@@ -215,15 +227,25 @@ def train(
                warmup_steps=warmup_steps, label_smoothing=label_smoothing, eval_every=eval_every, patience=patience,
                keep_last=keep_last, max_length=max_length, max_ratio=max_ratio, cache_dir=cache_dir, compile=compile,
                log_every=log_every, average_last=average_last, dedupe=None if no_dedupe is None else not no_dedupe,
-               dev=dev))
+               dev=dev, pairs=pair_list, init_from=None if init_from is None else str(init_from)))
+    if pair_list:
+        first = pair_list[0].split("-")
+        train_config = cfg.apply(train_config, {"src": first[0], "tgt": first[1]}, "train")
+    if weights is not None:
+        train_config = cfg.apply(train_config, {"weights": mixing.parse_weights(weights, len(train_config.train))},
+                                 "train")
     train_config = cfg.apply(train_config, {"preset": preset}, "train")
     if str(train_config.dev).lower() == "none":
         train_config = cfg.apply(train_config, {"dev": None}, "train")
-    if preset == "auto":
+    if preset == "auto" or init_from is not None:
         overrides = cfg.load_overrides(config_file) if config_file else {}
         flags = dict(model=_given(dropout=dropout, pre_norm=post_norm), tokenizer=_given(vocab_size=vocab_size),
                      train=_given(batch_tokens=batch_tokens, update_freq=update_freq, lr=lr, lr_schedule=lr_schedule,
                                   warmup_steps=warmup_steps, eval_every=eval_every, average_last=average_last))
+        if init_from is not None:  # what a fine-tune compares with its parent, or keeps over its schedule
+            flags["tokenizer"].update(_given(kind=tokenizer, joint=separate_vocab, sample_lines=tokenizer_sample))
+            flags["model"].update(cfg.PRESETS[preset] if preset_given else {})
+            flags["train"].update(_given(src=src, tgt=tgt, pairs=pairs))
         fixed = sorted({f"{section}.{name}" for section in ("model", "tokenizer", "train")
                         for name in [*overrides.get(section, {}), *flags[section]]})
         train_config = cfg.apply(train_config, {"fixed": fixed}, "train")
@@ -232,7 +254,13 @@ def train(
         if not 0 <= getattr(model_config, name) < 1:
             raise UsageError(f"{name} must be in [0, 1) (got {getattr(model_config, name)})")
     if out is None:
-        out = Path("runs") / ("bible-es-en" if train is None else f"{train_config.src}-{train_config.tgt}")
+        out = Path("runs") / ("bible-es-en" if train is None and not pair_list and init_from is None else
+                              "+".join(pair_list) if pair_list else f"{train_config.src}-{train_config.tgt}")
+    parent = None
+    if init_from is not None:  # checked before torch is imported: a wrong option fails at once
+        from nmt import finetune
+
+        parent, train_config, model_config, tok_config = finetune.configs(train_config, model_config, tok_config, out)
     from nmt.train import train as run_training
 
     test_corpus = None
@@ -241,7 +269,7 @@ def train(
 
         test_corpus = ParallelCorpus.from_prefix(test, train_config.src, train_config.tgt)
         test_corpus.check_line_counts()  # a bad test set fails now, not after the training
-    run_training(train_config, model_config, tok_config, out, test_corpus, force=force)
+    run_training(train_config, model_config, tok_config, out, test_corpus, force=force, parent=parent)
 
 
 def _survive_closed_stderr() -> None:
@@ -290,6 +318,7 @@ WindowOpt = Annotated[int, typer.Option(help="Lines read ahead and sorted by len
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or int8 (CPU dynamic quantisation; a CTranslate2 export: its compute type).")]
 ThreadsOpt = Annotated[int, typer.Option(help="CPU threads (0: all cores).")]
+TgtLangOpt = Annotated[Optional[str], typer.Option("--tgt-lang", help="Output language of a model trained on several directions (its <2xx> tag); required there.")]
 
 
 @app.command()
@@ -319,6 +348,7 @@ def translate(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = 0,
+    tgt_lang: TgtLangOpt = None,
 ) -> None:
     """Translate lines from a file or stdin to stdout: one output line per input line.
 
@@ -336,7 +366,7 @@ def translate(
     from nmt.translate import to_json, to_text
 
     _check_inputs(input, *([prefix] if prefix else []))
-    translator = api.load(model, device=device, dtype=dtype, threads=threads).translator(**dataclasses.asdict(decode))
+    translator = api.load(model, device=device, dtype=dtype, threads=threads).translator(tgt_lang, **dataclasses.asdict(decode))
     lines = read_lines(input)
     prefixes = read_lines(prefix) if prefix else None
     from nmt.textio import display_name
@@ -432,6 +462,7 @@ def score(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = 0,
+    tgt_lang: TgtLangOpt = None,
 ) -> None:
     """Score given translations: log p(target | source) of each pair by teacher forcing, EOS
     included, one line per pair. A pair of two empty lines gives an empty line; one empty side
@@ -447,7 +478,7 @@ def score(
     cfg.check_decode(decode)
     for path in (src, tgt):
         open_binary(path).close()  # a missing file fails before the model loads or an output is truncated
-    translator = api.load(model, device=device, dtype=dtype, threads=threads).translator(**dataclasses.asdict(decode))
+    translator = api.load(model, device=device, dtype=dtype, threads=threads).translator(tgt_lang, **dataclasses.asdict(decode))
     pairs = ParallelCorpus(Path(src), Path(tgt)).pairs()
     names = (src, tgt)
     _write_windows(translator.score_windows(pairs, normalize, names),

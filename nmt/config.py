@@ -77,10 +77,13 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
 
 @dataclass
 class TrainConfig:
-    preset: str = "small"  # or "auto": the recipe is chosen from the budget (nmt/recipe.py)
+    preset: str = "small"  # or "auto": the recipe is chosen from the budget (nmt/recipe.py); "finetune"
     src: str = "es"
     tgt: str = "en"
     train: list[str] = field(default_factory=lambda: [str(DEFAULT_DATA / "train")])
+    pairs: list[str] = field(default_factory=list)  # "es-en", "en-es": several directions, tagged (else src-tgt)
+    weights: list[float] | None = None  # each --train corpus's share of every epoch (nmt/mixing.py)
+    init_from: str | None = None  # fine-tune: start from this model directory (nmt/finetune.py)
     dev: str | None = str(DEFAULT_DATA / "dev")
     seed: int = 1
     batch_tokens: int | str = 3000  # target tokens per batch (per device), before --update-freq; or "auto"

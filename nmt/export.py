@@ -67,7 +67,7 @@ def export_ctranslate2(model_dir: Path, out_dir: Path, quantization: str | None 
         raise UsageError(f"unknown quantization {quantization!r} (choose from {', '.join(accepted)})")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_target(model_dir, out_dir)
-    model, vocabs, model_meta = checkpoint.load_for_inference(model_dir)
+    model, vocabs, config = checkpoint.load_for_inference(model_dir)
     spec = build_spec(ct2, model, vocabs)
     spec.validate()
     spec.optimize(quantization=quantization)  # alias tied matrices, then quantize
@@ -75,10 +75,11 @@ def export_ctranslate2(model_dir: Path, out_dir: Path, quantization: str | None 
     meta = {
         "format": EXPORT_FORMAT, "version": 1, "source_model": str(model_dir.resolve()),
         "max_positions": c.max_positions, "quantization": quantization or "float32",
-        "src": model_meta.get("src"), "tgt": model_meta.get("tgt"),
         "tokenizer_files": sorted(vocabs.files()), "vocab_fingerprint": vocabs.fingerprint(),
         "decode_defaults": {"max_length_a": DecodeConfig.max_length_a, "max_length_b": DecodeConfig.max_length_b},
         "versions": {"nmt": __version__, "ctranslate2": ct2.__version__},
+        "src": config.get("src"), "tgt": config.get("tgt"),  # the directions and tags, for --tgt-lang
+        **({"directions": config["directions"], "tagged": config.get("tagged")} if "directions" in config else {}),
     }
     _save_atomically(spec, [model_dir / name for name in vocabs.files()], meta, out_dir)
     return out_dir

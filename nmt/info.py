@@ -2,7 +2,8 @@
 
 Architecture and preset, parameter count (from the config, on the meta device), vocabulary
 sizes, training data fingerprints, steps, tokens, time and device, dev scores with their
-sacreBLEU signatures, averaging results and package versions.
+sacreBLEU signatures, averaging results and package versions; the directions of a model trained
+on several (and their target-language tags), a fine-tune's lineage, a weighted mix's shares.
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from nmt import checkpoint
+from nmt.directions import of_model
 from nmt.errors import NmtError
 
 
 def describe(directory: Path) -> dict[str, Any]:
     config = checkpoint.read_config(directory)
+    run = of_model(config, str(Path(directory) / "config.json"))
     facts: dict[str, Any] = {"directory": str(directory), "format_version": config["version"],
-                             "languages": f"{config.get('src')}→{config.get('tgt')}",
+                             "languages": ", ".join(f"{s}→{t}" for s, t in run.pairs) or "?",
+                             "directions": [f"{s}-{t}" for s, t in run.pairs], "tags": run.tags,
+                             "parent": config.get("parent"), "mixing": config.get("mixing"),
                              "preset": config.get("train", {}).get("preset"), "model": config.get("model"),
                              "parameters": _parameters(directory, config), "tokenizer": config.get("tokenizer"),
                              "data": config.get("data"), "filters": config.get("filters"),
@@ -42,6 +47,18 @@ def _parameters(directory: Path, config: dict[str, Any]) -> int:
         return count_parameters(Transformer(checkpoint.read_model_config(directory, config)))
 
 
+def _lineage(parent: Any) -> list[str]:
+    """One line per ancestor, nearest first: directory, weights fingerprint, its best dev BLEU."""
+    lines = []
+    while isinstance(parent, dict) and len(lines) < 16:
+        bleu = parent.get("best_dev_bleu")
+        lines.append(f"{parent.get('directory')} (weights sha256 {str(parent.get('weights_sha256'))[:16]}…"
+                     + (f", best dev BLEU {bleu:.2f} at step {parent.get('best_step')}" if isinstance(bleu, (int, float)) else "")
+                     + ")")
+        parent = parent.get("parent")
+    return lines
+
+
 def render(facts: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -49,7 +66,9 @@ def render(facts: dict[str, Any]) -> None:
     m, t = facts["model"], facts.get("training", {})
     table = Table(title=f"nmt model {facts['directory']}", show_header=False)
     rows = [
-        ("languages", facts["languages"]),
+        ("languages", facts["languages"] + (f" ({len(facts['directions'])} directions in one model; translate "
+                                            f"with --tgt-lang {'/'.join(sorted({d.split('-')[1] for d in facts['directions']}))})"
+                                            if len(facts["directions"]) > 1 else "")),
         ("architecture", f"Transformer {m['encoder_layers']}+{m['decoder_layers']} layers, d_model {m['d_model']}, "
                          f"{m['n_heads']} heads, d_ff {m['d_ff']}, {'pre' if m['pre_norm'] else 'post'}-norm"),
         ("preset", str(facts["preset"])),
@@ -57,6 +76,15 @@ def render(facts: dict[str, Any]) -> None:
         ("vocabulary", f"{m['src_vocab_size']:,} source / {m['tgt_vocab_size']:,} target "
                        f"({facts['tokenizer']['kind']}, {'joint' if facts['tokenizer']['joint'] else 'separate'})"),
     ]
+    if facts["tags"]:
+        rows.append(("target tags", " ".join(facts["tags"]) + " (special tokens, first on the source side)"))
+    for p in _lineage(facts.get("parent")):
+        rows.append(("fine-tuned from", p))
+    if isinstance(facts.get("mixing"), dict):
+        for part in facts["mixing"].get("parts") or []:
+            weight = "" if part.get("weight") is None else f"weight {part['weight']:.3f}, "
+            rows.append(("data mix", f"{part.get('part')}: {weight}{part.get('pairs', 0):.3f} of pairs, "
+                                     f"{part.get('target_tokens', 0):.3f} of target tokens"))
     for d in facts.get("data") or []:
         rows.append(("data", f"{d['path']}: {d['lines']:,} lines, {d['size']:,} bytes, sha256 {d['sha256'][:16]}…"))
     if t:

@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -50,15 +50,16 @@ def _skeleton(config: TokenizerConfig) -> Tokenizer:
     return tok
 
 
-def _trainer(config: TokenizerConfig, vocab_size: int):
+def _trainer(config: TokenizerConfig, vocab_size: int, tags: Sequence[str] = ()):
+    specials = [*SPECIALS, *tags]  # tags (`directions.tag`) right after the four fixed ids
     if config.kind == "bpe":
         # limit_alphabet keeps rare characters out of the base vocabulary: they fall back to bytes.
         return trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=config.min_frequency, special_tokens=SPECIALS,
+            vocab_size=vocab_size, min_frequency=config.min_frequency, special_tokens=specials,
             limit_alphabet=1000, show_progress=False,
         )
     return trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS, unk_token="<unk>", show_progress=False
+        vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False
     )
 
 
@@ -80,12 +81,14 @@ def _add_byte_fallback(tok: Tokenizer) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(data))
 
 
-def train_tokenizer(lines: Iterable[str], config: TokenizerConfig) -> Tokenizer:
-    """Train one subword model on `lines` (an iterator; it is consumed once)."""
+def train_tokenizer(lines: Iterable[str], config: TokenizerConfig, tags: Sequence[str] = ()) -> Tokenizer:
+    """Train one subword model on `lines` (an iterator; it is consumed once); `tags` become special
+    tokens at ids 4, 5, … (target-language tags of a multi-direction model)."""
     tok = _skeleton(config)
     # The byte tokens are added after training, so ask for that many fewer pieces.
-    tok.train_from_iterator(lines, trainer=_trainer(config, max(config.vocab_size - 256, len(SPECIALS) + 64)))
-    for i, special in enumerate(SPECIALS):
+    tok.train_from_iterator(lines, trainer=_trainer(config, max(config.vocab_size - 256, len(SPECIALS) + len(tags) + 64),
+                                                    tags))
+    for i, special in enumerate([*SPECIALS, *tags]):
         if tok.token_to_id(special) != i:
             raise NmtError(f"tokenizer training put {special} at id {tok.token_to_id(special)}, expected {i}")
     return _prepare(_add_byte_fallback(tok))
@@ -194,13 +197,14 @@ TRAIN_BATCH = 64  # lines per item handed to the trainer
 
 
 def train_vocabs_streamed(sample: Callable[[], Iterable[tuple[list[str], list[str]]]], config: TokenizerConfig,
-                          what: str = "training data") -> Vocabs:
+                          what: str = "training data", tags: Sequence[str] = ()) -> Vocabs:
     """Train like `train_vocabs` on (sources, targets) chunks that `sample()` streams (called once
     per tokenizer, so it must give the same chunks each time). BPE learns exactly what
     `train_vocabs` learns from the same pairs (its word counts do not depend on their order; the
     unigram trainer is not deterministic even on one input). The chunks go to the trainer
     in small batches and are dropped: memory holds the trainer's word counts, one chunk and its
-    read-ahead, not the sample (2 M pairs as Python strings took 3 GB). A side with no text is an error naming `what`."""
+    read-ahead, not the sample (2 M pairs as Python strings took 3 GB). A side with no text is an error naming `what`.
+    `tags` (target-language tags) become special tokens of the source side's tokenizer."""
     seen = [0, 0]  # lines with text, per side
 
     def batches(sides: tuple[int, ...]) -> Iterator[list[str]]:
@@ -220,9 +224,9 @@ def train_vocabs_streamed(sample: Callable[[], Iterable[tuple[list[str], list[st
         return tok
 
     if config.joint:
-        tok = checked(lambda: train_tokenizer(batches((0, 1)), config), (0, 1))
+        tok = checked(lambda: train_tokenizer(batches((0, 1)), config, tags), (0, 1))
         return Vocabs(tok, tok)
-    return Vocabs(checked(lambda: train_tokenizer(batches((0,)), config), (0,)),
+    return Vocabs(checked(lambda: train_tokenizer(batches((0,)), config, tags), (0,)),
                   checked(lambda: train_tokenizer(batches((1,)), config), (1,)))
 
 

@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from nmt import atomic, checkpoint, recipe, validate
+from nmt import atomic, checkpoint, directions, finetune, mixing, recipe, validate
 from nmt.batching import Batch, Plan, collate, padded, plan_epoch, target_tokens
-from nmt.cache import Filters, TokenCache, load_or_build
+from nmt.cache import Filters, load_or_build
 from nmt.config import PRESET_TRAINING, ModelConfig, TokenizerConfig, TrainConfig, to_dict
 from nmt.corpus import ParallelCorpus, sample_corpora
+from nmt.directions import Directions
 from nmt.errors import Interrupted, NmtError, UsageError
 from nmt.model import Transformer, count_parameters
 from nmt.progress import StepProgress
@@ -47,53 +48,79 @@ log = logging.getLogger(__name__)
 class Prepared:
     out: Path
     vocabs: Vocabs
-    cache: TokenCache
+    cache: mixing.Mixture  # every direction of every corpus, read like one token cache
     model_config: ModelConfig
-    dev: ParallelCorpus | None
+    dev: ParallelCorpus | None  # the first direction's dev set (the recipe's estimate)
+    directions: Directions = Directions((("es", "en"),))
+    devs: list[mixing.DevSet] = field(default_factory=list)
+    parent: finetune.Parent | None = None
+
+
+def run_directions(config: TrainConfig, parent: finetune.Parent | None = None) -> Directions:
+    """The run's directions (--pairs, else --src → --tgt); a fine-tune of a tagged model stays tagged."""
+    d = directions.of_run(config.src, config.tgt, config.pairs)
+    return Directions(d.pairs, True) if parent is not None and parent.directions.tagged else d
 
 
 def corpora_of(config: TrainConfig) -> list[ParallelCorpus]:
-    if not config.train:
-        raise NmtError("no training data given (--train PREFIX)")
-    return [ParallelCorpus.from_prefix(p, config.src, config.tgt) for p in config.train]
+    """The distinct training corpora (a corpus serving two directions once: the tokenizer's sample)."""
+    uses = mixing.corpus_uses(config.train, run_directions(config))
+    return mixing.group_corpora(uses)
 
 
-def prepare_tokenizer(config: TrainConfig, tok_config: TokenizerConfig, out: Path) -> Vocabs:
-    """The run's tokenizer: the one saved in `out`, else trained on a seeded sample and saved."""
+def prepare_tokenizer(config: TrainConfig, tok_config: TokenizerConfig, out: Path,
+                      parent: finetune.Parent | None = None, tags: list[str] | None = None) -> Vocabs:
+    """The run's tokenizer: the one saved in `out`, else the parent's (a fine-tune), else trained
+    on a seeded sample and saved."""
     if Vocabs.exists(out):
         log.info("tokenizer: reusing %s", out)
-        return Vocabs.load(out)
-    vocabs = train_tokenizer(config, tok_config)
+        vocabs = Vocabs.load(out)
+        if parent is not None and vocabs.fingerprint() != Vocabs.load(parent.directory).fingerprint():
+            raise NmtError(f"{out}: holds a tokenizer that is not the one of --init-from {parent.directory} "
+                           f"(use a new --out)")
+        return vocabs
+    if parent is not None:
+        log.info("tokenizer: the parent's, from %s", parent.directory)
+        vocabs = Vocabs.load(parent.directory)
+    else:
+        vocabs = train_tokenizer(config, tok_config, tags or [])
     vocabs.save(out)
     return vocabs
 
 
-def train_tokenizer(config: TrainConfig, tok_config: TokenizerConfig) -> Vocabs:
+def train_tokenizer(config: TrainConfig, tok_config: TokenizerConfig, tags: list[str] | None = None) -> Vocabs:
     """Train the tokenizer(s) on a seeded sample of the training data, streamed (`nmt train` and
-    `nmt train-tokenizer` alike: the same sample, the same empty-data check)."""
+    `nmt train-tokenizer` alike: the same sample, the same empty-data check); `tags` (target-language
+    tags of a multi-direction run) become special tokens."""
     corpora = corpora_of(config)
-    log.info("tokenizer: training %s, %d pieces, on up to %s sampled pairs", tok_config.kind,
-             tok_config.vocab_size, f"{tok_config.sample_lines:,}")
+    log.info("tokenizer: training %s, %d pieces, on up to %s sampled pairs%s", tok_config.kind,
+             tok_config.vocab_size, f"{tok_config.sample_lines:,}", f"; tags {' '.join(tags)}" if tags else "")
     return train_vocabs_streamed(lambda: sample_corpora(corpora, tok_config.sample_lines, config.seed), tok_config,
-                                 f"training data {corpora[0].src_path}, {corpora[0].tgt_path}")
+                                 f"training data {corpora[0].src_path}, {corpora[0].tgt_path}", tags or [])
 
 
 def prepare(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerConfig, out: Path,
-            build_cache: bool = True) -> Prepared:
+            build_cache: bool = True, parent: finetune.Parent | None = None) -> Prepared:
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.remove_stale_temporaries(out)  # what killed runs left: temporaries, half-pruned checkpoints
-    corpora = corpora_of(config)
-    dev = ParallelCorpus.from_prefix(config.dev, config.src, config.tgt) if config.dev else None
-    if dev is not None:
-        dev.check_line_counts()
-        check_dev(dev)  # now, not at the first evaluation after hours of training
-    vocabs = prepare_tokenizer(config, tok_config, out)
+    run = run_directions(config, parent)
+    uses = mixing.corpus_uses(config.train, run)
+    if run.multi and not tok_config.joint:
+        raise UsageError("--pairs with several directions needs one joint vocabulary (drop --separate-vocab)")
+    vocabs = prepare_tokenizer(config, tok_config, out, parent, run.tags)
+    tag_ids = directions.tag_ids(vocabs.src, run, str(parent.directory if parent else out))
+    devs = mixing.dev_sets(config.dev, run, tag_ids) if config.dev else []
+    for d in devs:
+        d.corpus.check_line_counts()
+        check_dev(d.corpus)  # now, not at the first evaluation after hours of training
     model_config = ModelConfig(**{**asdict(model_config), "src_vocab_size": vocabs.src.get_vocab_size(),
                                   "tgt_vocab_size": vocabs.tgt.get_vocab_size()})
     filters = Filters(config.max_length, config.max_ratio, config.dedupe)
     cache_root = Path(config.cache_dir) if config.cache_dir else out / "cache"
-    cache = load_or_build(corpora, vocabs, filters, cache_root) if build_cache else None
-    return Prepared(out, vocabs, cache, model_config, dev)  # type: ignore[arg-type]
+    cache = mixing.mixture(uses, config.weights, tag_ids, lambda corpora: load_or_build(corpora, vocabs, filters, cache_root)) \
+        if build_cache else None
+    return Prepared(out, vocabs, cache, model_config, devs[0].corpus if devs else None,  # type: ignore[arg-type]
+                    run, devs, parent)
 
 
 def check_dev(dev: ParallelCorpus) -> int:
@@ -111,11 +138,12 @@ def check_dev(dev: ParallelCorpus) -> int:
     return n
 
 
-def check_max_length(config: TrainConfig, model_config: ModelConfig) -> None:
-    """--max-length must fit the model's positions (batches are padded to a multiple of PAD_MULTIPLE)."""
+def check_max_length(config: TrainConfig, model_config: ModelConfig, tagged: bool = False) -> None:
+    """--max-length must fit the model's positions (batches are padded to a multiple of PAD_MULTIPLE;
+    a target-language tag is one more source token)."""
     if config.max_length < 2:
         raise UsageError(f"--max-length must be ≥ 2 tokens (got {config.max_length})")
-    if padded(config.max_length) > model_config.max_positions:
+    if padded(config.max_length + tagged) > model_config.max_positions:
         raise UsageError(f"--max-length {config.max_length} exceeds the model's max_positions "
                          f"{model_config.max_positions} (lower --max-length, or raise model.max_positions "
                          f"with --config)")
@@ -155,14 +183,19 @@ def run_config(p: Prepared, config: TrainConfig, tok_config: TokenizerConfig) ->
     import sacrebleu
     import tokenizers
 
-    meta = json.loads((p.cache.directory / "meta.json").read_text())
-    return {
-        "src": config.src, "tgt": config.tgt,
+    metas = [json.loads((c.directory / "meta.json").read_text()) for c in p.cache.caches]
+    first = p.directions.pairs[0]
+    described = {
+        "src": first[0], "tgt": first[1], "directions": [f"{s}-{t}" for s, t in p.directions.pairs],
+        "tagged": bool(p.directions.tagged),
         "model": to_dict(p.model_config), "tokenizer": to_dict(tok_config), "train": to_dict(config),
-        "data": meta["fingerprints"], "filters": meta["report"],
+        "data": [fp for m in metas for fp in m["fingerprints"]], "filters": asdict(p.cache.report),
         "versions": {"nmt": __import__("nmt").__version__, "torch": torch.__version__,
                      "tokenizers": tokenizers.__version__, "sacrebleu": sacrebleu.__version__},
     }
+    if p.parent is not None:
+        described["parent"] = finetune.lineage(p.parent, p.vocabs.fingerprint())
+    return described
 
 
 def check_resumable(out: Path, new: dict[str, Any], has_checkpoints: bool = True) -> None:
@@ -180,6 +213,12 @@ def check_resumable(out: Path, new: dict[str, Any], has_checkpoints: bool = True
     if old_data != new_data:
         which = [n[0] for o, n in zip(old_data, new_data) if o != n] or [n[0] for n in new_data]
         raise NmtError(f"{out}: {what}, training data changed ({', '.join(which)}); {fix}")
+    old_parent, new_parent = (c.get("parent", {}).get("weights_sha256") for c in (old, new))
+    if old_parent != new_parent:
+        was = f"fine-tuned from {old['parent'].get('directory')}" if old_parent else "trained from scratch"
+        now = f"--init-from {new['parent']['directory']}" if new_parent else "no --init-from"
+        raise NmtError(f"{out}: {what}, it was {was} and the command now gives {now}"
+                       f"{' (whose weights changed)' if old_parent and new_parent else ''}; {fix}")
 
 
 # -- the training loop ---------------------------------------------------------------------------
@@ -279,8 +318,8 @@ class Trainer:
         budget = self.batch_tokens()
         with StepProgress("train", total, log_every=30.0) as bar, _StopOnSignal(self):
             while self.stop_reason is None:
-                batches = plan_epoch(self.p.cache.src_len, self.p.cache.tgt_len, budget, c.seed,
-                                     self.progress.epoch, self.dist.rank, self.dist.world_size, c.curriculum)
+                batches = self.p.cache.plan(budget, c.seed, self.progress.epoch, self.dist.rank, self.dist.world_size,
+                                            c.curriculum)
                 if not batches:
                     raise NmtError("no batch fits the token budget (raise --batch-tokens)")
                 if len(batches) < c.update_freq:  # no step would ever be made: refuse, don't spin
@@ -448,11 +487,13 @@ class Trainer:
     def _evaluate(self) -> None:
         """Dev BLEU and loss of the current weights: logged, kept in the history, best model saved."""
         pr = self.progress
-        bleu, signature, dev_loss = validate.evaluate_dev(self.model, self.p.vocabs, self.p.dev, self.runtime,
-                                                          self.config.eval_max_sentences)
+        bleu, signature, dev_loss, each = validate.evaluate_devs(self.model, self.p.vocabs, self.p.devs, self.runtime,
+                                                                 self.config.eval_max_sentences)
         improved = bleu > pr.best_bleu
         record = {"event": "eval", "step": pr.step, "seconds": pr.seconds, "dev_bleu": bleu,
                   "dev_loss": dev_loss, "signature": signature, "target_tokens": pr.target_tokens}
+        if len(each) > 1:  # several directions: dev BLEU is their mean
+            record["directions"] = each
         pr.history.append(record)
         self._log(record)
         log.info("step %d: dev BLEU %.2f, dev loss %.3f%s", pr.step, bleu, dev_loss,
@@ -713,11 +754,16 @@ def _shape_trial(p: Prepared, config: TrainConfig, runtime: Runtime, batch_token
 
 
 def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerConfig, out: Path,
-          test: ParallelCorpus | None = None, force: bool = False) -> Progress:
+          test: ParallelCorpus | None = None, force: bool = False,
+          parent: finetune.Parent | None = None) -> Progress:
     """Prepare (or resume) the run in `out` and train until a budget ends it; then, with `test`,
     translate its source with the final model (beam search) and report BLEU (`validate.score_test`).
-    `out` must be new, empty or this run's unless `force`; a signal ends it with `Interrupted`."""
-    check_max_length(config, model_config)
+    `out` must be new, empty or this run's unless `force`; a signal ends it with `Interrupted`.
+    With `config.init_from` the run is a fine-tune of that model directory (`nmt.finetune`; `parent`:
+    the configs already resolved by `finetune.configs`)."""
+    if config.init_from and parent is None:
+        parent, config, model_config, tok_config = finetune.configs(config, model_config, tok_config, out)
+    check_max_length(config, model_config, bool(run_directions(config, parent).tagged))
     dist = Distributed(config.device)
     try:
         # rank 0 alone looks: the others start after it has written there
@@ -727,12 +773,12 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         if config.preset == "auto":
             tok_config = _recipe_vocabulary(config, tok_config, out)
         if dist.is_writer:
-            p = prepare(config, model_config, tok_config, out)
+            p = prepare(config, model_config, tok_config, out, parent=parent)
             if config.preset == "auto":
                 chosen = _recipe(p, config, runtime, out)
         dist.barrier()  # rank 0 trained the tokenizer, built the cache, chose the recipe; the others reuse them
         if not dist.is_writer:
-            p = prepare(config, model_config, tok_config, out)
+            p = prepare(config, model_config, tok_config, out, parent=parent)
             if config.preset == "auto":
                 chosen = recipe.from_record(json.loads((out / RECIPE_FILE).read_text()))
         if chosen is not None:
@@ -747,8 +793,14 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         if dist.is_writer:
             checkpoint.write_config(out, described)
         trainer = Trainer(p, config, runtime, dist)
-        trainer.resume()
+        if not trainer.resume() and parent is not None:
+            finetune.load_weights(trainer.model, parent)  # a fresh fine-tune: the parent's weights, all else anew
+            log.info("fine-tuning %s (weights sha256 %s…)", parent.directory, described["parent"]["weights_sha256"][:12])
         _announce(trainer, runtime, dist)
+        trainer.batch_tokens()  # on every rank: with `auto` on a GPU the ranks agree on it together
+        if dist.is_writer and len(p.cache.parts) > 1:
+            described["mixing"] = _mixing_record(trainer)
+            checkpoint.write_config(out, described)
         result = trainer.run()
         if dist.is_writer:
             _write_summary(trainer, runtime, dist)
@@ -763,10 +815,25 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         log.info("training ended: %s; best dev BLEU %.2f at step %d; model in %s", trainer.stop_reason,
                  result.best_bleu, result.best_step, out)
         if dist.is_writer and test is not None:
-            validate.score_test(out, test, runtime)
+            first = p.directions.pairs[0][1]
+            validate.score_test(out, test, runtime, directions.source_prefix(
+                p.directions, directions.tag_ids(p.vocabs.src, p.directions, str(out)), first))
         return result
     finally:
         dist.close()
+
+
+def _mixing_record(trainer: Trainer) -> dict[str, Any]:
+    """The realised share of each corpus and direction in the first epoch's batches: printed, and
+    kept in config.json."""
+    mix, c = trainer.p.cache, trainer.config
+    shares = mix.shares(mix.plan(trainer.batch_tokens(), c.seed, 0))
+    for s in shares:
+        weight = "" if s["weight"] is None else f"weight {s['weight']:.3f}, "
+        log.info("data mix: %s: %sshare of pairs %.3f, of target tokens %.3f", s["part"], weight, s["pairs"],
+                 s["target_tokens"])
+    return {"weights": c.weights, "sampling": "whole passes, then a seeded sample without replacement" if c.weights
+            else "every pair once per epoch", "parts": shares}
 
 
 def _announce(trainer: Trainer, runtime: Runtime, dist: Distributed) -> None:

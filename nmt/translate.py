@@ -133,8 +133,10 @@ class _Unit:
 class Translator:
     """The line contract around one search engine (`engines.Engine`)."""
 
-    def __init__(self, engine: engines.Engine, vocabs: Vocabs, config: DecodeConfig, src_language: str | None = None):
+    def __init__(self, engine: engines.Engine, vocabs: Vocabs, config: DecodeConfig, src_language: str | None = None,
+                 src_prefix: tuple[int, ...] = ()):
         self.engine, self.vocabs, self.config = engine, vocabs, config
+        self.src_prefix = tuple(src_prefix)  # ids before every source: a target-language tag (`nmt.directions`)
         self.stats = Stats()
         self.split = None
         if config.split_sentences:
@@ -143,9 +145,10 @@ class Translator:
             self.split = splitter(src_language)
 
     @classmethod
-    def from_model(cls, model, vocabs: Vocabs, runtime: Runtime, config: DecodeConfig) -> "Translator":
+    def from_model(cls, model, vocabs: Vocabs, runtime: Runtime, config: DecodeConfig,
+                   src_prefix: tuple[int, ...] = ()) -> "Translator":
         """nmt's own search for `config` (beam, greedy or sampling) over a loaded model."""
-        return cls(engines.for_model(model, runtime, config), vocabs, config)
+        return cls(engines.for_model(model, runtime, config), vocabs, config, src_prefix=src_prefix)
 
     def translate(self, lines: Iterable[str], prefixes: Iterable[str] | None = None,
                   names: tuple[str, str] = ("input", "prefixes")) -> Iterator[Translation]:
@@ -211,9 +214,10 @@ class Translator:
         with_prefix = [u for u in units if u.prefix_text.strip()]
         for u, ids in zip(with_prefix, encode_batch(self.vocabs.tgt, [u.prefix_text for u in with_prefix])):
             u.prefix = ids
+        tag = [(0, 0)] * len(self.src_prefix)  # a target-language tag is no source word (alignment)
         for u, (ids, offsets) in zip(units, pairs):
-            u.ids, u.truncated = cut_source(ids, self.engine.max_positions)
-            u.offsets = offsets[: len(u.ids)]
+            u.ids, u.truncated = cut_source([*self.src_prefix, *ids], self.engine.max_positions)
+            u.offsets = [*tag, *offsets][: len(u.ids)] if offsets else []
 
     def _search(self, units: list[_Unit], no_repeat_ngram: int | None = None) -> None:
         """Every unit searched, in batches of similar length; prefixes passed only where given."""
@@ -306,7 +310,7 @@ class Translator:
         limit = self.engine.max_positions
         for i, s_ids, t_ids in zip(todo, encode_batch(self.vocabs.src, [pairs[i][0] for i in todo]),
                                    encode_batch(self.vocabs.tgt, [pairs[i][1] for i in todo])):
-            (s_ids, cut_s), (t_ids, cut_t) = cut_source(s_ids, limit), cut_source(t_ids, limit)
+            (s_ids, cut_s), (t_ids, cut_t) = cut_source([*self.src_prefix, *s_ids], limit), cut_source(t_ids, limit)
             results[i].truncated = cut_s or cut_t
             self.stats.truncated += results[i].truncated
             src.append(s_ids)

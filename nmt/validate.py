@@ -32,10 +32,20 @@ DEV_BATCH_TOKENS = 6000  # source tokens per greedy batch
 
 
 @torch.inference_mode()
+def evaluate_devs(model, vocabs: Vocabs, devs, runtime: Runtime, max_sentences: int = 0,
+                  ) -> tuple[float, str, float, dict[str, float]]:
+    """`evaluate_dev` over the dev sets of several directions (`mixing.DevSet`s, each with its
+    tag): (mean dev BLEU, the first's signature, mean dev loss, BLEU per direction)."""
+    results = {d.name: evaluate_dev(model, vocabs, d.corpus, runtime, max_sentences, d.src_prefix) for d in devs}
+    first = next(iter(results.values()))
+    mean = lambda i: sum(r[i] for r in results.values()) / len(results)  # noqa: E731
+    return mean(0), first[1], mean(2), {name: r[0] for name, r in results.items()}
+
+
 def evaluate_dev(model, vocabs: Vocabs, dev: ParallelCorpus, runtime: Runtime, max_sentences: int = 0,
-                 ) -> tuple[float, str, float]:
+                 src_prefix: tuple[int, ...] = ()) -> tuple[float, str, float]:
     """(dev BLEU, its sacreBLEU signature, dev loss per target token); the model's train/eval
-    mode is restored afterwards."""
+    mode is restored afterwards. `src_prefix`: ids before every source (a target-language tag)."""
     from nmt import metrics
     from nmt.translate import Translator
 
@@ -44,18 +54,20 @@ def evaluate_dev(model, vocabs: Vocabs, dev: ParallelCorpus, runtime: Runtime, m
         pairs = pairs[:max_sentences]
     was_training = model.training
     model.eval()
-    translator = Translator.from_model(model, vocabs, runtime, DecodeConfig(beam_size=1, batch_tokens=DEV_BATCH_TOKENS, guard=False))
+    translator = Translator.from_model(model, vocabs, runtime, DecodeConfig(beam_size=1, batch_tokens=DEV_BATCH_TOKENS,
+                                                                             guard=False), src_prefix)
     hyps = [t.text for t in translator.translate(s for s, _ in pairs)]
     bleu_metric = metrics.build_metrics(metrics.MetricOptions(metrics=("bleu",)), [[t for _, t in pairs]])
     record = metrics.corpus_scores(hyps, bleu_metric)["bleu"]
-    loss = dev_loss(model, vocabs, runtime, pairs)
+    loss = dev_loss(model, vocabs, runtime, pairs, src_prefix)
     model.train(was_training)
     return record["score"], record["signature"], loss
 
 
-def dev_loss(model, vocabs: Vocabs, runtime: Runtime, pairs: list[tuple[str, str]]) -> float:
+def dev_loss(model, vocabs: Vocabs, runtime: Runtime, pairs: list[tuple[str, str]],
+             src_prefix: tuple[int, ...] = ()) -> float:
     """Σ cross-entropy / Σ target tokens (EOS included), both sides cut to the source-length limit."""
-    src_ids = encode_batch(vocabs.src, [s for s, _ in pairs])
+    src_ids = [[*src_prefix, *ids] for ids in encode_batch(vocabs.src, [s for s, _ in pairs])]
     tgt_ids = encode_batch(vocabs.tgt, [t for _, t in pairs])
     total, count = 0.0, 0
     for i in range(0, len(pairs), LOSS_BATCH):
@@ -69,7 +81,8 @@ def dev_loss(model, vocabs: Vocabs, runtime: Runtime, pairs: list[tuple[str, str
     return total / max(count, 1)
 
 
-def score_test(out: Path, test: ParallelCorpus, runtime: Runtime, examples: int = 3) -> dict:
+def score_test(out: Path, test: ParallelCorpus, runtime: Runtime, src_prefix: tuple[int, ...] = (),
+               examples: int = 3) -> dict:
     """The final model of `out` on a held-out set, reported, never used for a decision: beam search
     (the translate defaults), BLEU and chrF with signatures, the translations written to OUT/test.hyp,
     a few lines shown, and the record kept in training.json."""
@@ -80,7 +93,7 @@ def score_test(out: Path, test: ParallelCorpus, runtime: Runtime, examples: int 
     pairs = list(test.pairs())
     decode = DecodeConfig()
     t0 = time.monotonic()
-    hyps = [t.text for t in Translator.from_model(model, vocabs, runtime, decode).translate(s for s, _ in pairs)]
+    hyps = [t.text for t in Translator.from_model(model, vocabs, runtime, decode, src_prefix).translate(s for s, _ in pairs)]
     seconds = time.monotonic() - t0
     atomic.write_text(out / "test.hyp", "".join(h + "\n" for h in hyps))
     bleu = metrics.build_metrics(metrics.MetricOptions(metrics=("bleu", "chrf")), [[t for _, t in pairs]])
