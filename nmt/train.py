@@ -315,6 +315,8 @@ class Trainer:
         start = time.monotonic() - self.progress.seconds
         total = c.max_steps if c.max_steps else (c.max_time or None)
         self._check_budget()  # a finished run re-run with the same budget trains no further
+        if self.stop_reason and self._last_evaluation_missing():
+            self._finish_evaluation()  # it was killed (or failed) in its final evaluation: done now
         budget = self.batch_tokens()
         with StepProgress("train", total, log_every=30.0) as bar, _StopOnSignal(self):
             while self.stop_reason is None:
@@ -482,6 +484,21 @@ class Trainer:
             if saved is not None:
                 atomic.write_text(saved / PROGRESS_FILE, json.dumps(asdict(pr)))
         self.dist.share_stop(self)
+        self.dist.barrier()
+
+    def _last_evaluation_missing(self) -> bool:
+        pr = self.progress
+        return (self.p.dev is not None and pr.step > 0 and not self._signal
+                and not any(r.get("event") == "eval" and r.get("step") == pr.step for r in pr.history))
+
+    def _finish_evaluation(self) -> None:
+        """The evaluation of the newest checkpoint that a killed or failed run did not finish (its
+        steps were saved first): evaluated now, so the finished run has its best model."""
+        if self.dist.is_writer:
+            log.info("step %d was saved but not evaluated: evaluating it now", self.progress.step)
+            self._evaluate()
+            latest = checkpoint.list_checkpoints(self.p.out)[-1]
+            atomic.write_text(latest / PROGRESS_FILE, json.dumps(asdict(self.progress)))
         self.dist.barrier()
 
     def _evaluate(self) -> None:

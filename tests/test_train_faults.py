@@ -166,6 +166,27 @@ def test_the_evaluation_after_the_save_is_kept_for_the_resume(prepared, tmp_path
     assert [r["step"] for r in again.progress.history] == [5]
 
 
+def test_a_run_killed_in_its_final_evaluation_evaluates_on_the_rerun(prepared, tmp_path, monkeypatch):
+    trainer = trainer_in(prepared, tmp_path / "run", max_steps=5)
+    trainer.progress.step = 5
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed during the evaluation")
+
+    monkeypatch.setattr(validate, "evaluate_dev", killed)
+    with pytest.raises(RuntimeError):
+        trainer.evaluate_and_save()
+    assert not (tmp_path / "run" / checkpoint.WEIGHTS).exists()
+    monkeypatch.setattr(validate, "evaluate_dev", lambda *a, **k: (7.5, "sig", 3.0))
+    again = trainer_in(prepared, tmp_path / "run", max_steps=5)
+    assert again.resume()
+    again.run()  # the budget is spent: no training, but the missing evaluation
+    assert again.progress.step == 5 and again.progress.best_bleu == 7.5
+    assert (tmp_path / "run" / checkpoint.WEIGHTS).exists()
+    third = trainer_in(prepared, tmp_path / "run", max_steps=5)
+    assert third.resume() and [r["step"] for r in third.progress.history] == [5]  # kept, not redone
+
+
 # -- 3. --update-freq beyond the batches of an epoch ----------------------------------------------
 
 
