@@ -107,12 +107,12 @@ def prepare(config: TrainConfig, model_config: ModelConfig, tok_config: Tokenize
     uses = mixing.corpus_uses(config.train, run)
     if run.multi and not tok_config.joint:
         raise UsageError("--pairs with several directions needs one joint vocabulary (drop --separate-vocab)")
+    for d in mixing.dev_sets(config.dev, run, {}) if config.dev else []:
+        d.corpus.check_line_counts()
+        check_dev(d.corpus)  # now, before the tokenizer: not at the first evaluation after hours of training
     vocabs = prepare_tokenizer(config, tok_config, out, parent, run.tags)
     tag_ids = directions.tag_ids(vocabs.src, run, str(parent.directory if parent else out))
     devs = mixing.dev_sets(config.dev, run, tag_ids) if config.dev else []
-    for d in devs:
-        d.corpus.check_line_counts()
-        check_dev(d.corpus)  # now, not at the first evaluation after hours of training
     model_config = ModelConfig(**{**asdict(model_config), "src_vocab_size": vocabs.src.get_vocab_size(),
                                   "tgt_vocab_size": vocabs.tgt.get_vocab_size()})
     filters = Filters(config.max_length, config.max_ratio, config.dedupe)
