@@ -142,14 +142,14 @@ def test_dev_set_with_invalid_utf8_fails_before_the_tokenizer_is_trained(data, t
     assert dev.src_path.exists()
 
 
+def _evaluation_fails(*args, **kwargs):
+    raise RuntimeError("evaluation failed")
+
+
 def test_an_evaluation_that_fails_loses_no_steps(prepared, tmp_path, monkeypatch):
     trainer = trainer_in(prepared, tmp_path / "run")
     trainer.progress.step = 7
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("evaluation failed")
-
-    monkeypatch.setattr(validate, "evaluate_dev", broken)
+    monkeypatch.setattr(validate, "evaluate_dev", _evaluation_fails)
     with pytest.raises(RuntimeError):
         trainer.evaluate_and_save()
     assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "run")] == ["step-00000007"]
@@ -169,11 +169,7 @@ def test_the_evaluation_after_the_save_is_kept_for_the_resume(prepared, tmp_path
 def test_a_run_killed_in_its_final_evaluation_evaluates_on_the_rerun(prepared, tmp_path, monkeypatch):
     trainer = trainer_in(prepared, tmp_path / "run", max_steps=5)
     trainer.progress.step = 5
-
-    def killed(*args, **kwargs):
-        raise RuntimeError("killed during the evaluation")
-
-    monkeypatch.setattr(validate, "evaluate_dev", killed)
+    monkeypatch.setattr(validate, "evaluate_dev", _evaluation_fails)  # killed during the evaluation
     with pytest.raises(RuntimeError):
         trainer.evaluate_and_save()
     assert not (tmp_path / "run" / checkpoint.WEIGHTS).exists()
