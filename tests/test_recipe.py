@@ -62,6 +62,14 @@ def test_dropout_grows_with_the_epochs_the_budget_buys():
     assert values == sorted(values) and values[0] == 0.0 and values[-1] > 0
 
 
+def test_learning_rate_falls_with_the_width_and_the_vocabulary_with_the_corpus():
+    assert [recipe.lr_for(d) for d in (128, 256, 512)] == pytest.approx([4e-3, 2e-3, 1e-3])
+    for steps in (100, 2 * recipe.MIN_STEPS):  # the smallest shape, then the largest
+        r = recipe.choose({}, EPOCH, None, steps, 1500, 0.0)
+        assert r.train["lr"] == pytest.approx(recipe.lr_for(r.model["d_model"]))
+    assert [recipe.vocabulary(n) for n in (27_000, 500_000, 5_000_000)] == [4000, 16000, 32000]
+
+
 def test_warmup_and_evaluations_are_shares_of_the_budget():
     r = recipe.choose(RATES, EPOCH, 600, None, 1500, 30.0)
     steps = r.budget_tokens / (recipe.REAL_SHARE * 1500)
