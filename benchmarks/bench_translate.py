@@ -3,7 +3,7 @@
 naive decoder without a cache, and the same model exported to CTranslate2 (fp32, int8), side by
 side, at each thread count, greedy and beam search.
 
-    python benchmarks/bench_translate.py -m RUN_DIR [--lines N] [--threads 1,2] [--beams 1,5]
+    python benchmarks/bench_translate.py -m RUN_DIR [--lines N] [--threads 1,2] [--beams 1,5] [--no-guard]
 
 For each system: sentences/s and target tokens/s (EOS counted, as `nmt translate` reports
 them) over the whole set, timed with perf_counter around one full pass after a short warm-up;
@@ -149,13 +149,14 @@ def run_isolated(args, family: str, threads: int, ct2_dir: Path) -> list[Row]:
     cmd = [sys.executable, __file__, "-m", str(args.model), "--lines", str(args.lines), "--beams",
            ",".join(map(str, args.beams)), "--naive-lines", str(args.naive_lines), "--length-norm", args.length_norm,
            "--batch-tokens", str(args.batch_tokens), "--data", str(args.data), "--worker", family,
-           "--worker-threads", str(threads), "--ct2-dir", str(ct2_dir)]
+           "--worker-threads", str(threads), "--ct2-dir", str(ct2_dir), *(["--no-guard"] if args.no_guard else [])]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return [Row(**r) for r in json.loads(out)]
 
 
 def decode_config(args, beam: int) -> DecodeConfig:
-    return DecodeConfig(beam_size=beam, length_norm=args.length_norm, batch_tokens=args.batch_tokens)
+    return DecodeConfig(beam_size=beam, length_norm=args.length_norm, batch_tokens=args.batch_tokens,
+                        guard=not args.no_guard)
 
 
 def mark_same(rows: list[Row]) -> None:
@@ -227,6 +228,8 @@ def main() -> None:
     p.add_argument("--length-norm", choices=("average", "gnmt"), default="average")
     p.add_argument("--batch-tokens", type=int, default=DecodeConfig.batch_tokens)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="directory with test.es and test.en")
+    p.add_argument("--no-guard", action="store_true",
+                   help="decode without the loop guard's retries (as before the guard existed: for side-by-side runs with older code)")
     p.add_argument("--worker", choices=("nmt", "ct2"), help=argparse.SUPPRESS)
     p.add_argument("--worker-threads", type=int, help=argparse.SUPPRESS)
     p.add_argument("--ct2-dir", type=Path, help=argparse.SUPPRESS)

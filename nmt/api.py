@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 from nmt.config import DecodeConfig, apply, check_decode
 from nmt.directions import of_model
 from nmt.errors import UsageError
+from nmt.textio import in_step
 
 
 class Model:
@@ -99,28 +100,14 @@ class Model:
         different number of sources and targets is an error once the shorter one ends."""
         if isinstance(sources, str) or isinstance(targets, str):
             raise TypeError("score(sources, targets): give two strings or two lists of strings")
-        return self.translator(**options).score(_in_step(sources, targets), normalize, names=("sources", "targets"))
+        return self.translator(**options).score(in_step(sources, targets, ("sources", "targets")), normalize,
+                                                 names=("sources", "targets"))
 
 
 def _one(prefix: Any) -> str:
     if not isinstance(prefix, str):
         raise TypeError("translate(line, prefix): one line takes one prefix string")
     return prefix
-
-
-def _in_step(sources: Iterable[str], targets: Iterable[str]) -> Iterator[tuple[str, str]]:
-    from nmt.errors import NmtError
-
-    src, tgt = iter(sources), iter(targets)
-    n = 0
-    for s in src:
-        t = next(tgt, None)
-        if t is None:
-            raise NmtError(f"sources has more lines than targets ({n} targets)")
-        n += 1
-        yield s, t
-    if next(tgt, None) is not None:
-        raise NmtError(f"targets has more lines than sources ({n} sources)")
 
 
 def decode_config(defaults: DecodeConfig, options: dict[str, Any], what: str) -> DecodeConfig:

@@ -126,6 +126,30 @@ SrcOpt = Annotated[Optional[str], typer.Option("--src", help="Source language su
 TgtOpt = Annotated[Optional[str], typer.Option("--tgt", help="Target language suffix. [default: en]")]
 
 
+PairsOpt = Annotated[Optional[str], typer.Option("--pairs", "--lang-pairs", help="Several directions in one model, e.g. es-en,en-es: each --train PREFIX is read for every pair it has files for; sources get a target-language tag <2xx> (translate with --tgt-lang). Replaces --src/--tgt.")]
+
+
+def _pair_list(pairs: str | None, src: str | None, tgt: str | None) -> list[str] | None:
+    """--pairs as "SRC-TGT" strings (None when not given); with --src/--tgt too it is a usage error."""
+    from nmt import directions
+
+    if pairs is None:
+        return None
+    if src is not None or tgt is not None:
+        raise UsageError("give --pairs or --src/--tgt, not both (--pairs es-en names both sides)")
+    return [f"{a}-{b}" for a, b in directions.parse_pairs(pairs).pairs]
+
+
+def _first_pair(train_config, pair_list: list[str] | None):
+    """--src/--tgt of a --pairs run: its first pair's (what config.json's src and tgt then say)."""
+    from nmt import config as cfg
+
+    if not pair_list:
+        return train_config
+    first = pair_list[0].split("-")
+    return cfg.apply(train_config, {"src": first[0], "tgt": first[1]}, "train")
+
+
 def _tokenizer_flags(vocab_size, kind, separate_vocab, sample) -> dict:
     return _given(vocab_size=vocab_size, kind=kind, joint=None if separate_vocab is None else not separate_vocab,
                   sample_lines=sample)
@@ -144,14 +168,19 @@ def train_tokenizer_cmd(
     seed: Annotated[Optional[int], typer.Option(help="Seed of the sample.")] = None,
     preset: Annotated[str, typer.Option(help="Preset whose vocabulary size is the default.")] = "small",
     config_file: Annotated[Optional[Path], typer.Option("--config", help="JSON file with a tokenizer section; command-line options override it.")] = None,
+    pairs: PairsOpt = None,
 ) -> None:
     """Train the subword tokenizer(s) alone (nmt train does this itself when needed)."""
     from nmt import config as cfg
-    from nmt.train import train_tokenizer
+    from nmt.train import check_joint, run_directions, train_tokenizer
 
+    pair_list = _pair_list(pairs, src, tgt)
     _, tok_config, train_config = cfg.layered(preset, config_file, {}, _tokenizer_flags(vocab_size, kind, separate_vocab, sample),
-                                              _given(train=train, src=src, tgt=tgt, seed=seed))
-    vocabs = train_tokenizer(train_config, tok_config)  # the very function `nmt train` uses
+                                              _given(train=train, src=src, tgt=tgt, seed=seed, pairs=pair_list))
+    train_config = _first_pair(train_config, pair_list)
+    run = run_directions(train_config)
+    check_joint(run, tok_config)
+    vocabs = train_tokenizer(train_config, tok_config, run.tags)  # the very function `nmt train` uses
     vocabs.save(out)
     log.info("tokenizer (%s, %d pieces) written to %s", tok_config.kind, vocabs.src.get_vocab_size(), out)
 
@@ -197,12 +226,12 @@ def train(
     test: Annotated[Optional[str], typer.Option("--test", help="Held-out prefix: at the end, translate it (beam 5) and report BLEU with examples; never used to choose anything.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Train into an existing --out that is not empty and not this run's (nmt's files there are replaced; a tokenizer there is reused).")] = False,
     init_from: Annotated[Optional[Path], typer.Option("--init-from", "--finetune-from-model", help="Fine-tune: start from this model directory's weights, with its tokenizer and model options (optimizer, schedule and best score start afresh).")] = None,
-    pairs: Annotated[Optional[str], typer.Option("--pairs", "--lang-pairs", help="Several directions in one model, e.g. es-en,en-es: each --train PREFIX is read for every pair it has files for; sources get a target-language tag <2xx> (translate with --tgt-lang). Replaces --src/--tgt.")] = None,
+    pairs: PairsOpt = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="Share of each --train corpus in every epoch, e.g. 0.7,0.3 (one per corpus; normalised).")] = None,
 ) -> None:
     """Train tokenizer and Transformer on parallel text; re-running the same command resumes."""
     from nmt import config as cfg
-    from nmt import directions, mixing
+    from nmt import mixing
 
     _survive_closed_stderr()
 
@@ -213,9 +242,7 @@ def train(
     elif init_from is not None and preset == "auto":
         raise UsageError("--preset auto chooses a model shape; a fine-tune (--init-from) keeps the parent's "
                          "(drop --preset, give --max-time for its budget)")
-    if pairs is not None and (src is not None or tgt is not None):
-        raise UsageError("give --pairs or --src/--tgt, not both (--pairs es-en names both sides)")
-    pair_list = [f"{a}-{b}" for a, b in directions.parse_pairs(pairs).pairs] if pairs is not None else None
+    pair_list = _pair_list(pairs, src, tgt)
     model_flags = _given(dropout=dropout, pre_norm=None if post_norm is None else not post_norm)
     # "auto" starts from the small preset's values; the recipe then replaces those not set by hand
     model_config, tok_config, train_config = cfg.layered(
@@ -228,9 +255,7 @@ def train(
                keep_last=keep_last, max_length=max_length, max_ratio=max_ratio, cache_dir=cache_dir, compile=compile,
                log_every=log_every, average_last=average_last, dedupe=None if no_dedupe is None else not no_dedupe,
                dev=dev, pairs=pair_list, init_from=None if init_from is None else str(init_from)))
-    if pair_list:
-        first = pair_list[0].split("-")
-        train_config = cfg.apply(train_config, {"src": first[0], "tgt": first[1]}, "train")
+    train_config = _first_pair(train_config, pair_list)
     if weights is not None:
         train_config = cfg.apply(train_config, {"weights": mixing.parse_weights(weights, len(train_config.train))},
                                  "train")

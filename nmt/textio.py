@@ -14,7 +14,7 @@ import stat
 import sys
 import zlib
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 from nmt.errors import NmtError
 
@@ -120,6 +120,21 @@ def _iter_raw_lines(stream: BinaryIO, name: str) -> Iterator[bytes]:
             yield line
     except READ_ERRORS as e:
         raise NmtError(f"{name}: read error ({e})") from None
+
+
+def in_step(a: Iterable[str], b: Iterable[str], names: tuple[str, str]) -> Iterator[tuple[str, str]]:
+    """Pairs of lines read in step (lines and prefixes, sources and targets), lazily; a different
+    number of lines is an error naming both, raised once the shorter one ends."""
+    first, second = iter(a), iter(b)
+    n = 0
+    for x in first:
+        y = next(second, None)
+        if y is None:
+            raise NmtError(f"line counts differ: {names[1]} has {n} lines, {names[0]} has more")
+        n += 1
+        yield x, y
+    if next(second, None) is not None:
+        raise NmtError(f"line counts differ: {names[0]} has {n} lines, {names[1]} has more")
 
 
 def count_lines(path: str | os.PathLike) -> int:

@@ -68,6 +68,12 @@ def corpora_of(config: TrainConfig) -> list[ParallelCorpus]:
     return mixing.group_corpora(uses)
 
 
+def check_joint(run: Directions, tok_config: TokenizerConfig) -> None:
+    """Several directions share one tokenizer: separate vocabularies are a usage error."""
+    if run.multi and not tok_config.joint:
+        raise UsageError("--pairs with several directions needs one joint vocabulary (drop --separate-vocab)")
+
+
 def prepare_tokenizer(config: TrainConfig, tok_config: TokenizerConfig, out: Path,
                       parent: finetune.Parent | None = None, tags: list[str] | None = None) -> Vocabs:
     """The run's tokenizer: the one saved in `out`, else the parent's (a fine-tune), else trained
@@ -105,8 +111,7 @@ def prepare(config: TrainConfig, model_config: ModelConfig, tok_config: Tokenize
     checkpoint.remove_stale_temporaries(out)  # what killed runs left: temporaries, half-pruned checkpoints
     run = run_directions(config, parent)
     uses = mixing.corpus_uses(config.train, run)
-    if run.multi and not tok_config.joint:
-        raise UsageError("--pairs with several directions needs one joint vocabulary (drop --separate-vocab)")
+    check_joint(run, tok_config)
     for d in mixing.dev_sets(config.dev, run, {}) if config.dev else []:
         d.corpus.check_line_counts()
         check_dev(d.corpus)  # now, before the tokenizer: not at the first evaluation after hours of training

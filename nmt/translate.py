@@ -39,6 +39,7 @@ from nmt.config import DecodeConfig
 from nmt.errors import NmtError
 from nmt.runtime import Runtime
 from nmt.search import Hypothesis, penalty_of
+from nmt.textio import in_step
 from nmt.tokenizer import Vocabs, decode_batch, encode_batch
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class Translator:
                           names: tuple[str, str] = ("input", "prefixes")) -> Iterator[list[Translation]]:
         """The translations of each window of input lines, in order: a caller can flush after each."""
         start = time.perf_counter()
-        it = iter(lines) if prefixes is None else _in_step(lines, prefixes, names)
+        it = iter(lines) if prefixes is None else in_step(lines, prefixes, names)
         while window := list(itertools.islice(it, self.config.window)):
             if prefixes is None:
                 results = self._window(window, [""] * len(window))
@@ -358,20 +359,6 @@ def _joined(parts: list[Hypothesis]) -> Hypothesis:
     return Hypothesis([t for h in parts for t in h.tokens], sum(h.logprob for h in parts),
                       sum(h.score for h in parts), any(h.hit_max_length for h in parts),
                       " ".join(h.text for h in parts if h.text), alignment=alignment)
-
-
-def _in_step(lines: Iterable[str], prefixes: Iterable[str], names: tuple[str, str]) -> Iterator[tuple[str, str]]:
-    """(line, prefix) pairs; a different number of lines and prefixes is an error naming both."""
-    a, b = iter(lines), iter(prefixes)
-    n = 0
-    for line in a:
-        prefix = next(b, None)
-        if prefix is None:
-            raise NmtError(f"line counts differ: {names[1]} has {n} lines, {names[0]} has more")
-        n += 1
-        yield line, prefix
-    if next(b, None) is not None:
-        raise NmtError(f"line counts differ: {names[0]} has {n} lines, {names[1]} has more")
 
 
 _LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})

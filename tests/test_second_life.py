@@ -14,6 +14,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import error_line, ok, run_nmt, without_paths, write_slice
+from conftest import ROOT, error_line, ok, run_nmt, without_paths, write_slice
 from nmt.batching import collate, plan_epoch
 from nmt.config import TokenizerConfig
 from nmt.directions import Directions, parse_pairs, source_prefix, tag_ids
@@ -189,6 +190,26 @@ def test_one_corpus_serves_both_directions_cached_once_and_weights_are_reported(
     assert "share of pairs 0.750" in err and "share of pairs 0.250" in err
 
 
+def test_train_tokenizer_with_pairs_makes_the_tags_that_train_then_reuses(tmp_path, corpora):
+    out = tmp_path / "both"
+    logs(run_nmt("train-tokenizer", "--train", str(corpora["a"]), "--pairs", "es-en,en-es", "--vocab-size", "400",
+                 "--out", str(out)))
+    tok = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    added = {t["content"]: t["special"] for t in tok["added_tokens"]}
+    assert added.get("<2en>") is True and added.get("<2es>") is True
+    err = logs(run_nmt("train", *TINY, "--train", str(corpora["a"]), "--dev", "none", "--pairs", "es-en,en-es",
+                       "--vocab-size", "400", "--max-steps", "1", "--out", str(out)))
+    assert "tokenizer: reusing" in err
+    assert json.loads((out / "tokenizer.json").read_text(encoding="utf-8")) == tok
+    untagged = tmp_path / "one"
+    logs(run_nmt("train-tokenizer", "--train", str(corpora["a"]), "--vocab-size", "400", "--out", str(untagged)))
+    msg = last_error(run_nmt("train", *TINY, "--train", str(corpora["a"]), "--dev", "none", "--pairs", "es-en,en-es",
+                             "--vocab-size", "400", "--max-steps", "1", "--out", str(untagged)), 1)
+    assert "no special token <2en>" in msg or "no special token <2es>" in msg
+    assert "--pairs or --src/--tgt" in last_error(run_nmt("train-tokenizer", "--train", str(corpora["a"]), "--pairs",
+                                                          "es-en", "--src", "es", "--out", str(tmp_path / "x")), 2)
+
+
 # -- fine-tuning --------------------------------------------------------------------------------
 
 
@@ -210,6 +231,52 @@ def train_losses(run: Path) -> list[float]:
 
 def weights_at(run: Path, step: int) -> dict:
     return load_file(str(run / "checkpoints" / f"step-{step:08d}" / "model.safetensors"))
+
+
+MIXED = [*TINY, "--dev", "none", "--log-every", "1", "--eval-every", "100", "--keep-last", "5", "--dropout", "0.1",
+         "--pairs", "es-en,en-es", "--weights", "3,1", "--vocab-size", "400"]
+
+
+@pytest.fixture(scope="module")
+def small_corpora(tmp_path_factory) -> list[str]:
+    """Two small corpora (an epoch of both directions is a few batches of 512 tokens) as --train options."""
+    base = tmp_path_factory.mktemp("small")
+    return ["--train", str(write_slice(base, "c", 20)), "--train", str(write_slice(base, "d", 16, start=3000))]
+
+
+def test_a_weighted_two_direction_run_resumes_exactly(small_corpora, tmp_path):
+    """Two corpora, weights 3:1, both directions, dropout on, across an epoch: 8 + resume + 8 = 16."""
+    opts = [*MIXED, *small_corpora]
+    one_go, split = tmp_path / "one", tmp_path / "split"
+    logs(run_nmt("train", *opts, "--out", str(one_go), "--max-steps", "16"))
+    logs(run_nmt("train", *opts, "--out", str(split), "--max-steps", "8"))
+    assert "resuming from step-00000008" in logs(run_nmt("train", *opts, "--out", str(split), "--max-steps", "16"))
+    assert json.loads((one_go / "training.json").read_text())["epochs"] >= 1, "the test should cross an epoch"
+    a, b = weights_at(one_go, 16), weights_at(split, 16)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(one_go) == train_losses(split)
+
+
+@pytest.mark.slow
+def test_a_weighted_two_direction_run_under_torchrun_follows_one_process(small_corpora, tmp_path):
+    """2 ranks × 1 batch = 1 process × 2 batches (--update-freq 2), on the weighted, tagged mixture,
+    across an epoch."""
+    opts = [*MIXED, "--dropout", "0", *small_corpora, "--max-steps", "6"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    logs(run_nmt("train", *opts, "--out", str(single), "--update-freq", "2"))
+    ddp.mkdir()
+    (ddp / "tokenizer.json").write_bytes((single / "tokenizer.json").read_bytes())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29523",
+                        "-m", "nmt", "train", *opts, "--out", str(ddp)], cwd=ROOT, capture_output=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    a, b = train_losses(single), train_losses(ddp)
+    assert len(a) == len(b) == 6 and a == pytest.approx(b, rel=1e-4, abs=1e-4)
+    assert json.loads((ddp / "config.json").read_text())["mixing"] == json.loads((single / "config.json").read_text())["mixing"]
+    wa, wb = weights_at(single, 6), weights_at(ddp, 6)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-4)
 
 
 def test_fine_tune_starts_from_the_parent_and_resumes_exactly(parent, corpora, tmp_path):
@@ -318,3 +385,13 @@ def test_the_tag_decides_the_output_language(tmp_path):
         model.translate("1 2 3")
     caches = [p for p in (out / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert len(caches) == 2  # d-c and d-r: two pairs of files, two caches
+
+    # the same model exported to CTranslate2: the tag reaches it, under the same options and errors
+    pytest.importorskip("ctranslate2")
+    ct2 = tmp_path / "ct2"
+    ok(run_nmt("export", "-m", str(out), "--format", "ctranslate2", "--out", str(ct2)))
+    assert "--tgt-lang (c, r)" in last_error(run_nmt("translate", "-m", str(ct2), input="1 2\n"), 2)
+    for lang in "cr":
+        ours, theirs = (ok(run_nmt("translate", "-m", str(m), "--tgt-lang", lang, "--beam-size", "1",
+                                   input=Path(f"{test}.d").read_bytes())) for m in (out, ct2))
+        assert theirs == ours, lang
