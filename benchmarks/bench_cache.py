@@ -9,13 +9,17 @@ numbered (so de-duplication keeps them). It prints:
   run (the ratio is the cache's overhead). The raw figure is `Tokenizer.encode_batch_fast`, the
   call the cache makes, which skips character offsets: a stricter baseline than `encode_batch`;
 - peak RSS of the process that builds the cache, and of `nmt train` (tiny preset) over its first
-  200 steps on the warm cache;
+  200 steps on the warm cache; "anon": the anonymous part of the peak (the process's own memory).
+  The rest of a training process's RSS is file pages of the memory-mapped cache that its batches
+  touched, which grow with the cache (up to its size) and which the kernel reclaims when memory
+  is short;
 - peak RSS of the whole `nmt train` command from nothing (tiny preset, default
   `--tokenizer-sample`): tokenizer training on the sample, the cache build, 20 steps. Measured
   with `--whole` only, as it trains a tokenizer on up to 2 M pairs (minutes on a small CPU);
 - seconds from `nmt train` start to its first step on the warm cache;
 - the cache's size on disk.
-Each measured phase runs in its own process; its peak RSS comes from the kernel (wait4).
+Each measured phase runs in its own process; its peak RSS comes from the kernel (wait4), the
+anonymous peak from /proc/PID/status sampled every 50 ms.
 """
 
 from __future__ import annotations
@@ -67,21 +71,41 @@ print(json.dumps({"seconds": seconds, "pairs": int(sys.argv[3]) - max(n, 0)}))
 """
 
 
-def run_child(args: list[str]) -> tuple[str, float, float]:
-    """(stdout, wall seconds, peak RSS in MiB) of one child process, its rusage taken from wait4."""
+def run_child(args: list[str]) -> tuple[str, float, float, float]:
+    """(stdout, wall seconds, peak RSS in MiB, peak anonymous RSS in MiB) of one child process: the
+    peak RSS from wait4's rusage; the anonymous part (RssAnon: the process's own memory, without the
+    file pages of the memory-mapped token cache, which the kernel can drop at any time) sampled
+    from /proc every 50 ms (0 where there is no /proc)."""
     import tempfile
+    import threading
 
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(args, stdout=out, stderr=err, cwd=ROOT)
+        peak_anon = [0]
+        done = threading.Event()
+
+        def sample() -> None:
+            status = Path(f"/proc/{proc.pid}/status")
+            while not done.wait(0.05):
+                try:
+                    kb = next(int(x.split()[1]) for x in status.read_text().splitlines() if x.startswith("RssAnon:"))
+                except (OSError, StopIteration, ValueError):
+                    continue
+                peak_anon[0] = max(peak_anon[0], kb)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
+        done.set()
+        sampler.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0
         out.seek(0)
         err.seek(0)
         if proc.returncode != 0:
             sys.exit(f"child failed: {' '.join(args[:4])}…\n{err.read().decode()[-2000:]}")
-        return out.read().decode(), wall, usage.ru_maxrss / 1024
+        return out.read().decode(), wall, usage.ru_maxrss / 1024, peak_anon[0] / 1024
 
 
 def make_corpus(prefix: Path, pairs: int) -> None:
@@ -120,43 +144,44 @@ def main() -> None:
         run_child([py, "-m", "nmt", "train-tokenizer", "--train", str(DATA / "train"), "--out", str(tok_dir),
                    "--preset", "tiny"])
     print(f"{'pairs':>10} {'cache pairs/s':>14} {'raw pairs/s':>12} {'ratio':>6} {'RSS cache MiB':>14} "
-          f"{'RSS train MiB':>14} {'first step s':>13} {'cache MiB':>10}" + (f" {'RSS whole MiB':>14}" * args.whole))
+          f"{'RSS train MiB':>14} {'anon train':>11} {'first step s':>13} {'cache MiB':>10}"
+          + (f" {'RSS whole MiB':>14} {'anon whole':>11}" * args.whole))
     for size in (int(s) for s in args.sizes.split(",")):
         prefix = work / f"corpus{size}"
         make_corpus(prefix, size)
         cache_root = work / f"cache{size}"
         shutil.rmtree(cache_root, ignore_errors=True)  # measure a build, not a reuse
-        out, wall, rss_cache = run_child([py, "-c", CACHE_CHILD, str(prefix), str(tok_dir), str(cache_root)])
+        out, wall, rss_cache, _ = run_child([py, "-c", CACHE_CHILD, str(prefix), str(tok_dir), str(cache_root)])
         built = json.loads(out)
-        raw_out, _, _ = run_child([py, "-c", RAW_CHILD, str(prefix), str(tok_dir), str(min(size, 500_000))])
+        raw_out, _, _, _ = run_child([py, "-c", RAW_CHILD, str(prefix), str(tok_dir), str(min(size, 500_000))])
         raw = json.loads(raw_out)
         run = work / f"run{size}"  # a fresh run each time (an old one would resume), same tokenizer
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir()
         (run / "tokenizer.json").write_text((tok_dir / "tokenizer.json").read_text())
         t_start = time.time()
-        _, _, rss_train = run_child([py, "-m", "nmt", "train", "--train", str(prefix), "--dev", "none", "--preset", "tiny", "--out",
+        _, _, rss_train, anon_train = run_child([py, "-m", "nmt", "train", "--train", str(prefix), "--dev", "none", "--preset", "tiny", "--out",
                    str(run), "--cache-dir", str(cache_root), "--max-steps", str(args.steps), "--log-every", "1",
                    "--eval-every", "100000"])
         first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
         print(f"{size:>10,} {built['pairs'] / built['seconds']:>14,.0f} {raw['pairs'] / raw['seconds']:>12,.0f} "
               f"{(built['pairs'] / built['seconds']) / (raw['pairs'] / raw['seconds']):>6.2f} {rss_cache:>14,.0f} "
-              f"{rss_train:>14,.0f} {first['time'] - t_start:>13.1f} {du(cache_root) / 2**20:>10,.0f}"
-              + (f" {whole_train_rss(work, prefix):>14,.0f}" if args.whole else ""), flush=True)
+              f"{rss_train:>14,.0f} {anon_train:>11,.0f} {first['time'] - t_start:>13.1f} {du(cache_root) / 2**20:>10,.0f}"
+              + (" {:>14,.0f} {:>11,.0f}".format(*whole_train_rss(work, prefix)) if args.whole else ""), flush=True)
 
 
-def whole_train_rss(work: Path, prefix: Path) -> float:
-    """Peak RSS (MiB) of `nmt train` from nothing: a new run directory and cache, so the tokenizer is
+def whole_train_rss(work: Path, prefix: Path) -> tuple[float, float]:
+    """Peak RSS and peak anonymous RSS (MiB) of `nmt train` from nothing: a new run directory and cache, so the tokenizer is
     trained on its sample and the cache built, then 20 steps."""
     run, cache = work / "run-whole", work / "cache-whole"
     for p in (run, cache):
         shutil.rmtree(p, ignore_errors=True)
-    _, _, rss = run_child([sys.executable, "-m", "nmt", "train", "--train", str(prefix), "--dev", "none",
+    _, _, rss, anon = run_child([sys.executable, "-m", "nmt", "train", "--train", str(prefix), "--dev", "none",
                            "--preset", "tiny", "--out", str(run), "--cache-dir", str(cache), "--max-steps", "20",
                            "--eval-every", "100000"])
     for p in (run, cache):
         shutil.rmtree(p, ignore_errors=True)
-    return rss
+    return rss, anon
 
 
 if __name__ == "__main__":

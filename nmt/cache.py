@@ -213,6 +213,7 @@ def check_contents(cache: TokenCache, vocabs: Vocabs, filters: Filters) -> str |
             for a in range(0, len(ids), CHUNK_RECORDS * 16):
                 if len(ids[a : a + CHUNK_RECORDS * 16]) and int(ids[a : a + CHUNK_RECORDS * 16].max()) >= vocab:
                     return f"{side} ids beyond the vocabulary ({vocab})"
+                cache.drop_pages()  # chunk by chunk: a pass over all ids never holds them all resident
         return None
     finally:
         cache.drop_pages()
