@@ -210,8 +210,8 @@ def check_contents(cache: TokenCache, vocabs: Vocabs, filters: Filters) -> str |
                 if (s < 0).any() or (s + m > len(ids)).any():
                     return f"{side} spans beyond the ids"
             vocab = tok.get_vocab_size()
-            for a in range(0, len(ids), CHUNK_RECORDS * 16):
-                if len(ids[a : a + CHUNK_RECORDS * 16]) and int(ids[a : a + CHUNK_RECORDS * 16].max()) >= vocab:
+            for a in range(0, len(ids), CHUNK_RECORDS * 16):  # a < len(ids): no chunk is empty
+                if int(ids[a : a + CHUNK_RECORDS * 16].max()) >= vocab:
                     return f"{side} ids beyond the vocabulary ({vocab})"
                 cache.drop_pages()  # chunk by chunk: a pass over all ids never holds them all resident
         return None

@@ -208,6 +208,9 @@ def test_train_tokenizer_with_pairs_makes_the_tags_that_train_then_reuses(tmp_pa
     assert "no special token <2en>" in msg or "no special token <2es>" in msg
     assert "--pairs or --src/--tgt" in last_error(run_nmt("train-tokenizer", "--train", str(corpora["a"]), "--pairs",
                                                           "es-en", "--src", "es", "--out", str(tmp_path / "x")), 2)
+    assert "joint vocabulary" in last_error(run_nmt("train-tokenizer", "--train", str(corpora["a"]), "--pairs",
+                                                    "es-en,en-es", "--separate-vocab", "--out", str(tmp_path / "x")), 2)
+    assert not (tmp_path / "x").exists()
 
 
 # -- fine-tuning --------------------------------------------------------------------------------
