@@ -3,6 +3,7 @@
 device's peak (MFU).
 
     python benchmarks/bench_train.py [--presets tiny,small] [--steps 30] [--dtypes auto,float32,bfloat16]
+                                     [--profile]
 
 Model FLOPs per target token (forward + backward = 3 × forward, counted like fairseq's ntokens,
 i.e. per real target token, EOS included):
@@ -16,6 +17,12 @@ causal decoder self-attention counted over T/2 keys on average, the cross-attent
 MFU = F × target tokens/s ÷ peak FLOP/s, where the peak is the datasheet's dense bf16 figure on
 GPU and, on CPU, the best matrix-product rate measured here in the same dtype (so CPU MFU
 says how close the loop gets to this machine's own matmul speed).
+
+`--profile` then runs a few more steps under `torch.profiler` and splits MFU into two factors:
+the share of the step spent in matrix products (aten::mm, addmm, bmm, baddbmm: self time), and
+their efficiency (F × target tokens ÷ their time ÷ peak), so MFU = share × efficiency; it prints
+the operations that take the rest, largest first. The profiler adds a little time per
+operation, so its MFU reads a few points lower than the timed one.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from nmt.runtime import _cpu_name, setup
 from nmt.train import Distributed, Trainer, prepare
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 
 
 def flops_per_target_token(model, src_len: np.ndarray, tgt_len: np.ndarray) -> float:
@@ -65,7 +73,26 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / best
 
 
-def bench(preset: str, dtype: str, steps: int, warmup: int, workdir: Path, device: str) -> dict:
+def profile_split(trainer: Trainer, batches: list, first: int, steps: int, flops: float, peak: float) -> str:
+    """MFU as (share of self time in matrix products) × (their efficiency), and the other top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens = 0
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(first, first + steps):
+            tokens += trainer.train_step([batches[i % len(batches)]])[1]
+    ops = [(e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()]
+    total = sum(t for _, t in ops)
+    matmul = sum(t for k, t in ops if k in MATMULS)
+    efficiency = flops * tokens / matmul / peak
+    rest = sorted(((t, k) for k, t in ops if k not in MATMULS), reverse=True)[:8]
+    return (f"  profile of {steps} steps: MFU {100 * flops * tokens / total / peak:.1f}% = matrix products "
+            f"{100 * matmul / total:.0f}% of the time × {100 * efficiency:.0f}% of peak while they run; the rest: "
+            + ", ".join(f"{k.removeprefix('aten::')} {100 * t / total:.1f}%" for t, k in rest))
+
+
+def bench(preset: str, dtype: str, steps: int, warmup: int, workdir: Path, device: str,
+          profile_steps: int = 0) -> dict:
     model_config, tok_config, train_preset = cfg.preset(preset)
     train_config = cfg.TrainConfig(preset=preset, dev=None, dtype=dtype, device=device, **train_preset)
     runtime = setup(device, dtype, 0)
@@ -85,7 +112,8 @@ def bench(preset: str, dtype: str, steps: int, warmup: int, workdir: Path, devic
     rate = tokens / seconds
     flops = flops_per_target_token(trainer.model, p.cache.src_len, p.cache.tgt_len)
     peak = matmul_peak(runtime.device, runtime.dtype)
-    return {"preset": preset, "runtime": runtime.describe(), "params": count_parameters(trainer.model),
+    split = profile_split(trainer, batches, warmup + steps, profile_steps, flops, peak) if profile_steps else ""
+    return {"split": split, "preset": preset, "runtime": runtime.describe(), "params": count_parameters(trainer.model),
             "tok_s": rate, "flops_tok": flops, "peak": peak, "mfu": flops * rate / peak,
             "batch_tokens": train_config.batch_tokens}
 
@@ -97,6 +125,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--profile", action="store_true", help="split MFU into matmul share × matmul efficiency")
     args = ap.parse_args()
     print(f"machine: {_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"python {platform.python_version()}"
@@ -106,10 +135,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets.split(","):
             for dtype in args.dtypes.split(","):
-                r = bench(preset, dtype, args.steps, args.warmup, Path(tmp), args.device)
+                r = bench(preset, dtype, args.steps, args.warmup, Path(tmp), args.device, 10 if args.profile else 0)
                 print(f"{r['preset']:<7} {r['params']:>11,} {r['runtime']:<45} {r['batch_tokens']:>6} "
                       f"{r['tok_s']:>10,.0f} {r['flops_tok'] / 1e9:>9.3f} {r['peak'] / 1e12:>12.2f} "
                       f"{100 * r['mfu']:>5.1f}%", flush=True)
+                if r["split"]:
+                    print(r["split"], flush=True)
 
 
 if __name__ == "__main__":
