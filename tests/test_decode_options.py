@@ -119,9 +119,10 @@ def test_alignments_of_a_copy_model_are_the_diagonal(copy_model):
     copied = [(line, t) for line, t in zip(lines, results) if t.text == line]
     assert len(copied) >= 18, "the copy task was learnt"
     # a model trained for seconds: most links on the diagonal. The share depends on the CPU's
-    # rounding (CI once got 73 of 77 links where a Zen 4 gets 80 of 83); over six seeds and 250 or 500 steps it was 89-100%
-    # of links and 65-100% of lines exact, while the other query offset, or the first of the two
-    # layers on a reordering task, gets ~10-50% of links (benchmarks/measure_alignment_heads.py)
+    # rounding (CI once got 73 of 77 links where a Zen 4 gets 80 of 83); over six seeds and 250
+    # or 500 steps it was 89-100% of links and 65-100% of lines exact, while the other query
+    # offset, or the first of the two layers on a reordering task, gets ~10-50% of links
+    # (benchmarks/measure_alignment_heads.py)
     links = [(i, j) for _, t in copied for i, j in t.alignment]
     assert sum(i == j for i, j in links) >= 0.8 * len(links)
     assert sum(t.alignment == [(i, i) for i in range(len(line.split()))] for line, t in copied) >= 0.5 * len(copied)
