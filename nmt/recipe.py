@@ -53,13 +53,22 @@ SHAPES: tuple[Shape, ...] = (
     Shape("medium", d_model=512, n_heads=8, d_ff=2048, encoder_layers=6, decoder_layers=6),
 )
 
-# The largest shape that the budget buys at least this many optimizer steps (of CPU batches of
-# 1,500 tokens: ~5 M target tokens, ~6 epochs of the embedded corpus) is chosen, else the
-# smallest. In every 10-minute run the faster shape with more steps won (micro at 1,442 steps:
-# dev BLEU 10.5), and `small` with batches of 3,000 tokens still gained 3.3 dev BLEU between its
-# steps 1,500 and 2,500 (3,000-5,000 steps of 1,500 tokens; README): a larger shape with fewer
-# steps than that is still learning what the smaller one already knows.
+# The largest shape that the budget buys the steps it needs (`steps_needed`: MIN_STEPS optimizer
+# steps of CPU batches of 1,500 tokens for a 2+2-layer stack, ~5 M target tokens, ~6 epochs of
+# the embedded corpus) is chosen, else the smallest. In every 10-minute run the faster shape with
+# more steps won (micro at 1,442 steps: dev BLEU 10.5), and `small` with batches of 3,000 tokens
+# still gained 3.3 dev BLEU between its steps 1,500 and 2,500 (3,000-5,000 steps of 1,500
+# tokens; README): a larger shape with fewer steps than that is still learning what the smaller
+# one already knows.
 MIN_STEPS = 4000
+
+
+def steps_needed(shape: Shape) -> int:
+    """Optimizer steps a shape needs before it beats the faster one below it: MIN_STEPS for a
+    2+2-layer stack, in proportion to its layers beyond that (small, 3+3: 6,000). Measured in 30
+    minutes with bf16 units: small got 4,766 steps and dev BLEU 18.9, compact (2+2, same width)
+    6,062 and 21.2; small was also behind per step (compact at step 4,788: 20.5)."""
+    return MIN_STEPS * max(4, shape.encoder_layers + shape.decoder_layers) // 4
 
 EVAL_SHARE = 0.05  # at most this share of the budget goes to dev evaluations
 REAL_SHARE = 0.85  # real target tokens per padded batch token: 0.83-0.86 measured on the embedded corpus
@@ -110,12 +119,13 @@ def batch_tokens_for(device_type: str) -> int:
 
 
 def worth_measuring_next(name: str, rate: float, max_time: float | None, batch_tokens: int) -> bool:
-    """After timing `name` at `rate` tokens/s: could the next, larger shape get MIN_STEPS steps?
+    """After timing `name` at `rate` tokens/s: could the next, larger shape get the steps it needs?
     A larger shape is never faster, so if this one cannot, neither can it."""
     names = [s.name for s in SHAPES]
     if names.index(name) + 1 >= len(names):
         return False
-    return max_time is None or rate * max_time * (1 - EVAL_SHARE) >= MIN_STEPS * REAL_SHARE * batch_tokens
+    needed = steps_needed(SHAPES[names.index(name) + 1])
+    return max_time is None or rate * max_time * (1 - EVAL_SHARE) >= needed * REAL_SHARE * batch_tokens
 
 
 def measure(shapes: tuple[Shape, ...], step: Callable[[Shape], Callable[[], int]], seconds: float = 3.0,
@@ -162,7 +172,7 @@ def choose(rates: dict[str, float], corpus_tokens: int, max_time: float | None, 
     candidates = [s for s in SHAPES if s.name in rates] if max_time else list(SHAPES)
     shape = candidates[0]
     for s in candidates[1:]:
-        if tokens_of(s.name) >= MIN_STEPS * real_per_batch:
+        if tokens_of(s.name) >= steps_needed(s) * real_per_batch:
             shape = s
     tokens = tokens_of(shape.name)
     epochs = tokens / max(corpus_tokens, 1)
@@ -198,8 +208,9 @@ def _why(shape: Shape, candidates: list[Shape], tokens_of, real_per_batch: float
         return "the largest candidate"
     b = SHAPES[names.index(shape.name) + 1]
     if b in candidates:
-        return f"{b.name} would get {tokens_of(b.name) / real_per_batch:,.0f} steps, under the {MIN_STEPS:,} it needs"
-    return f"{b.name} would get fewer than the {MIN_STEPS:,} steps it needs"
+        steps = tokens_of(b.name) / real_per_batch
+        return f"{b.name} would get {steps:,.0f} steps, under the {steps_needed(b):,} it needs"
+    return f"{b.name} would get fewer than the {steps_needed(b):,} steps it needs"
 
 
 def describe(recipe: Recipe) -> dict[str, Any]:

@@ -45,8 +45,24 @@ def test_the_largest_shape_that_gets_enough_steps_is_chosen():
     assert recipe.choose(RATES, EPOCH, plenty, None, 1500, 30.0).shape == "small"  # medium not measured
 
 
+def test_a_deeper_shape_needs_more_steps():
+    by_name = {s.name: s for s in recipe.SHAPES}
+    assert recipe.steps_needed(by_name["compact"]) == recipe.MIN_STEPS  # 2+2 layers
+    assert recipe.steps_needed(by_name["small"]) == 6000 and recipe.steps_needed(by_name["medium"]) == 12000
+    # enough steps for compact but not for small (3+3): compact, and the reason says why
+    between = _seconds_for_steps(RATES["small"], 5000)
+    r = recipe.choose(RATES, EPOCH, between, None, 1500, 30.0)
+    assert r.shape == "compact" and "small would get 5,000 steps, under the 6,000 it needs" in r.reason
+    assert recipe.choose(RATES, EPOCH, _seconds_for_steps(RATES["small"], 6001), None, 1500, 30.0).shape == "small"
+    one_step = recipe.REAL_SHARE * 1500 / (1 - recipe.EVAL_SHARE)  # seconds per step at 1 token/s
+    assert recipe.worth_measuring_next("compact", 1.0, 5000 * one_step, 1500) is False  # small would need 6,000
+    assert recipe.worth_measuring_next("compact", 1.0, 6001 * one_step, 1500) is True
+
+
 def test_a_step_budget_needs_no_speed():
-    assert recipe.choose({}, EPOCH, None, recipe.MIN_STEPS, 1500, 0.0).shape == "medium"
+    assert recipe.choose({}, EPOCH, None, 12000, 1500, 0.0).shape == "medium"  # 6+6 layers: 12,000 steps
+    assert recipe.choose({}, EPOCH, None, 11999, 1500, 0.0).shape == "small"
+    assert recipe.choose({}, EPOCH, None, recipe.MIN_STEPS, 1500, 0.0).shape == "compact"
     assert recipe.choose({}, EPOCH, None, recipe.MIN_STEPS - 1, 1500, 0.0).shape == "micro"
     with pytest.raises(ValueError):
         recipe.choose({}, EPOCH, None, None, 1500, 0.0)
@@ -64,7 +80,7 @@ def test_dropout_grows_with_the_epochs_the_budget_buys():
 
 def test_learning_rate_falls_with_the_width_and_the_vocabulary_with_the_corpus():
     assert [recipe.lr_for(d) for d in (128, 256, 512)] == pytest.approx([4e-3, 2e-3, 1e-3])
-    for steps in (100, 2 * recipe.MIN_STEPS):  # the smallest shape, then the largest
+    for steps in (100, 3 * recipe.MIN_STEPS):  # the smallest shape, then the largest
         r = recipe.choose({}, EPOCH, None, steps, 1500, 0.0)
         assert r.train["lr"] == pytest.approx(recipe.lr_for(r.model["d_model"]))
     assert [recipe.vocabulary(n) for n in (27_000, 500_000, 5_000_000)] == [4000, 16000, 32000]
