@@ -220,6 +220,21 @@ def test_interrupted_exits_128_plus_the_signal():
     assert Interrupted("stopped", signal.SIGTERM).exit_code == 143
 
 
+def _where_it_waits(pid: int) -> str:
+    """Each thread's kernel wait channel and syscall, and what fd 2 is, for a process that hangs."""
+    parts = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            parts.append(f"{task.name}: {(task / 'wchan').read_text()} {(task / 'syscall').read_text().split()[:1]}")
+        except OSError as e:
+            parts.append(f"{task.name}: {e}")
+    try:
+        parts.append(f"fd 2 -> {os.readlink(f'/proc/{pid}/fd/2')}")
+    except OSError:
+        pass
+    return "; ".join(parts)
+
+
 def test_sighup_after_the_log_reader_went_away_still_saves(data, tmp_path):
     """`nmt train 2>&1 | tee log`, then the terminal closes: tee is gone (stderr is a broken
     pipe) and SIGHUP arrives. The run saves its checkpoint and exits 128 + 1."""
@@ -237,7 +252,10 @@ def test_sighup_after_the_log_reader_went_away_still_saves(data, tmp_path):
         proc.stderr.close()  # tee went away
         time.sleep(0.5)
         proc.send_signal(signal.SIGHUP)
-        proc.wait(timeout=120)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # seen twice under a loaded run of the suite, not reproduced alone
+            pytest.fail(f"no exit 120 s after SIGHUP: {_where_it_waits(proc.pid)}")
     finally:
         if proc.poll() is None:
             proc.kill()
