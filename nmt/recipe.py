@@ -118,14 +118,20 @@ def batch_tokens_for(device_type: str) -> int:
     return 1500 if device_type == "cpu" else 12000
 
 
+def _next_larger(name: str) -> Shape | None:
+    """The shape after `name` in SHAPES (smallest first), None after the largest."""
+    names = [s.name for s in SHAPES]
+    i = names.index(name) + 1
+    return SHAPES[i] if i < len(SHAPES) else None
+
+
 def worth_measuring_next(name: str, rate: float, max_time: float | None, batch_tokens: int) -> bool:
     """After timing `name` at `rate` tokens/s: could the next, larger shape get the steps it needs?
     A larger shape is never faster, so if this one cannot, neither can it."""
-    names = [s.name for s in SHAPES]
-    if names.index(name) + 1 >= len(names):
+    larger = _next_larger(name)
+    if larger is None:
         return False
-    needed = steps_needed(SHAPES[names.index(name) + 1])
-    return max_time is None or rate * max_time * (1 - EVAL_SHARE) >= needed * REAL_SHARE * batch_tokens
+    return max_time is None or rate * max_time * (1 - EVAL_SHARE) >= steps_needed(larger) * REAL_SHARE * batch_tokens
 
 
 def measure(shapes: tuple[Shape, ...], step: Callable[[Shape], Callable[[], int]], seconds: float = 3.0,
@@ -203,10 +209,9 @@ def _evaluations(max_time: float | None, eval_seconds: float) -> int:
 
 
 def _why(shape: Shape, candidates: list[Shape], tokens_of, real_per_batch: float) -> str:
-    names = [s.name for s in SHAPES]
-    if names.index(shape.name) + 1 >= len(names):
+    b = _next_larger(shape.name)
+    if b is None:
         return "the largest candidate"
-    b = SHAPES[names.index(shape.name) + 1]
     if b in candidates:
         steps = tokens_of(b.name) / real_per_batch
         return f"{b.name} would get {steps:,.0f} steps, under the {steps_needed(b):,} it needs"

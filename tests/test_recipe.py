@@ -80,7 +80,7 @@ def test_dropout_grows_with_the_epochs_the_budget_buys():
 
 def test_learning_rate_falls_with_the_width_and_the_vocabulary_with_the_corpus():
     assert [recipe.lr_for(d) for d in (128, 256, 512)] == pytest.approx([4e-3, 2e-3, 1e-3])
-    for steps in (100, 3 * recipe.MIN_STEPS):  # the smallest shape, then the largest
+    for steps in (100, recipe.steps_needed(recipe.SHAPES[-1])):  # the smallest shape, then the largest
         r = recipe.choose({}, EPOCH, None, steps, 1500, 0.0)
         assert r.train["lr"] == pytest.approx(recipe.lr_for(r.model["d_model"]))
     assert [recipe.vocabulary(n) for n in (27_000, 500_000, 5_000_000)] == [4000, 16000, 32000]
