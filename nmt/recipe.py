@@ -104,8 +104,9 @@ def lr_for(d_model: int) -> float:
 
 def dropout_for(epochs: float) -> float:
     """No dropout while the model sees each pair only a few times (it cannot overfit yet, and
-    dropout slows learning); more as the budget buys more passes over the data."""
-    if epochs < 4:
+    dropout slows learning); more as the budget buys more passes over the data. Measured on dev:
+    at ~5 epochs (micro, 10 min) dropout 0 beat 0.1 by 1.3 BLEU, at ~9 (compact, 30 min) lost by 2.1."""
+    if epochs < 8:
         return 0.0
     if epochs < 12:
         return 0.1

@@ -744,6 +744,12 @@ def _apply_recipe(chosen: recipe.Recipe, config: TrainConfig, model_config: Mode
     """The recipe's settings, except those set by hand (`config.fixed`)."""
     train_fields = {k: v for k, v in chosen.train.items() if f"train.{k}" not in config.fixed}
     model_fields = {k: v for k, v in chosen.model.items() if f"model.{k}" not in config.fixed}
+    kept = [f"{k} {getattr(config, k)} (recipe: {v})" for k, v in chosen.train.items()
+            if k not in train_fields and getattr(config, k) != v]
+    kept += [f"{k} {getattr(model_config, k)} (recipe: {v})" for k, v in chosen.model.items()
+             if k not in model_fields and getattr(model_config, k) != v]
+    if kept:  # the reason line above names the recipe's values; say which ones this run does not use
+        log.info("recipe: set by hand, kept: %s", ", ".join(kept))
     return replace(config, **train_fields), replace(model_config, **model_fields)
 
 

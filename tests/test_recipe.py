@@ -5,6 +5,7 @@ epochs, warm-up and evaluations as shares), the speed measurement, hand-set opti
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 
@@ -76,6 +77,7 @@ def test_time_and_steps_together_the_smaller_budget_decides():
 def test_dropout_grows_with_the_epochs_the_budget_buys():
     values = [recipe.dropout_for(e) for e in (0.5, 2, 5, 10, 20, 50)]
     assert values == sorted(values) and values[0] == 0.0 and values[-1] > 0
+    assert recipe.dropout_for(5.3) == 0.0 and recipe.dropout_for(9.0) == 0.1  # the two measured points
 
 
 def test_learning_rate_falls_with_the_width_and_the_vocabulary_with_the_corpus():
@@ -111,13 +113,17 @@ def test_measure_times_each_shape_and_stops_when_larger_ones_cannot_be_chosen():
     assert recipe.worth_measuring_next("medium", 1e9, 1e6, 1500) is False  # nothing after the largest
 
 
-def test_options_set_by_hand_are_kept():
+def test_options_set_by_hand_are_kept(caplog):
     from nmt.train import _apply_recipe
 
     chosen = recipe.choose(RATES, EPOCH, 600, None, 1500, 30.0)
     config = TrainConfig(lr=5e-4, fixed=["train.lr", "model.dropout"])
-    new_config, model = _apply_recipe(chosen, config, ModelConfig(dropout=0.3))
+    with caplog.at_level(logging.INFO, logger="nmt.train"):
+        new_config, model = _apply_recipe(chosen, config, ModelConfig(dropout=0.3))
     assert new_config.lr == 5e-4 and model.dropout == 0.3  # set by hand
+    said = [r.getMessage() for r in caplog.records if "set by hand" in r.getMessage()]
+    assert said == [f"recipe: set by hand, kept: lr 0.0005 (recipe: {chosen.train['lr']}), "
+                    f"dropout 0.3 (recipe: {chosen.model['dropout']})"]
     assert new_config.warmup_steps == chosen.train["warmup_steps"] and model.d_model == 128  # the recipe's
     assert recipe.from_record(json.loads(json.dumps(recipe.describe(chosen)))) == chosen
 
