@@ -74,10 +74,13 @@ def test_time_and_steps_together_the_smaller_budget_decides():
     assert r.budget_tokens == pytest.approx(200 * recipe.REAL_SHARE * 1500)
 
 
-def test_dropout_grows_with_the_epochs_the_budget_buys():
-    values = [recipe.dropout_for(e) for e in (0.5, 2, 5, 10, 20, 50)]
-    assert values == sorted(values) and values[0] == 0.0 and values[-1] > 0
-    assert recipe.dropout_for(5.3) == 0.0 and recipe.dropout_for(9.0) == 0.1  # the two measured points
+def test_dropout_grows_with_the_epochs_the_budget_buys_and_comes_sooner_for_a_wider_model():
+    for d_model in (128, 192, 256, 512):
+        values = [recipe.dropout_for(e, d_model) for e in (0.5, 2, 5, 7, 10, 20, 50)]
+        assert values == sorted(values) and values[0] == 0.0 and values[-1] > 0
+    assert [recipe.dropout_for(6, d) for d in (128, 256)] == [0.0, 0.1]
+    # the measured points: micro at ~5 epochs, compact at ~7 and ~9
+    assert (recipe.dropout_for(5.3, 128), recipe.dropout_for(7.0, 256), recipe.dropout_for(9.0, 256)) == (0.0, 0.1, 0.1)
 
 
 def test_learning_rate_falls_with_the_width_and_the_vocabulary_with_the_corpus():
