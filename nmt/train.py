@@ -740,15 +740,17 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path) -> re
     return chosen
 
 
-def _apply_recipe(chosen: recipe.Recipe, config: TrainConfig, model_config: ModelConfig) -> tuple[TrainConfig, ModelConfig]:
-    """The recipe's settings, except those set by hand (`config.fixed`)."""
+def _apply_recipe(chosen: recipe.Recipe, config: TrainConfig, model_config: ModelConfig,
+                  quiet: bool = False) -> tuple[TrainConfig, ModelConfig]:
+    """The recipe's settings, except those set by hand (`config.fixed`); `quiet` on the ranks
+    that do not log (under torchrun rank 0 alone says what was kept)."""
     train_fields = {k: v for k, v in chosen.train.items() if f"train.{k}" not in config.fixed}
     model_fields = {k: v for k, v in chosen.model.items() if f"model.{k}" not in config.fixed}
     kept = [f"{k} {getattr(config, k)} (recipe: {v})" for k, v in chosen.train.items()
             if k not in train_fields and getattr(config, k) != v]
     kept += [f"{k} {getattr(model_config, k)} (recipe: {v})" for k, v in chosen.model.items()
              if k not in model_fields and getattr(model_config, k) != v]
-    if kept:  # the reason line above names the recipe's values; say which ones this run does not use
+    if kept and not quiet:  # the reason line above names the recipe's values; say which ones this run does not use
         log.info("recipe: set by hand, kept: %s", ", ".join(kept))
     return replace(config, **train_fields), replace(model_config, **model_fields)
 
@@ -810,7 +812,7 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
             if config.preset == "auto":
                 chosen = recipe.from_record(json.loads((out / RECIPE_FILE).read_text()))
         if chosen is not None:
-            config, p.model_config = _apply_recipe(chosen, config, p.model_config)
+            config, p.model_config = _apply_recipe(chosen, config, p.model_config, quiet=not dist.is_writer)
         described = run_config(p, config, tok_config)
         if chosen is not None:
             described["recipe"] = recipe.describe(chosen)

@@ -127,6 +127,10 @@ def test_options_set_by_hand_are_kept(caplog):
     said = [r.getMessage() for r in caplog.records if "set by hand" in r.getMessage()]
     assert said == [f"recipe: set by hand, kept: lr 0.0005 (recipe: {chosen.train['lr']}), "
                     f"dropout 0.3 (recipe: {chosen.model['dropout']})"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nmt.train"):  # a torchrun rank other than 0: same settings, no line
+        assert _apply_recipe(chosen, config, ModelConfig(dropout=0.3), quiet=True) == (new_config, model)
+    assert not [r for r in caplog.records if "set by hand" in r.getMessage()]
     assert new_config.warmup_steps == chosen.train["warmup_steps"] and model.d_model == 128  # the recipe's
     assert recipe.from_record(json.loads(json.dumps(recipe.describe(chosen)))) == chosen
 
