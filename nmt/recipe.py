@@ -65,10 +65,14 @@ MIN_STEPS = 4000
 
 def steps_needed(shape: Shape) -> int:
     """Optimizer steps a shape needs before it beats the faster one below it: MIN_STEPS for a
-    2+2-layer stack, in proportion to its layers beyond that (small, 3+3: 6,000). Measured in 30
-    minutes with bf16 units: small got 4,766 steps and dev BLEU 18.9, compact (2+2, same width)
-    6,062 and 21.2; small was also behind per step (compact at step 4,788: 20.5)."""
-    return MIN_STEPS * max(4, shape.encoder_layers + shape.decoder_layers) // 4
+    2+2-layer stack, with the square of its layers beyond that (small, 3+3: 9,000; medium, 6+6:
+    36,000, not measured). Measured in 30 minutes with bf16 units, small against compact (2+2,
+    same width, which gets ~1.35 times the steps): with 4,766 steps small reached dev BLEU 18.9
+    against 21.2 (AMD Zen 4), with 5,855 steps 20.3 against 21.8 (Intel Xeon with AMX), so the
+    gap closed by ~0.8 BLEU per 1,000 steps and would close near 8,000; at 13,911 steps (90
+    minutes) small reached 24.3. The rule in proportion to the layers (6,000) chose small at the
+    second reading, within the probe's noise of the line."""
+    return MIN_STEPS * max(4, shape.encoder_layers + shape.decoder_layers) ** 2 // 16
 
 EVAL_SHARE = 0.05  # at most this share of the budget goes to dev evaluations
 REAL_SHARE = 0.85  # real target tokens per padded batch token: 0.83-0.86 measured on the embedded corpus
@@ -137,20 +141,26 @@ def worth_measuring_next(name: str, rate: float, max_time: float | None, batch_t
     return max_time is None or rate * max_time * (1 - EVAL_SHARE) >= steps_needed(larger) * REAL_SHARE * batch_tokens
 
 
-def measure(shapes: tuple[Shape, ...], step: Callable[[Shape], Callable[[], int]], seconds: float = 3.0,
+def measure(shapes: tuple[Shape, ...], step: Callable[[Shape], Callable[[int], int]], seconds: float = 2.0,
             keep_going: Callable[[str, float], bool] = lambda name, rate: True) -> dict[str, float]:
     """Target tokens/s of each shape, smallest first: `step(shape)` builds it and returns a function
-    that runs one optimizer step on a real batch and returns its target tokens. One untimed step
-    first (kernel selection, allocation); then steps until `seconds` have passed (at least two).
-    Stops early when `keep_going(name, rate)` says the larger shapes cannot be chosen anyway."""
+    that runs one optimizer step on real batch i (the same batches for every shape) and returns its
+    target tokens. Batches 0, 1, 2, … run for `seconds` (at least two), untimed; then the same
+    batches again, timed. The first pass makes the kernels for the batches' matrix shapes, which a
+    long run makes once and reuses; timed, it charged them to whichever shape met a width first:
+    measured with bf16 on an AMX Xeon, compact read 5,051 target tokens/s on new batches and 5,952
+    on the same ones again, small (same width, timed after it) 4,459 and 4,508, and the 30-minute
+    runs trained at 5,459 and 4,055. Stops early when `keep_going(name, rate)` says the larger
+    shapes cannot be chosen anyway."""
     rates: dict[str, float] = {}
     for shape in shapes:
         run = step(shape)
-        run()
-        tokens, t0, n = 0, time.perf_counter(), 0
+        n, t0 = 0, time.perf_counter()
         while n < 2 or time.perf_counter() - t0 < seconds:
-            tokens += run()
+            run(n)
             n += 1
+        t0 = time.perf_counter()
+        tokens = sum(run(i) for i in range(n))
         rates[shape.name] = tokens / (time.perf_counter() - t0)
         log.info("recipe: %s trains at %s target tokens/s here", shape.name, f"{rates[shape.name]:,.0f}")
         if not keep_going(shape.name, rates[shape.name]):

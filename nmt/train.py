@@ -757,16 +757,15 @@ def _apply_recipe(chosen: recipe.Recipe, config: TrainConfig, model_config: Mode
 
 def _shape_trial(p: Prepared, config: TrainConfig, runtime: Runtime, batch_tokens: int):
     """For recipe.measure: build a shape with its optimizer; return a function that runs one optimizer
-    step on the next real batch of the cache (the same batches for every shape)."""
+    step on real batch i of the cache (the same batches for every shape)."""
     batches = plan_epoch(p.cache.src_len, p.cache.tgt_len, batch_tokens, config.seed, 0)
 
     def build(shape: recipe.Shape):
         model = Transformer(replace(p.model_config, **shape.model_fields())).to(runtime.device)
         optimizer = _optimizer(model, config, runtime)
-        position = iter(range(1 << 30))
 
-        def step() -> int:
-            batch = collate(p.cache, batches[next(position) % len(batches)]).to(runtime.device)
+        def step(i: int) -> int:
+            batch = collate(p.cache, batches[i % len(batches)]).to(runtime.device)
             with runtime.autocast(), runtime.kernels():
                 keep = batch.tgt_out != PAD_ID
                 loss = model(batch.src, batch.tgt_in, keep, batch.tgt_out[keep], config.label_smoothing)
