@@ -58,19 +58,34 @@ def flops_per_target_token(model, src_len: np.ndarray, tgt_len: np.ndarray) -> f
     return dense + attention
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """The best matrix-product rate seen here in `dtype`: square products of 1,024 and 2,048, each
+    timed in rounds of four for about `seconds`, the fastest round kept. Short trials under-read
+    some CPUs badly: on a 2-vCPU Intel Xeon with AMX the same 1,024 bf16 product ran at
+    0.26-0.46 TFLOP/s in some rounds and 1.03-1.22 in others (most likely the matrix unit waking
+    up, or shared with a neighbour), and the former 20-product trial read 0.54 against a 1.15 peak."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in GPU_PEAK_BF16.items() if k in name), float("nan"))
-    n = 1024
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return 2 * n**3 / best
+    best = 0.0
+    for n in (1024, 2048):
+        a, b, c = (torch.randn(n, n, dtype=dtype) for _ in range(3))
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            for _ in range(4):
+                torch.matmul(a, b, out=c)
+            best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def bf16_units() -> str:
+    """The CPU's bf16 matrix or vector units as /proc/cpuinfo names them ('none' if it has neither)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none"
 
 
 def profile_split(trainer: Trainer, batches: list, first: int, steps: int, flops: float, peak: float) -> str:
@@ -127,7 +142,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--profile", action="store_true", help="split MFU into matmul share × matmul efficiency")
     args = ap.parse_args()
-    print(f"machine: {_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"machine: {_cpu_name()} (bf16 units: {bf16_units()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"python {platform.python_version()}"
           + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
     print(f"{'preset':<7} {'params':>11} {'runtime':<45} {'batch':>6} {'tgt tok/s':>10} {'GFLOP/tok':>9} "
