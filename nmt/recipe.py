@@ -68,8 +68,8 @@ def steps_needed(shape: Shape) -> int:
     2+2-layer stack, with the square of its layers beyond that (small, 3+3: 9,000; medium, 6+6:
     36,000, not measured). Measured in 30 minutes with bf16 units, small against compact (2+2,
     same width, which gets ~1.35 times the steps): with 4,766 steps small reached dev BLEU 18.9
-    against 21.2 (AMD Zen 4), with 5,855 steps 20.3 against 21.8 (Intel Xeon with AMX), so the
-    gap closed by ~0.8 BLEU per 1,000 steps and would close near 8,000; at 13,911 steps (90
+    against 21.2 (AMD Zen 4), with 5,855 steps 20.3 against 21.8 (Intel Xeon with AMX): a line
+    through those two points (two machines, so rough) closes the gap near 8,000; at 13,911 steps (90
     minutes) small reached 24.3. The rule in proportion to the layers (6,000) chose small at the
     second reading, within the probe's noise of the line."""
     return MIN_STEPS * max(4, shape.encoder_layers + shape.decoder_layers) ** 2 // 16
