@@ -1,5 +1,5 @@
-"""What the benchmarks say of the machine: the CPU's bf16 units, read here from lscpu (an
-independent reader of the same CPU flags)."""
+"""What the runtime says of the machine: the CPU's bf16 units, read here from lscpu (an
+independent reader of the same CPU flags), and the dtype `--dtype auto` makes of them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
+from nmt import runtime
 from nmt.runtime import cpu_bf16_units
 
 
@@ -20,3 +22,23 @@ def test_the_bf16_units_named_are_the_ones_lscpu_lists():
         pytest.skip("lscpu lists no flags here")
     expected = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
     assert cpu_bf16_units() == (", ".join(expected) or "none")
+
+
+@pytest.mark.parametrize("units, race, expected", [
+    ("amx_bf16, avx512_bf16", 1.0, torch.bfloat16),  # a slow race does not outvote the CPU's bf16 units
+    ("avx512_bf16", 0.9, torch.bfloat16),
+    ("none", 3.0, torch.float32),                    # nor a fast one their absence
+    ("unknown", 1.5, torch.bfloat16),                # where the flags can't be read, the race decides
+    ("unknown", 1.1, torch.float32),
+])
+def test_dtype_auto_follows_the_cpu_flags_and_races_only_without_them(monkeypatch, units, race, expected):
+    monkeypatch.delenv("NMT_CPU_BF16_SPEEDUP", raising=False)
+    monkeypatch.setattr(runtime, "cpu_bf16_units", lambda: units)
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: race)
+    assert runtime.setup(device="cpu", dtype="auto").dtype == expected
+
+
+def test_a_pinned_speedup_still_overrides_the_flags(monkeypatch):
+    monkeypatch.setenv("NMT_CPU_BF16_SPEEDUP", "1.0")
+    monkeypatch.setattr(runtime, "cpu_bf16_units", lambda: "amx_bf16")
+    assert runtime.setup(device="cpu", dtype="auto").dtype == torch.float32
