@@ -89,8 +89,8 @@ def _cpu_dtype() -> torch.dtype:
     The flags decide because the race alone misread the machines it was written for: on a 2-core
     Intel Xeon with AMX, bf16 trained `small` twice as fast as float32 (4,761 against 2,397 target
     tokens/s), yet 12 races in 12 processes read speed-ups from 1.29 to 4.37, since that VM's AMX
-    unit ran whole processes at a third of its speed, and one race fell under the 1.2 bar and
-    trained in float32. The flags agree with every race on the other two CPUs measured (Zen 4 with
+    unit ran whole processes at about 40% of its speed, and one race in an earlier session fell
+    under the 1.2 bar and chose float32. The flags agree with every race on the other two CPUs measured (Zen 4 with
     avx512_bf16: bf16; Zen 3 with neither: float32)."""
     if os.environ.get("NMT_CPU_BF16_SPEEDUP"):  # tests and benchmarks pin the decision with it
         return torch.bfloat16 if cpu_bf16_speedup() > 1.2 else torch.float32
