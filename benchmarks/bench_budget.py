@@ -82,7 +82,7 @@ def main() -> None:
         d = own if d == "auto" else d
         if d not in dtypes:
             dtypes.append(d)
-    cpu = subprocess.run([sys.executable, "-c", "from nmt.runtime import _cpu_name, cpu_bf16_units; print(f'{_cpu_name()} (bf16 units: {cpu_bf16_units()})')"],
+    cpu = subprocess.run([sys.executable, "-c", "from nmt.runtime import cpu_description; print(cpu_description())"],
                          capture_output=True, text=True, cwd=ROOT).stdout.strip()
     print(f"machine: {cpu}, {args.threads or os.cpu_count()} threads; auto dtype here: {own}", flush=True)
     print(f"{'budget':>6} {'dtype':<8} {'system':<7} {'recipe':<60} {'tok/s':>6} {'steps':>6} {'dev':>5} "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from nmt import config as cfg
 from nmt import recipe
-from nmt.runtime import _cpu_name, cpu_bf16_units, setup
+from nmt.runtime import cpu_description, setup
 from nmt.train import _shape_trial, prepare
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     runtime = setup("cpu", args.dtype, 0)
     model_config, tok_config, _ = cfg.preset("small")
     config = cfg.TrainConfig(preset="small", dev=None, dtype=args.dtype, device="cpu", batch_tokens=1500)
-    print(f"machine: {_cpu_name()} (bf16 units: {cpu_bf16_units()}), {runtime.describe()}")
+    print(f"machine: {cpu_description()}, {runtime.describe()}")
     print(f"{'shape':<8} {'new batches':>12} {'same again':>11} {'further new':>12}  (target tokens/s)")
     with tempfile.TemporaryDirectory() as tmp:
         p = prepare(config, model_config, replace(tok_config, vocab_size=4000), Path(tmp))

@@ -39,7 +39,7 @@ import torch
 from nmt import config as cfg
 from nmt.batching import plan_epoch
 from nmt.model import count_parameters
-from nmt.runtime import _cpu_name, cpu_bf16_units, setup
+from nmt.runtime import cpu_description, setup
 from nmt.train import Distributed, Trainer, prepare
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--profile", action="store_true", help="split MFU into matmul share × matmul efficiency")
     args = ap.parse_args()
-    print(f"machine: {_cpu_name()} (bf16 units: {cpu_bf16_units()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"machine: {cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"python {platform.python_version()}"
           + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
     print(f"{'preset':<7} {'params':>11} {'runtime':<45} {'batch':>6} {'tgt tok/s':>10} {'GFLOP/tok':>9} "

@@ -173,7 +173,7 @@ def print_machine(args, model_dir: Path, n_lines: int) -> None:
 
     model, _, _ = checkpoint.load_for_inference(model_dir)
     c = model.config
-    print(f"machine: {runtime._cpu_name()} (bf16 units: {runtime.cpu_bf16_units()}), {os.cpu_count()} logical CPUs "
+    print(f"machine: {runtime.cpu_description()}, {os.cpu_count()} logical CPUs "
           f"({platform.machine()}, Python {platform.python_version()})")
     print(f"versions: torch {torch.__version__}, ctranslate2 {ctranslate2.__version__}, "
           f"sacrebleu {sacrebleu.__version__}")

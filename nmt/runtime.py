@@ -90,17 +90,16 @@ def _cpu_dtype() -> torch.dtype:
     Intel Xeon with AMX, bf16 trained `small` twice as fast as float32 (4,761 against 2,397 target
     tokens/s), yet 12 races in 12 processes read speed-ups from 1.29 to 4.37, since that VM's AMX
     unit ran whole processes at about 40% of its speed, and one race in an earlier session fell
-    under the 1.2 bar and chose float32. The flags agree with every race on the other two CPUs measured (Zen 4 with
-    avx512_bf16: bf16; Zen 3 with neither: float32)."""
-    if os.environ.get("NMT_CPU_BF16_SPEEDUP"):  # tests and benchmarks pin the decision with it
-        return torch.bfloat16 if cpu_bf16_speedup() > 1.2 else torch.float32
-    units = cpu_bf16_units()
-    if units == "none":
-        log.debug("float32: this CPU lists no bf16 units")
-        return torch.float32
-    if units != "unknown":
-        log.debug("bfloat16 autocast: this CPU has %s", units)
-        return torch.bfloat16
+    under the 1.2 bar and chose float32. The flags agree with every race on the other two CPUs
+    measured (Zen 4 with avx512_bf16: bf16; Zen 3 with neither: float32)."""
+    if not os.environ.get("NMT_CPU_BF16_SPEEDUP"):  # tests and benchmarks pin the race's outcome with it
+        units = cpu_bf16_units()
+        if units == "none":
+            log.debug("float32: this CPU lists no bf16 units")
+            return torch.float32
+        if units != "unknown":
+            log.debug("bfloat16 autocast: this CPU has %s", units)
+            return torch.bfloat16
     return torch.bfloat16 if cpu_bf16_speedup() > 1.2 else torch.float32
 
 
@@ -126,32 +125,34 @@ def cpu_bf16_speedup() -> float:
 
 
 @functools.cache
-def _cpu_name() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first value of `field` in /proc/cpuinfo (None where there is no such line or file)."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == field), None)
     except OSError:
-        pass
+        return None
+
+
+def _cpu_name() -> str:
     import platform
 
-    return platform.processor() or "CPU"
+    return _cpuinfo("model name") or platform.processor() or "CPU"
 
 
-@functools.cache
 def cpu_bf16_units() -> str:
     """The CPU's bf16 matrix and vector units as /proc/cpuinfo names them ('none' without either,
-    'unknown' where there is no /proc/cpuinfo): benchmarks print it beside every figure, because
+    'unknown' where its flags can't be read): benchmarks print it beside every figure, because
     the same command trains twice as fast with them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        flags = None
+    flags = _cpuinfo("flags")
     if flags is None:
         return "unknown"
-    return ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none"
+    return ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags.split()) or "none"
+
+
+def cpu_description() -> str:
+    """The CPU as benchmarks name it beside their figures: model and bf16 units."""
+    return f"{_cpu_name()} (bf16 units: {cpu_bf16_units()})"
 
 
 def trim_heap() -> None:

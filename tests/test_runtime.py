@@ -42,3 +42,14 @@ def test_a_pinned_speedup_still_overrides_the_flags(monkeypatch):
     monkeypatch.setenv("NMT_CPU_BF16_SPEEDUP", "1.0")
     monkeypatch.setattr(runtime, "cpu_bf16_units", lambda: "amx_bf16")
     assert runtime.setup(device="cpu", dtype="auto").dtype == torch.float32
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse avx2 fma", "none"),
+    ("avx512f avx512_bf16 amx_tile amx_bf16", "amx_bf16, avx512_bf16"),
+    ("avx512_bf16x amx_bf16_y", "none"),  # whole flags only
+    (None, "unknown"),                    # no flags line, or no /proc/cpuinfo
+])
+def test_the_bf16_units_come_from_whole_flags(monkeypatch, flags, expected):
+    monkeypatch.setattr(runtime, "_cpuinfo", lambda field: flags if field == "flags" else None)
+    assert cpu_bf16_units() == expected
