@@ -1,6 +1,6 @@
 """CPU speed kernels, kept out of the model's code: the training loss in blocks of rows, and
-dropout masks from 64-bit random words. The model calls `linear_cross_entropy` and `dropout`
-as plain functions; on other devices they are the plain PyTorch operations.
+dropout masks from 64-bit random words. The model calls `linear_cross_entropy`, `dropout` and
+`dropout_add` as plain functions; on other devices they are the plain PyTorch operations.
 
 The training loss: label-smoothed cross-entropy of the output layer, summed over target tokens.
 
@@ -40,10 +40,31 @@ def dropout(x: Tensor, p: float) -> Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
-    n = x.numel()
+    return x.masked_fill(_uniform16(x.shape) < _threshold(p), 0) * (1.0 / (1.0 - p))
+
+
+def dropout_add(x: Tensor, y: Tensor, p: float) -> Tensor:
+    """x + dropout(y, p), the residual connection's sum, in one pass over the elements: on CPU
+    `addcmul(x, y, keep, value=1 / (1 − p))` with the same mask `dropout` draws from the same
+    generator state, where `dropout` then `+` makes three (zero, scale, add) and its backward two.
+    The scale is applied in x's dtype (fp32 under autocast), not rounded to y's bf16."""
+    if p == 0.0:
+        return x + y
+    if y.device.type != "cpu":
+        return x + F.dropout(y, p, training=True)
+    return torch.addcmul(x, y, _uniform16(y.shape) >= _threshold(p), value=1.0 / (1.0 - p))
+
+
+def _uniform16(shape: torch.Size) -> Tensor:
+    """int16 uniform on [−32768, 32767], one per element: 16-bit slices of 64-bit random words."""
+    n = shape.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
-    bits = bits.view(torch.int16)[:n].view(x.shape)  # uniform on [−32768, 32767]
-    return x.masked_fill(bits < round(p * 65536) - 32768, 0) * (1.0 / (1.0 - p))
+    return bits.view(torch.int16)[:n].view(shape)
+
+
+def _threshold(p: float) -> int:
+    """The int16 value under which an element of `_uniform16` is dropped with probability p."""
+    return round(p * 65536) - 32768
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmt.config import ModelConfig
-from nmt.cpu_kernels import dropout, linear_cross_entropy
+from nmt.cpu_kernels import dropout, dropout_add, linear_cross_entropy
 
 
 def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
@@ -152,6 +152,10 @@ class Dropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return dropout(x, self.p) if self.training else x
 
+    def add(self, x: Tensor, y: Tensor) -> Tensor:
+        """x + Dropout(y), in one pass on CPU (`cpu_kernels.dropout_add`)."""
+        return dropout_add(x, y, self.p) if self.training else x + y
+
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
@@ -167,8 +171,8 @@ class Residual(nn.Module):
 
     def forward(self, x: Tensor, f) -> Tensor:
         if self.pre_norm:
-            return x + self.dropout(f(self.norm(x)))
-        return self.norm(x + self.dropout(f(x)))
+            return self.dropout.add(x, f(self.norm(x)))
+        return self.norm(self.dropout.add(x, f(x)))
 
 
 class EncoderLayer(nn.Module):

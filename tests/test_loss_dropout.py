@@ -127,6 +127,46 @@ def test_dropout_is_identity_in_eval_or_at_zero_and_follows_the_seed():
         Dropout(1.0)
 
 
+
+def test_dropout_add_is_the_sum_with_the_same_mask_and_gradients():
+    """x + Dropout(y) in one op: the same draws as `dropout` from the same generator state, the
+    same values and gradients as the two-step sum; bf16 y under an fp32 x is scaled in fp32."""
+    from nmt.cpu_kernels import dropout, dropout_add
+
+    p = 0.2
+    x0, y0 = torch.randn(37, 3, 11), torch.randn(37, 3, 11)  # odd size: not a multiple of 4
+    grads = []
+    for fused in (False, True):
+        x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+        torch.manual_seed(3)
+        out = dropout_add(x, y, p) if fused else x + dropout(y, p)
+        (out * torch.arange(out.numel()).view(out.shape)).sum().backward()  # a non-uniform upstream gradient
+        grads.append((out.detach(), x.grad, y.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert 0 < (grads[1][2] == 0).sum() < y0.numel()  # some dropped, not all
+    yb = y0.to(torch.bfloat16)
+    torch.manual_seed(3)
+    keep = dropout(torch.ones(y0.shape), p) != 0
+    torch.manual_seed(3)
+    out = dropout_add(x0, yb, p)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, x0 + yb.float() * keep / (1 - p), rtol=1e-6, atol=1e-6)
+    assert torch.equal(dropout_add(x0, y0, 0.0), x0 + y0)
+
+
+def test_residual_uses_dropout_only_while_training():
+    from nmt.model import Residual
+
+    res = Residual(8, 0.5, pre_norm=True)
+    x = torch.randn(4, 8)
+    f = torch.nn.Linear(8, 8)
+    assert torch.equal(res.eval()(x, f), x + f(res.norm(x)))
+    torch.manual_seed(0)
+    trained = res.train()(x, f) - x
+    assert (trained == 0).float().mean() > 0.2  # about half the branch dropped
+
+
 # --- allocator ---------------------------------------------------------------------------------
 
 _FAULTS = r"""

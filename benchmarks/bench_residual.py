@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""The residual sum x + Dropout(y) on CPU, forward and backward: dropout then `+` (three passes
+over the elements forward, two backward) against `cpu_kernels.dropout_add` (one `addcmul`).
+
+    python benchmarks/bench_residual.py [--rows 3000] [--width 256] [--p 0.1] [--threads 2] [--rounds 400]
+
+x in fp32 and y in bf16, as under autocast (y is a matrix product's output, x the residual
+stream); the two are timed alternately in one process, so the machine's drift hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from nmt.cpu_kernels import dropout, dropout_add
+from nmt.runtime import cpu_description, keep_freed_memory
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=3000)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--p", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=400)
+    args = ap.parse_args()
+    keep_freed_memory()
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.rows, args.width, requires_grad=True)
+    y = torch.randn(args.rows, args.width, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(args.rows, args.width)
+    ways = {"dropout, then +": lambda: x + dropout(y, args.p), "dropout_add": lambda: dropout_add(x, y, args.p)}
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(args.rounds):
+        for name, way in ways.items():
+            t0 = time.perf_counter()
+            way().backward(grad)
+            times[name].append(time.perf_counter() - t0)
+            x.grad = y.grad = None
+    print(f"machine: {cpu_description()}, {args.threads} threads; [{args.rows}, {args.width}], p {args.p}")
+    for name, t in times.items():
+        t = t[len(t) // 8:]  # the first rounds warm the allocator and the caches
+        print(f"{name:<16} min {1e3 * min(t):.3f} ms  median {1e3 * statistics.median(t):.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
