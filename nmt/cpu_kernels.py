@@ -44,10 +44,11 @@ def dropout(x: Tensor, p: float) -> Tensor:
 
 
 def dropout_add(x: Tensor, y: Tensor, p: float) -> Tensor:
-    """x + dropout(y, p), the residual connection's sum, in one pass over the elements: on CPU
+    """x + dropout(y, p), the residual connection's sum, in one op: on CPU
     `addcmul(x, y, keep, value=1 / (1 − p))` with the same mask `dropout` draws from the same
     generator state, where `dropout` then `+` makes three (zero, scale, add) and its backward two.
-    The scale is applied in x's dtype (fp32 under autocast), not rounded to y's bf16."""
+    `addcmul` still copies a bf16 y and the bool mask to x's dtype before its one pass. The scale
+    is applied in x's dtype (fp32 under autocast), not rounded to y's bf16."""
     if p == 0.0:
         return x + y
     if y.device.type != "cpu":

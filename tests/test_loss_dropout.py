@@ -127,7 +127,6 @@ def test_dropout_is_identity_in_eval_or_at_zero_and_follows_the_seed():
         Dropout(1.0)
 
 
-
 def test_dropout_add_is_the_sum_with_the_same_mask_and_gradients():
     """x + Dropout(y) in one op: the same draws as `dropout` from the same generator state, the
     same values and gradients as the two-step sum; bf16 y under an fp32 x is scaled in fp32."""
