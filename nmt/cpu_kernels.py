@@ -14,9 +14,11 @@ so the [N, V] logits never exist whole (`_BlockedLinearCrossEntropy`). Measured 
 preset (2 cores, bf16): the plain path spent about a third of each step in memory-bound passes
 over [N, V] fp32 tensors (the fp32 copy of the logits, log-softmax and its backward, the
 zero-filled one-hot gradient, their sum), each freshly allocated, so most of that time was the
-kernel zeroing new pages. A block of rows stays in the cache and its buffers are reused. On CUDA
-the plain path is kept (fused kernels and a caching allocator; the blocked path is not measured
-there).
+kernel zeroing new pages. A block of rows stays in the cache and its buffers are reused. Within a
+block, exp(z − max) is computed once, in place, for both the loss and the softmax of the gradient;
+the gradients of many blocks' logits are kept in the products' dtype and meet the hidden states in
+one product for the weight's gradient (`benchmarks/bench_loss.py`). On CUDA the plain path is kept
+(fused kernels and a caching allocator; the blocked path is not measured there).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from torch import Tensor
 
 ROWS_MULTIPLE = 64  # blocks padded to a multiple of this many rows: few distinct matrix shapes
 BLOCK_BYTES = 8 << 20  # fp32 logits of one block (256 rows at V = 8000: measured fastest of 1–16 MiB)
+GRAD_BYTES = 24 << 20  # logits' gradients kept for one product with the hidden states (under glibc's
+# mmap threshold as `runtime.keep_freed_memory` sets it, so the buffer is reused, not zeroed anew)
 
 
 def dropout(x: Tensor, p: float) -> Tensor:
@@ -92,29 +96,40 @@ class _BlockedLinearCrossEntropy(torch.autograd.Function):
         h, w = hidden.to(dtype), weight.to(dtype)
         # Wᵀ made contiguous once: given a transposed operand, the CPU matrix product copied it
         # for every block (measured: 30 copies of [8000, 256] a step, 166 ms of a 540 ms step).
-        # The weight's gradient is accumulated transposed for the same reason.
         wt = w.T.contiguous()  # [D, V]
         n, vocab = h.shape[0], w.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if want_grad else None
         grad_wt = torch.zeros(wt.shape, dtype=torch.float32, device=h.device) if want_grad else None
+        # The logits' gradients of up to `span` rows are kept (in the products' dtype) and meet
+        # the weight's gradient in one product, Hᵀ G, instead of one per block: fewer, larger
+        # products and one rounding to the dtype instead of one per block.
+        span = max(rows, GRAD_BYTES // (h.element_size() * vocab) // rows * rows)
+        g_rows = torch.empty((min(span, n) + ROWS_MULTIPLE, vocab), dtype=dtype, device=h.device) if want_grad else None
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             m = stop - start
             block = F.pad(h[start:stop], (0, 0, 0, -m % ROWS_MULTIPLE))  # [M, D], zero rows at the end
-            z = (block @ wt).float()  # [M, V] logits
+            z = (block @ wt).float()[:m]  # [m, V] logits, fp32
             y = targets[start:stop, None]
-            lse = torch.logsumexp(z[:m], dim=-1, keepdim=True)  # [m, 1]
-            nll = lse - z[:m].gather(1, y)
-            smooth = lse - z[:m].mean(dim=-1, keepdim=True)
-            total += ((1 - smoothing) * nll + smoothing * smooth).sum()
-            if want_grad:
-                p = z  # in place: softmax − ε/V − (1 − ε)·onehot (padding rows: left as logits,
-                p[:m].sub_(lse).exp_().sub_(smoothing / vocab)  # they meet only zero rows of the block
-                p[:m].scatter_add_(1, y, torch.full_like(lse, smoothing - 1))  # and are sliced off)
-                g = p.to(dtype)
+            z_y = z.gather(1, y)
+            z_mean = z.mean(dim=-1, keepdim=True)
+            z_max = z.amax(dim=-1, keepdim=True)
+            e = z.sub_(z_max).exp_()  # in place: exp(z − max), once for the loss and its gradient
+            e_sum = e.sum(dim=-1, keepdim=True)
+            lse = z_max + e_sum.log()  # [m, 1]
+            total += ((1 - smoothing) * (lse - z_y) + smoothing * (lse - z_mean)).sum()
+            if want_grad:  # in place: softmax − ε/V − (1 − ε)·onehot
+                e.mul_(e_sum.reciprocal()).sub_(smoothing / vocab)
+                e.scatter_add_(1, y, torch.full_like(lse, smoothing - 1))
+                at = start % span  # this block's rows in g_rows
+                g = g_rows[at:at + block.shape[0]]  # [M, V]
+                g[:m] = e  # in the products' dtype
+                g[m:].zero_()  # the padding rows (last block only)
                 grad_h[start:stop] = (g @ w)[:m]
-                grad_wt += block.T @ g
+                if stop == n or (at + rows) % span == 0:
+                    first = start - at
+                    grad_wt += h[first:stop].T @ g_rows[:stop - first]
         grad_w = grad_wt.T.contiguous() if want_grad else None
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype

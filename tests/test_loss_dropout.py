@@ -26,8 +26,10 @@ def _loss_and_grads(fn, h0, w0, y, eps, dtype=torch.float32, scale=0.37):
 
 @pytest.mark.parametrize("n", [1, 63, 64, 150, 257])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_blocked_loss_and_gradients_equal_plain_cross_entropy(monkeypatch, n, eps):
+@pytest.mark.parametrize("span_blocks", [1, 2, 100])  # the weight's gradient: one product per 1, 2, all blocks
+def test_blocked_loss_and_gradients_equal_plain_cross_entropy(monkeypatch, n, eps, span_blocks):
     monkeypatch.setattr(loss_mod, "BLOCK_BYTES", 64 * 4 * 300)  # 64-row blocks: several, the last padded
+    monkeypatch.setattr(loss_mod, "GRAD_BYTES", span_blocks * 64 * 4 * 300)
     torch.manual_seed(n)
     h0, w0 = torch.randn(n, 24), torch.randn(300, 24) * 0.3
     y = torch.randint(0, 300, (n,))
@@ -37,7 +39,10 @@ def test_blocked_loss_and_gradients_equal_plain_cross_entropy(monkeypatch, n, ep
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_blocked_loss_under_bf16_autocast_stays_close_to_fp32():
+@pytest.mark.parametrize("span_blocks", [1, 3, 100])
+def test_blocked_loss_under_bf16_autocast_stays_close_to_fp32(monkeypatch, span_blocks):
+    monkeypatch.setattr(loss_mod, "BLOCK_BYTES", 64 * 4 * 1000)
+    monkeypatch.setattr(loss_mod, "GRAD_BYTES", span_blocks * 64 * 2 * 1000)
     torch.manual_seed(1)
     h0, w0 = torch.randn(500, 64), torch.randn(1000, 64) * 0.1
     y = torch.randint(0, 1000, (500,))
