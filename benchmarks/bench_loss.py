@@ -6,8 +6,8 @@ weight's gradient as one product Hᵀ G per block and as one product per `GRAD_B
     python benchmarks/bench_loss.py [--rows 3000] [--width 256] [--vocab 8000] [--dtype bfloat16]
                                     [--threads 2] [--rounds 40]
 
-Hidden states and weight in fp32 with bf16 autocast around the call, as in training; the ways are
-timed alternately in one process, so the machine's drift hits all of them.
+Hidden states and weight in fp32, with bf16 autocast around the call for `--dtype bfloat16`, as in
+training; the ways are timed alternately in one process, so the machine's drift hits all of them.
 """
 
 from __future__ import annotations
