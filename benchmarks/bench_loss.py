@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import nmt.cpu_kernels as kernels
-from nmt.runtime import cpu_description, keep_freed_memory
+from alternate import setup_cpu, time_alternately
+from nmt.runtime import cpu_description
 
 
 def plain(h, w, y, eps):
@@ -44,9 +44,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=40)
     args = ap.parse_args()
-    keep_freed_memory()
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(args.threads)
+    setup_cpu(args.threads)
     torch.manual_seed(0)
     h = torch.randn(args.rows, args.width, requires_grad=True)
     w = (torch.randn(args.vocab, args.width) * args.width**-0.5).requires_grad_()
@@ -54,20 +52,22 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     ways = {"plain": plain, "blocks, Hᵀ G per block": blocked_per_block,
             "blocks, Hᵀ G per span": kernels.linear_cross_entropy}
-    times: dict[str, list[float]] = {k: [] for k in ways}
-    for _ in range(args.rounds):
-        for name, way in ways.items():
-            t0 = time.perf_counter()
+
+    def forward_backward(way):
+        def run() -> None:
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 loss = way(h, w, y, 0.1)
             loss.backward()
-            times[name].append(time.perf_counter() - t0)
-            h.grad = w.grad = None
+        return run
+
+    def clear() -> None:
+        h.grad = w.grad = None
+
+    times = time_alternately({name: forward_backward(way) for name, way in ways.items()}, args.rounds, clear)
     print(f"machine: {cpu_description()}, {args.threads} threads; "
           f"[{args.rows}, {args.width}] × [{args.width}, {args.vocab}], {args.dtype}")
-    base = statistics.median(times["plain"][len(times["plain"]) // 8:])
+    base = statistics.median(times["plain"])
     for name, t in times.items():
-        t = t[len(t) // 8:]  # the first rounds warm the allocator, the caches and oneDNN's kernels
         med = statistics.median(t)
         print(f"{name:<24} min {1e3 * min(t):7.1f} ms  median {1e3 * med:7.1f} ms  plain ÷ this {base / med:.2f}")
 

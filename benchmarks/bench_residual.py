@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
+from alternate import setup_cpu, time_alternately
 from nmt.cpu_kernels import dropout, dropout_add
-from nmt.runtime import cpu_description, keep_freed_memory
+from nmt.runtime import cpu_description
 
 
 def main() -> None:
@@ -28,23 +28,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=400)
     args = ap.parse_args()
-    keep_freed_memory()
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(args.threads)
+    setup_cpu(args.threads)
     x = torch.randn(args.rows, args.width, requires_grad=True)
     y = torch.randn(args.rows, args.width, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(args.rows, args.width)
     ways = {"dropout, then +": lambda: x + dropout(y, args.p), "dropout_add": lambda: dropout_add(x, y, args.p)}
-    times: dict[str, list[float]] = {k: [] for k in ways}
-    for _ in range(args.rounds):
-        for name, way in ways.items():
-            t0 = time.perf_counter()
-            way().backward(grad)
-            times[name].append(time.perf_counter() - t0)
-            x.grad = y.grad = None
+
+    def clear() -> None:
+        x.grad = y.grad = None
+
+    times = time_alternately({name: lambda way=way: way().backward(grad) for name, way in ways.items()}, args.rounds, clear)
     print(f"machine: {cpu_description()}, {args.threads} threads; [{args.rows}, {args.width}], p {args.p}")
     for name, t in times.items():
-        t = t[len(t) // 8:]  # the first rounds warm the allocator and the caches
         print(f"{name:<16} min {1e3 * min(t):.3f} ms  median {1e3 * statistics.median(t):.3f} ms")
 
 
