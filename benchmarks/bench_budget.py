@@ -2,15 +2,18 @@
 """What a time budget buys: the recipe `nmt train` chooses against today's `small` preset.
 
     python benchmarks/bench_budget.py [--budgets 10m,30m,90m] [--dtypes auto,float32] [--threads 0]
-                                      [--systems recipe,small] [--out runs/budget]
+                                      [--systems recipe,small,recipe:compact] [--out runs/budget]
 
 For each budget and dtype, trains on the embedded corpus with `nmt train --max-time B` (the
 recipe chosen from the budget) and with `nmt train --preset small --max-time B` (the fixed
-preset), each in its own process and run directory, then translates the test set greedily and
-with beam 5 and scores it with `nmt evaluate` (reference test.en). Prints one row per run: the
-recipe chosen, target tokens/s, steps, best dev BLEU, test BLEU greedy and beam 5, and the
-share of greedy lines `nmt evaluate` flags as repetition loops. Dev BLEU is what the recipe
-rules were tuned on; test BLEU is only reported.
+preset); `recipe:NAME` is the recipe with the shape NAME of `nmt.recipe.SHAPES` set by hand (a
+`--config` file with its five shape options: the recipe then times that shape alone and fits the
+rest to it), to check the recipe's choice of shape against another. Each runs in its own process
+and run directory, then translates the test set greedily and with beam 5 and scores it with
+`nmt evaluate` (reference test.en). Prints one row per run: the recipe chosen, target tokens/s,
+steps, best dev BLEU, test BLEU greedy and beam 5, and the share of greedy lines `nmt evaluate`
+flags as repetition loops. Dev BLEU is what the recipe rules were tuned on; test BLEU is only
+reported.
 
 A dtype that `auto` resolves to on this machine is run once (float32 on a CPU without bf16
 units). `--threads 1` slows the machine predictably, to check the rules at another speed.
@@ -27,6 +30,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from nmt.recipe import SHAPES  # noqa: E402  (light: no torch)
 DATA = ROOT / "data" / "bible-es-en"
 
 
@@ -50,6 +55,11 @@ def train(system: str, budget: str, dtype: str, threads: int, out: Path) -> None
         args += ["--dtype", dtype]
     if system == "small":
         args += ["--preset", "small"]
+    elif system.startswith("recipe:"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shape = {s.name: s for s in SHAPES}[system.removeprefix("recipe:")]
+        (out.parent / f"{out.name}.json").write_text(json.dumps({"model": shape.model_fields()}))
+        args += ["--config", str(out.parent / f"{out.name}.json")]
     r = nmt(*args, threads=threads)
     (out / "train.log").write_bytes(r.stderr)
     if r.returncode != 0:
@@ -76,6 +86,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "budget")
     args = ap.parse_args()
+    for system in args.systems.split(","):
+        if system not in ("recipe", "small") and system.removeprefix("recipe:") not in {s.name for s in SHAPES}:
+            ap.error(f"--systems: {system!r} is not recipe, small or recipe:NAME with NAME one of "
+                     f"{', '.join(s.name for s in SHAPES)}")
     own = resolved_dtype()
     dtypes = []
     for d in args.dtypes.split(","):
@@ -85,19 +99,19 @@ def main() -> None:
     cpu = subprocess.run([sys.executable, "-c", "from nmt.runtime import cpu_description; print(cpu_description())"],
                          capture_output=True, text=True, cwd=ROOT).stdout.strip()
     print(f"machine: {cpu}, {args.threads or os.cpu_count()} threads; auto dtype here: {own}", flush=True)
-    print(f"{'budget':>6} {'dtype':<8} {'system':<7} {'recipe':<60} {'tok/s':>6} {'steps':>6} {'dev':>5} "
+    print(f"{'budget':>6} {'dtype':<8} {'system':<14} {'recipe':<60} {'tok/s':>6} {'steps':>6} {'dev':>5} "
           f"{'greedy':>6} {'beam5':>6} {'loops':>6}", flush=True)
     for budget in args.budgets.split(","):
         for dtype in dtypes:
             for system in args.systems.split(","):
-                out = args.out / f"{budget}-{dtype}-{system}-t{args.threads}"
+                out = args.out / f"{budget}-{dtype}-{system.replace(':', '-')}-t{args.threads}"
                 train(system, budget, dtype, args.threads, out)
                 summary = json.loads((out / "training.json").read_text())
                 config = json.loads((out / "config.json").read_text())
-                recipe = config.get("recipe", {}).get("reason", "") if system == "recipe" else "preset small"
+                recipe = config.get("recipe", {}).get("reason", "") if system != "small" else "preset small"
                 greedy, loops = score(out, 1, args.threads)
                 beam, _ = score(out, 5, args.threads)
-                print(f"{budget:>6} {dtype:<8} {system:<7} {recipe[:60]:<60} {summary['target_tokens_per_s']:>6,.0f} "
+                print(f"{budget:>6} {dtype:<8} {system:<14} {recipe[:60]:<60} {summary['target_tokens_per_s']:>6,.0f} "
                       f"{summary['steps']:>6} {summary['best_dev_bleu']:>5.1f} {greedy:>6.1f} {beam:>6.1f} "
                       f"{100 * loops:>5.1f}%", flush=True)
 

@@ -22,6 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from nmt.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -53,6 +55,38 @@ SHAPES: tuple[Shape, ...] = (
     Shape("medium", d_model=512, n_heads=8, d_ff=2048, encoder_layers=6, decoder_layers=6),
 )
 
+SHAPE_FIELDS = ("d_model", "n_heads", "d_ff", "encoder_layers", "decoder_layers")
+
+
+def candidates(by_hand: dict[str, int]) -> tuple[Shape, ...]:
+    """The candidate shapes with the shape options set by hand (`by_hand`, e.g. the layers from a
+    `--config` file) in place of their own: the recipe then chooses what was left open (the width,
+    when the layers are set) by the same rules, and fits the learning rate, dropout and warm-up to
+    the shape that will train, not to one it would have chosen. A candidate that becomes another
+    is named after it (compact with 3+3 layers is small); repeats are dropped, and so are widths
+    the heads set by hand do not divide. All five set by hand leave one candidate, timed alone."""
+    if not by_hand:
+        return SHAPES
+    unknown = set(by_hand) - set(SHAPE_FIELDS)
+    if unknown:
+        raise ValueError(f"not shape options: {sorted(unknown)}")
+    known = {tuple(s.model_fields().values()): s.name for s in SHAPES}
+    said = ", ".join(f"{k} {v}" for k, v in by_hand.items())
+    shapes: list[Shape] = []
+    for base in SHAPES:
+        fields = {**base.model_fields(), **by_hand}
+        if fields["d_model"] % fields["n_heads"] or fields["d_model"] % 2:
+            continue
+        if all(tuple(fields.values()) != tuple(s.model_fields().values()) for s in shapes):
+            name = known.get(tuple(fields.values())) or ("set by hand" if len(by_hand) == len(SHAPE_FIELDS)
+                                                          else f"{base.name} with {said}")
+            shapes.append(Shape(name, **fields))
+    if not shapes:
+        raise UsageError(f"{said}: no shape the recipe could choose fits what was set by hand (d_model must be "
+                         "even and divisible by n_heads); set d_model and n_heads together")
+    return tuple(shapes)
+
+
 # The largest shape that the budget buys the steps it needs (`steps_needed`: MIN_STEPS optimizer
 # steps of CPU batches of 1,500 tokens for a 2+2-layer stack, ~5 M target tokens, ~6 epochs of
 # the embedded corpus) is chosen, else the smallest. In every 10-minute run the faster shape with
@@ -71,7 +105,8 @@ def steps_needed(shape: Shape) -> int:
     against 21.2 (AMD Zen 4), with 5,855 steps 20.3 against 21.8 (Intel Xeon with AMX): a line
     through those two points (two machines, so rough) closes the gap near 8,000; at 13,911 steps (90
     minutes) small reached 24.3. The rule in proportion to the layers (6,000) chose small at the
-    second reading, within the probe's noise of the line."""
+    second reading, within the probe's noise of the line. In float32 at one thread (90 minutes,
+    Intel Xeon) small with 7,071 steps ended 0.9 dev BLEU under compact with 9,981."""
     return MIN_STEPS * max(4, shape.encoder_layers + shape.decoder_layers) ** 2 // 16
 
 EVAL_SHARE = 0.05  # at most this share of the budget goes to dev evaluations
@@ -125,17 +160,18 @@ def batch_tokens_for(device_type: str) -> int:
     return 1500 if device_type == "cpu" else 12000
 
 
-def _next_larger(name: str) -> Shape | None:
-    """The shape after `name` in SHAPES (smallest first), None after the largest."""
-    names = [s.name for s in SHAPES]
+def _next_larger(name: str, shapes: tuple[Shape, ...] = SHAPES) -> Shape | None:
+    """The shape after `name` in `shapes` (smallest first), None after the largest."""
+    names = [s.name for s in shapes]
     i = names.index(name) + 1
-    return SHAPES[i] if i < len(SHAPES) else None
+    return shapes[i] if i < len(shapes) else None
 
 
-def worth_measuring_next(name: str, rate: float, max_time: float | None, batch_tokens: int) -> bool:
+def worth_measuring_next(name: str, rate: float, max_time: float | None, batch_tokens: int,
+                         shapes: tuple[Shape, ...] = SHAPES) -> bool:
     """After timing `name` at `rate` tokens/s: could the next, larger shape get the steps it needs?
     A larger shape is never faster, so if this one cannot, neither can it."""
-    larger = _next_larger(name)
+    larger = _next_larger(name, shapes)
     if larger is None:
         return False
     return max_time is None or rate * max_time * (1 - EVAL_SHARE) >= steps_needed(larger) * REAL_SHARE * batch_tokens
@@ -169,12 +205,12 @@ def measure(shapes: tuple[Shape, ...], step: Callable[[Shape], Callable[[int], i
 
 
 def choose(rates: dict[str, float], corpus_tokens: int, max_time: float | None, max_steps: int | None,
-           batch_tokens: int, eval_seconds: float) -> Recipe:
+           batch_tokens: int, eval_seconds: float, shapes: tuple[Shape, ...] = SHAPES) -> Recipe:
     """Pick the shape and settings for a budget of `max_time` seconds and/or `max_steps` steps.
 
     rates: measured target tokens/s per shape; corpus_tokens: target tokens in one epoch;
     batch_tokens: the padded token budget per batch; eval_seconds: estimated cost of one dev
-    evaluation (0 without a dev set)."""
+    evaluation (0 without a dev set); shapes: the candidates, smallest first (`candidates`)."""
     real_per_batch = REAL_SHARE * batch_tokens
 
     if not max_time and not max_steps:
@@ -188,7 +224,7 @@ def choose(rates: dict[str, float], corpus_tokens: int, max_time: float | None, 
             budget.append(max_steps * real_per_batch)
         return min(budget)
 
-    candidates = [s for s in SHAPES if s.name in rates] if max_time else list(SHAPES)
+    candidates = [s for s in shapes if s.name in rates] if max_time else list(shapes)
     shape = candidates[0]
     for s in candidates[1:]:
         if tokens_of(s.name) >= steps_needed(s) * real_per_batch:
@@ -204,7 +240,7 @@ def choose(rates: dict[str, float], corpus_tokens: int, max_time: float | None, 
     speed = f" at {rates[shape.name]:,.0f} tokens/s" if shape.name in rates else f" in {max_steps:,} steps"
     reason = (f"{shape.name} model, dropout {dropout}, lr {lr:g}, batch {batch_tokens}, cosine to 0: the budget buys "
               f"~{tokens / 1e6:.2f} M target tokens (~{epochs:.1f} epochs, ~{steps:,} steps){speed}; "
-              + _why(shape, candidates, tokens_of, real_per_batch))
+              + _why(shape, candidates, tokens_of, real_per_batch, shapes))
     return Recipe(
         shape=shape.name,
         model={**shape.model_fields(), "dropout": dropout},
@@ -221,8 +257,10 @@ def _evaluations(max_time: float | None, eval_seconds: float) -> int:
     return int(min(20, max(2, EVAL_SHARE * max_time / eval_seconds)))
 
 
-def _why(shape: Shape, candidates: list[Shape], tokens_of, real_per_batch: float) -> str:
-    b = _next_larger(shape.name)
+def _why(shape: Shape, candidates: list[Shape], tokens_of, real_per_batch: float, shapes: tuple[Shape, ...]) -> str:
+    if len(shapes) == 1:
+        return "its shape was set by hand"
+    b = _next_larger(shape.name, shapes)
     if b is None:
         return "the largest candidate"
     if b in candidates:

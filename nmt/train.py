@@ -728,16 +728,24 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path) -> re
     corpus_tokens = int(p.cache.tgt_len.sum()) + len(p.cache.tgt_len)  # EOS included
     dev_pairs = p.dev.check_line_counts() if p.dev is not None else 0
     mean_tgt = corpus_tokens / max(len(p.cache.tgt_len), 1)
+    # shape options set by hand narrow the candidates, so the rest of the recipe fits the shape that trains
+    shapes = recipe.candidates(_shape_by_hand(config, p.model_config))
     rates, eval_seconds = {}, 0.0
     if config.max_time:  # a step budget needs no speed: it fixes the tokens seen
-        rates = recipe.measure(recipe.SHAPES, _shape_trial(p, config, runtime, batch_tokens),
-                               keep_going=lambda name, rate: recipe.worth_measuring_next(name, rate, config.max_time, batch_tokens))
+        rates = recipe.measure(shapes, _shape_trial(p, config, runtime, batch_tokens),
+                               keep_going=lambda name, rate: recipe.worth_measuring_next(name, rate, config.max_time,
+                                                                                         batch_tokens, shapes))
         # a dev evaluation decodes every dev target (about as fast per token as training) and scores its loss
         eval_seconds = 1.4 * dev_pairs * mean_tgt / max(min(rates.values()), 1.0)
-    chosen = recipe.choose(rates, corpus_tokens, config.max_time, config.max_steps, batch_tokens, eval_seconds)
+    chosen = recipe.choose(rates, corpus_tokens, config.max_time, config.max_steps, batch_tokens, eval_seconds, shapes)
     log.info("recipe: %s", chosen.reason)
     atomic.write_text(stored, json.dumps(recipe.describe(chosen), indent=2))
     return chosen
+
+
+def _shape_by_hand(config: TrainConfig, model_config: ModelConfig) -> dict[str, int]:
+    """The shape options (`recipe.SHAPE_FIELDS`) set by hand: flags or a `--config` file."""
+    return {k: getattr(model_config, k) for k in recipe.SHAPE_FIELDS if f"model.{k}" in config.fixed}
 
 
 def _apply_recipe(chosen: recipe.Recipe, config: TrainConfig, model_config: ModelConfig,
@@ -793,6 +801,8 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
     if config.init_from and parent is None:
         parent, config, model_config, tok_config = finetune.configs(config, model_config, tok_config, out)
     check_max_length(config, model_config, bool(run_directions(config, parent).tagged))
+    if config.preset == "auto":
+        recipe.candidates(_shape_by_hand(config, model_config))  # shape options no candidate fits: refused before any work
     dist = Distributed(config.device)
     try:
         # rank 0 alone looks: the others start after it has written there

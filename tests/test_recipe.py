@@ -16,6 +16,7 @@ import sacrebleu
 from conftest import error_line, run_nmt, without_paths, write_slice
 from nmt import recipe
 from nmt.config import ModelConfig, TrainConfig
+from nmt.errors import UsageError
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -138,6 +139,39 @@ def test_options_set_by_hand_are_kept(caplog):
     assert recipe.from_record(json.loads(json.dumps(recipe.describe(chosen)))) == chosen
 
 
+def test_shape_options_set_by_hand_narrow_the_candidates_and_the_rest_fits_the_shape_that_trains():
+    layers = recipe.candidates({"encoder_layers": 3, "decoder_layers": 3})
+    assert [(s.d_model, s.encoder_layers, s.decoder_layers) for s in layers] == [(128, 3, 3), (192, 3, 3), (256, 3, 3), (512, 3, 3)]
+    assert [s.name for s in layers] == ["micro with encoder_layers 3, decoder_layers 3",
+                                        "mini with encoder_layers 3, decoder_layers 3", "small",  # compact with 3+3 is small
+                                        "medium with encoder_layers 3, decoder_layers 3"]
+    assert recipe.candidates({}) == recipe.SHAPES
+    assert [s.d_model for s in recipe.candidates({"n_heads": 3})] == [192]  # 3 heads divide no other width
+    small = {k: v for k, v in recipe.SHAPES[3].model_fields().items()}
+    assert recipe.candidates(small) == (recipe.SHAPES[3],)
+    alone = recipe.candidates({**small, "d_model": 320})
+    assert [(s.name, s.d_model) for s in alone] == [("set by hand", 320)]
+    with pytest.raises(UsageError, match=r"^n_heads 7: no shape the recipe could choose fits what was set by hand"):
+        recipe.candidates({"n_heads": 7})
+
+    # every 3+3 candidate needs small's 9,000 steps: a budget that buys each shape ~6,000 gets the smallest,
+    # with micro's rate and dropout for its epochs, not the ones of the shape the recipe would choose unasked
+    rates = {s.name: rate for s, rate in zip(layers, (2000.0, 1300.0, 800.0))}
+    seconds = _seconds_for_steps(2000.0, 6000)
+    r = recipe.choose(rates, EPOCH, seconds, None, 1500, 30.0, layers)
+    assert r.shape == layers[0].name and r.model["encoder_layers"] == 3 and r.model["d_model"] == 128
+    assert r.train["lr"] == pytest.approx(recipe.lr_for(128)) and r.model["dropout"] == recipe.dropout_for(r.epochs, 128)
+    assert "mini with encoder_layers 3, decoder_layers 3 would get" in r.reason and "under the 9,000 it needs" in r.reason
+    assert recipe.choose(rates, EPOCH, _seconds_for_steps(800.0, 9001), None, 1500, 30.0, layers).shape == "small"
+    assert recipe.worth_measuring_next(layers[1].name, 1300.0, seconds, 1500, layers) is False  # small cannot qualify
+
+    # one candidate: chosen, and its settings follow from its own speed
+    r = recipe.choose({"set by hand": 700.0}, EPOCH, 3600, None, 1500, 30.0, alone)
+    assert r.shape == "set by hand" and r.model["d_model"] == 320 and r.reason.endswith("its shape was set by hand")
+    assert r.budget_tokens == pytest.approx(700 * 3600 * (1 - recipe.EVAL_SHARE))
+    assert r.train["lr"] == pytest.approx(recipe.lr_for(320)) and r.model["dropout"] == recipe.dropout_for(r.epochs, 320)
+
+
 def test_train_with_a_budget_and_no_preset_chooses_stores_and_reuses_the_recipe(tmp_path):
     train = write_slice(tmp_path / "d", "train", 200)
     dev = write_slice(tmp_path / "d", "dev", 4, split="dev")
@@ -163,6 +197,27 @@ def test_train_with_a_budget_and_no_preset_chooses_stores_and_reuses_the_recipe(
     err = r.stderr.decode()
     assert r.returncode == 0, err
     assert "recipe (stored)" in err and "resuming from step-" in err
+
+
+def test_train_fits_the_recipe_to_the_layers_set_by_hand_and_refuses_a_shape_nothing_fits(tmp_path):
+    train = write_slice(tmp_path / "d", "train", 200)
+    layers = tmp_path / "layers.json"
+    layers.write_text(json.dumps({"model": {"encoder_layers": 3, "decoder_layers": 3}}))
+    args = ("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--dtype", "float32",
+            "--vocab-size", "300", "--batch-tokens", "400", "--max-steps", "2")
+    r = run_nmt(*args, "--out", str(tmp_path / "run"), "--config", str(layers))
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "recipe: micro with encoder_layers 3, decoder_layers 3 model" in err and "set by hand, kept" not in err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["model"]["encoder_layers"], config["model"]["decoder_layers"], config["model"]["d_model"]) == (3, 3, 128)
+    assert config["train"]["lr"] == pytest.approx(recipe.lr_for(128))
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"model": {"n_heads": 7}}))
+    r = run_nmt(*args, "--out", str(tmp_path / "run7"), "--config", str(heads))
+    assert error_line(r, 2) == ("nmt: error: n_heads 7: no shape the recipe could choose fits what was set by hand "
+                                "(d_model must be even and divisible by n_heads); set d_model and n_heads together")
+    assert not (tmp_path / "run7").exists()  # refused before any work
 
 
 def test_a_missing_test_set_fails_before_training(tmp_path):
