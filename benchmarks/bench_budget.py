@@ -87,7 +87,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "budget")
     args = ap.parse_args()
     for system in args.systems.split(","):
-        if system not in ("recipe", "small") and system.removeprefix("recipe:") not in {s.name for s in SHAPES}:
+        if system not in ("recipe", "small") and not (system.startswith("recipe:") and
+                                                      system.removeprefix("recipe:") in {s.name for s in SHAPES}):
             ap.error(f"--systems: {system!r} is not recipe, small or recipe:NAME with NAME one of "
                      f"{', '.join(s.name for s in SHAPES)}")
     own = resolved_dtype()

@@ -17,11 +17,13 @@ resume continues the same run without measuring again.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from nmt.config import MODEL_LIMITS
 from nmt.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -37,9 +39,10 @@ class Shape:
     d_ff: int
     encoder_layers: int
     decoder_layers: int
+    floor: int = 0  # steps needed at least: those of the shape it was made from (`candidates`)
 
     def model_fields(self) -> dict[str, int]:
-        return {k: v for k, v in asdict(self).items() if k != "name"}
+        return {k: v for k, v in asdict(self).items() if k not in ("name", "floor")}
 
 
 # Smallest first. While a budget buys few optimizer steps, every shape learns about as much per
@@ -58,32 +61,43 @@ SHAPES: tuple[Shape, ...] = (
 SHAPE_FIELDS = ("d_model", "n_heads", "d_ff", "encoder_layers", "decoder_layers")
 
 
-def candidates(by_hand: dict[str, int]) -> tuple[Shape, ...]:
+def candidates(by_hand: dict[str, Any]) -> tuple[Shape, ...]:
     """The candidate shapes with the shape options set by hand (`by_hand`, e.g. the layers from a
     `--config` file) in place of their own: the recipe then chooses what was left open (the width,
     when the layers are set) by the same rules, and fits the learning rate, dropout and warm-up to
     the shape that will train, not to one it would have chosen. A candidate that becomes another
     is named after it (compact with 3+3 layers is small); repeats are dropped, and so are widths
-    the heads set by hand do not divide. All five set by hand leave one candidate, timed alone."""
+    the heads set by hand do not divide. Each keeps the steps its original shape needs as a floor
+    (`steps_needed`). All five set by hand leave one candidate, timed alone. A value that cannot
+    make a model is refused with a one-line `UsageError`."""
     if not by_hand:
         return SHAPES
     unknown = set(by_hand) - set(SHAPE_FIELDS)
     if unknown:
         raise ValueError(f"not shape options: {sorted(unknown)}")
+    for k, v in by_hand.items():
+        low, high = MODEL_LIMITS[k]
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+            raise UsageError(f"model option {k} = {json.dumps(v)[:40]} must be an integer in [{low}, {high}]")
+    d_model, n_heads = by_hand.get("d_model"), by_hand.get("n_heads")
+    if d_model is not None and d_model % 2:
+        raise UsageError(f"d_model = {d_model} must be even (sinusoidal positions come in sin/cos pairs)")
+    if d_model is not None and n_heads is not None and d_model % n_heads:
+        raise UsageError(f"d_model = {d_model} is not divisible by n_heads = {n_heads}")
     known = {tuple(s.model_fields().values()): s.name for s in SHAPES}
     said = ", ".join(f"{k} {v}" for k, v in by_hand.items())
     shapes: list[Shape] = []
     for base in SHAPES:
         fields = {**base.model_fields(), **by_hand}
-        if fields["d_model"] % fields["n_heads"] or fields["d_model"] % 2:
+        if fields["d_model"] % fields["n_heads"]:
             continue
         if all(tuple(fields.values()) != tuple(s.model_fields().values()) for s in shapes):
             name = known.get(tuple(fields.values())) or ("set by hand" if len(by_hand) == len(SHAPE_FIELDS)
                                                           else f"{base.name} with {said}")
-            shapes.append(Shape(name, **fields))
+            shapes.append(Shape(name, **fields, floor=steps_needed(base)))
     if not shapes:
-        raise UsageError(f"{said}: no shape the recipe could choose fits what was set by hand (d_model must be "
-                         "even and divisible by n_heads); set d_model and n_heads together")
+        widths = ", ".join(str(d) for d in sorted({s.d_model for s in SHAPES}))
+        raise UsageError(f"n_heads = {n_heads} divides none of the recipe's widths ({widths}): set d_model too")
     return tuple(shapes)
 
 
@@ -106,8 +120,10 @@ def steps_needed(shape: Shape) -> int:
     through those two points (two machines, so rough) closes the gap near 8,000; at 13,911 steps (90
     minutes) small reached 24.3. The rule in proportion to the layers (6,000) chose small at the
     second reading, within the probe's noise of the line. In float32 at one thread (90 minutes,
-    Intel Xeon) small with 7,071 steps ended 0.9 dev BLEU under compact with 9,981."""
-    return MIN_STEPS * max(4, shape.encoder_layers + shape.decoder_layers) ** 2 // 16
+    Intel Xeon) small with 7,071 steps ended 0.9 dev BLEU under compact with 9,981. A shape made
+    from another by options set by hand needs at least what that one needs (`Shape.floor`): medium's
+    width with 2+2 layers was never measured against the shapes below it."""
+    return max(shape.floor, MIN_STEPS * max(4, shape.encoder_layers + shape.decoder_layers) ** 2 // 16)
 
 EVAL_SHARE = 0.05  # at most this share of the budget goes to dev evaluations
 REAL_SHARE = 0.85  # real target tokens per padded batch token: 0.83-0.86 measured on the embedded corpus
@@ -259,7 +275,7 @@ def _evaluations(max_time: float | None, eval_seconds: float) -> int:
 
 def _why(shape: Shape, candidates: list[Shape], tokens_of, real_per_batch: float, shapes: tuple[Shape, ...]) -> str:
     if len(shapes) == 1:
-        return "its shape was set by hand"
+        return "the only shape that fits the options set by hand"
     b = _next_larger(shape.name, shapes)
     if b is None:
         return "the largest candidate"

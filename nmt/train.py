@@ -719,17 +719,22 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path) -> re
     """The stored recipe of this run (a resume), else one chosen now by timing the candidate shapes
     on real batches; printed with its reason and written to OUT/recipe.json."""
     stored = out / RECIPE_FILE
+    by_hand = _shape_by_hand(config, p.model_config)
     if stored.exists():
         chosen = recipe.from_record(json.loads(stored.read_text()))
-        log.info("recipe (stored): %s", chosen.reason)
-        return chosen
+        # a preparation cut short left a recipe and no run yet: one chosen for other shape options is chosen
+        # again; a run's own (config.json) stays, and a resume with changed options is refused later
+        if (out / "config.json").exists() or all(chosen.model.get(k) == v for k, v in by_hand.items()):
+            log.info("recipe (stored): %s", chosen.reason)
+            return chosen
+        log.info("recipe: the stored one (%s) does not fit the shape options set by hand; choosing again", chosen.shape)
     batch_tokens = int(config.batch_tokens) if "train.batch_tokens" in config.fixed and config.batch_tokens != "auto" \
         else recipe.batch_tokens_for(runtime.device.type)
     corpus_tokens = int(p.cache.tgt_len.sum()) + len(p.cache.tgt_len)  # EOS included
     dev_pairs = p.dev.check_line_counts() if p.dev is not None else 0
     mean_tgt = corpus_tokens / max(len(p.cache.tgt_len), 1)
     # shape options set by hand narrow the candidates, so the rest of the recipe fits the shape that trains
-    shapes = recipe.candidates(_shape_by_hand(config, p.model_config))
+    shapes = recipe.candidates(by_hand)
     rates, eval_seconds = {}, 0.0
     if config.max_time:  # a step budget needs no speed: it fixes the tokens seen
         rates = recipe.measure(shapes, _shape_trial(p, config, runtime, batch_tokens),

@@ -148,11 +148,23 @@ def test_shape_options_set_by_hand_narrow_the_candidates_and_the_rest_fits_the_s
     assert recipe.candidates({}) == recipe.SHAPES
     assert [s.d_model for s in recipe.candidates({"n_heads": 3})] == [192]  # 3 heads divide no other width
     small = {k: v for k, v in recipe.SHAPES[3].model_fields().items()}
-    assert recipe.candidates(small) == (recipe.SHAPES[3],)
+    assert [(s.name, s.model_fields(), recipe.steps_needed(s)) for s in recipe.candidates(small)] == [("small", small, 9000)]
     alone = recipe.candidates({**small, "d_model": 320})
     assert [(s.name, s.d_model) for s in alone] == [("set by hand", 320)]
-    with pytest.raises(UsageError, match=r"^n_heads 7: no shape the recipe could choose fits what was set by hand"):
-        recipe.candidates({"n_heads": 7})
+    # a shape made from another needs at least what that one needs: medium's width with 2+2 layers, 36,000
+    two = recipe.candidates({"encoder_layers": 2, "decoder_layers": 2})
+    assert [(s.name, recipe.steps_needed(s)) for s in two] == [
+        ("micro", 4000), ("mini", 4000), ("compact", 4000), ("medium with encoder_layers 2, decoder_layers 2", 36000)]
+    for by_hand, message in [
+            ({"n_heads": 7}, "n_heads = 7 divides none of the recipe's widths (128, 192, 256, 512): set d_model too"),
+            ({"n_heads": 0}, "model option n_heads = 0 must be an integer in [1, 1024]"),
+            ({"d_model": "256"}, 'model option d_model = "256" must be an integer in [2, 65536]'),
+            ({"encoder_layers": True}, "model option encoder_layers = true must be an integer in [1, 1024]"),
+            ({"d_model": 255}, "d_model = 255 must be even (sinusoidal positions come in sin/cos pairs)"),
+            ({"d_model": 250, "n_heads": 4}, "d_model = 250 is not divisible by n_heads = 4")]:
+        with pytest.raises(UsageError) as e:
+            recipe.candidates(by_hand)
+        assert str(e.value) == message
 
     # every 3+3 candidate needs small's 9,000 steps: a budget that buys each shape ~6,000 gets the smallest,
     # with micro's rate and dropout for its epochs, not the ones of the shape the recipe would choose unasked
@@ -167,7 +179,8 @@ def test_shape_options_set_by_hand_narrow_the_candidates_and_the_rest_fits_the_s
 
     # one candidate: chosen, and its settings follow from its own speed
     r = recipe.choose({"set by hand": 700.0}, EPOCH, 3600, None, 1500, 30.0, alone)
-    assert r.shape == "set by hand" and r.model["d_model"] == 320 and r.reason.endswith("its shape was set by hand")
+    assert r.shape == "set by hand" and r.model["d_model"] == 320
+    assert r.reason.endswith("the only shape that fits the options set by hand")
     assert r.budget_tokens == pytest.approx(700 * 3600 * (1 - recipe.EVAL_SHARE))
     assert r.train["lr"] == pytest.approx(recipe.lr_for(320)) and r.model["dropout"] == recipe.dropout_for(r.epochs, 320)
 
@@ -204,19 +217,26 @@ def test_train_fits_the_recipe_to_the_layers_set_by_hand_and_refuses_a_shape_not
     layers = tmp_path / "layers.json"
     layers.write_text(json.dumps({"model": {"encoder_layers": 3, "decoder_layers": 3}}))
     args = ("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--dtype", "float32",
-            "--vocab-size", "300", "--batch-tokens", "400", "--max-steps", "2")
-    r = run_nmt(*args, "--out", str(tmp_path / "run"), "--config", str(layers))
+            "--vocab-size", "300", "--batch-tokens", "400")
+    # a preparation cut short left a recipe chosen for 2+2 layers (and no run): it is chosen again
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.json").write_text(json.dumps(recipe.describe(recipe.choose({}, EPOCH, None, 2, 400, 0.0))))
+    # a time budget: the 3+3 candidates are timed (micro's width first; the wider ones cannot get their 9,000 steps)
+    r = run_nmt(*args, "--out", str(tmp_path / "run"), "--config", str(layers), "--max-time", "3s")
     err = r.stderr.decode()
     assert r.returncode == 0, err
+    assert "the stored one (micro) does not fit the shape options set by hand; choosing again" in err
+    assert "recipe: micro with encoder_layers 3, decoder_layers 3 trains at" in err
     assert "recipe: micro with encoder_layers 3, decoder_layers 3 model" in err and "set by hand, kept" not in err
+    assert "mini with encoder_layers 3, decoder_layers 3 trains at" not in err
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["model"]["encoder_layers"], config["model"]["decoder_layers"], config["model"]["d_model"]) == (3, 3, 128)
     assert config["train"]["lr"] == pytest.approx(recipe.lr_for(128))
+    assert config["recipe"]["shape"] == "micro with encoder_layers 3, decoder_layers 3"
     heads = tmp_path / "heads.json"
     heads.write_text(json.dumps({"model": {"n_heads": 7}}))
-    r = run_nmt(*args, "--out", str(tmp_path / "run7"), "--config", str(heads))
-    assert error_line(r, 2) == ("nmt: error: n_heads 7: no shape the recipe could choose fits what was set by hand "
-                                "(d_model must be even and divisible by n_heads); set d_model and n_heads together")
+    r = run_nmt(*args, "--max-steps", "2", "--out", str(tmp_path / "run7"), "--config", str(heads))
+    assert error_line(r, 2) == "nmt: error: n_heads = 7 divides none of the recipe's widths (128, 192, 256, 512): set d_model too"
     assert not (tmp_path / "run7").exists()  # refused before any work
 
 
