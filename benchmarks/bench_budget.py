@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from nmt.recipe import SHAPES  # noqa: E402  (light: no torch)
+SHAPE_BY_NAME = {s.name: s for s in SHAPES}
 DATA = ROOT / "data" / "bible-es-en"
 
 
@@ -57,7 +58,7 @@ def train(system: str, budget: str, dtype: str, threads: int, out: Path) -> None
         args += ["--preset", "small"]
     elif system.startswith("recipe:"):
         out.parent.mkdir(parents=True, exist_ok=True)
-        shape = {s.name: s for s in SHAPES}[system.removeprefix("recipe:")]
+        shape = SHAPE_BY_NAME[system.removeprefix("recipe:")]
         (out.parent / f"{out.name}.json").write_text(json.dumps({"model": shape.model_fields()}))
         args += ["--config", str(out.parent / f"{out.name}.json")]
     r = nmt(*args, threads=threads)
@@ -88,9 +89,9 @@ def main() -> None:
     args = ap.parse_args()
     for system in args.systems.split(","):
         if system not in ("recipe", "small") and not (system.startswith("recipe:") and
-                                                      system.removeprefix("recipe:") in {s.name for s in SHAPES}):
+                                                      system.removeprefix("recipe:") in SHAPE_BY_NAME):
             ap.error(f"--systems: {system!r} is not recipe, small or recipe:NAME with NAME one of "
-                     f"{', '.join(s.name for s in SHAPES)}")
+                     f"{', '.join(SHAPE_BY_NAME)}")
     own = resolved_dtype()
     dtypes = []
     for d in args.dtypes.split(","):

@@ -168,6 +168,15 @@ MODEL_LIMITS: dict[str, tuple[int, int]] = {
 MAX_POSITION_TABLE = 1 << 28  # max_positions × d_model floats (1 GiB), a buffer not in the weights file
 
 
+def shape_problem(d_model: int, n_heads: int | None) -> str | None:
+    """Why this width (and number of heads, when given) cannot make a model, or None."""
+    if d_model % 2:
+        return f"d_model = {d_model} must be even (sinusoidal positions come in sin/cos pairs)"
+    if n_heads is not None and d_model % n_heads:
+        return f"d_model = {d_model} is not divisible by n_heads = {n_heads}"
+    return None
+
+
 def check_model_config(config: ModelConfig, what: str) -> None:
     """Refuse a model config whose fields have the wrong type or an impossible or unbounded value,
     with a one-line error naming the field (`what` says where the config came from)."""
@@ -189,10 +198,9 @@ def check_model_config(config: ModelConfig, what: str) -> None:
     for name in ("dropout", "attention_dropout"):
         if not 0.0 <= getattr(c, name) < 1.0:
             raise NmtError(f"{what}: {name} = {getattr(c, name)} is not in [0, 1)")
-    if c.d_model % 2:
-        raise NmtError(f"{what}: d_model = {c.d_model} must be even (sinusoidal positions come in sin/cos pairs)")
-    if c.d_model % c.n_heads:
-        raise NmtError(f"{what}: d_model = {c.d_model} is not divisible by n_heads = {c.n_heads}")
+    problem = shape_problem(c.d_model, c.n_heads)
+    if problem:
+        raise NmtError(f"{what}: {problem}")
     if c.max_positions * c.d_model > MAX_POSITION_TABLE:
         raise NmtError(f"{what}: max_positions × d_model = {c.max_positions * c.d_model:,} exceeds "
                        f"{MAX_POSITION_TABLE:,} (the position table alone would take "

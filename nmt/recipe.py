@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from nmt.config import MODEL_LIMITS
+from nmt.config import MODEL_LIMITS, shape_problem
 from nmt.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -80,21 +80,20 @@ def candidates(by_hand: dict[str, Any]) -> tuple[Shape, ...]:
         if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
             raise UsageError(f"model option {k} = {json.dumps(v)[:40]} must be an integer in [{low}, {high}]")
     d_model, n_heads = by_hand.get("d_model"), by_hand.get("n_heads")
-    if d_model is not None and d_model % 2:
-        raise UsageError(f"d_model = {d_model} must be even (sinusoidal positions come in sin/cos pairs)")
-    if d_model is not None and n_heads is not None and d_model % n_heads:
-        raise UsageError(f"d_model = {d_model} is not divisible by n_heads = {n_heads}")
+    problem = shape_problem(d_model, n_heads) if d_model is not None else None
+    if problem:
+        raise UsageError(problem)
     known = {tuple(s.model_fields().values()): s.name for s in SHAPES}
     said = ", ".join(f"{k} {v}" for k, v in by_hand.items())
     shapes: list[Shape] = []
     for base in SHAPES:
         fields = {**base.model_fields(), **by_hand}
-        if fields["d_model"] % fields["n_heads"]:
+        key = tuple(fields.values())
+        if shape_problem(fields["d_model"], fields["n_heads"]) or \
+                any(key == tuple(s.model_fields().values()) for s in shapes):
             continue
-        if all(tuple(fields.values()) != tuple(s.model_fields().values()) for s in shapes):
-            name = known.get(tuple(fields.values())) or ("set by hand" if len(by_hand) == len(SHAPE_FIELDS)
-                                                          else f"{base.name} with {said}")
-            shapes.append(Shape(name, **fields, floor=steps_needed(base)))
+        name = known.get(key) or ("set by hand" if len(by_hand) == len(SHAPE_FIELDS) else f"{base.name} with {said}")
+        shapes.append(Shape(name, **fields, floor=steps_needed(base)))
     if not shapes:
         widths = ", ".join(str(d) for d in sorted({s.d_model for s in SHAPES}))
         raise UsageError(f"n_heads = {n_heads} divides none of the recipe's widths ({widths}): set d_model too")

@@ -715,16 +715,17 @@ def _recipe_vocabulary(config: TrainConfig, tok_config: TokenizerConfig, out: Pa
     return replace(tok_config, vocab_size=recipe.vocabulary(pairs))
 
 
-def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path) -> recipe.Recipe:
+def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, existing_run: bool) -> recipe.Recipe:
     """The stored recipe of this run (a resume), else one chosen now by timing the candidate shapes
-    on real batches; printed with its reason and written to OUT/recipe.json."""
+    on real batches; printed with its reason and written to OUT/recipe.json. `existing_run`: `out`
+    holds a run's config (`check_out_dir`)."""
     stored = out / RECIPE_FILE
     by_hand = _shape_by_hand(config, p.model_config)
     if stored.exists():
         chosen = recipe.from_record(json.loads(stored.read_text()))
         # a preparation cut short left a recipe and no run yet: one chosen for other shape options is chosen
-        # again; a run's own (config.json) stays, and a resume with changed options is refused later
-        if (out / "config.json").exists() or all(chosen.model.get(k) == v for k, v in by_hand.items()):
+        # again; a run's own stays, and a resume with changed options is refused later
+        if existing_run or all(chosen.model.get(k) == v for k, v in by_hand.items()):
             log.info("recipe (stored): %s", chosen.reason)
             return chosen
         log.info("recipe: the stored one (%s) does not fit the shape options set by hand; choosing again", chosen.shape)
@@ -807,7 +808,7 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         parent, config, model_config, tok_config = finetune.configs(config, model_config, tok_config, out)
     check_max_length(config, model_config, bool(run_directions(config, parent).tagged))
     if config.preset == "auto":
-        recipe.candidates(_shape_by_hand(config, model_config))  # shape options no candidate fits: refused before any work
+        recipe.candidates(_shape_by_hand(config, model_config))  # options no candidate fits: refused before any work
     dist = Distributed(config.device)
     try:
         # rank 0 alone looks: the others start after it has written there
@@ -819,7 +820,7 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         if dist.is_writer:
             p = prepare(config, model_config, tok_config, out, parent=parent)
             if config.preset == "auto":
-                chosen = _recipe(p, config, runtime, out)
+                chosen = _recipe(p, config, runtime, out, existing_run)
         dist.barrier()  # rank 0 trained the tokenizer, built the cache, chose the recipe; the others reuse them
         if not dist.is_writer:
             p = prepare(config, model_config, tok_config, out, parent=parent)
