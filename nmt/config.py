@@ -168,6 +168,16 @@ MODEL_LIMITS: dict[str, tuple[int, int]] = {
 MAX_POSITION_TABLE = 1 << 28  # max_positions × d_model floats (1 GiB), a buffer not in the weights file
 
 
+def limit_problem(name: str, value: Any) -> str | None:
+    """Why `value` cannot be the integer model option `name` (one of MODEL_LIMITS), or None."""
+    low, high = MODEL_LIMITS[name]
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"{name} must be int, not {json.dumps(value)[:40]}"
+    if not low <= value <= high:
+        return f"{name} = {value} is out of range [{low}, {high}]"
+    return None
+
+
 def shape_problem(d_model: int, n_heads: int | None) -> str | None:
     """Why this width (and number of heads, when given) cannot make a model, or None."""
     if d_model % 2:
@@ -192,9 +202,10 @@ def check_model_config(config: ModelConfig, what: str) -> None:
         if not ok:
             raise NmtError(f"{what}: {f.name} must be {kind.__name__}, not {json.dumps(value)[:40]}")
     c = config
-    for name, (low, high) in MODEL_LIMITS.items():
-        if not low <= getattr(c, name) <= high:
-            raise NmtError(f"{what}: {name} = {getattr(c, name)} is out of range [{low}, {high}]")
+    for name in MODEL_LIMITS:
+        problem = limit_problem(name, getattr(c, name))
+        if problem:
+            raise NmtError(f"{what}: {problem}")
     for name in ("dropout", "attention_dropout"):
         if not 0.0 <= getattr(c, name) < 1.0:
             raise NmtError(f"{what}: {name} = {getattr(c, name)} is not in [0, 1)")

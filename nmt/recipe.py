@@ -17,13 +17,12 @@ resume continues the same run without measuring again.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from nmt.config import MODEL_LIMITS, shape_problem
+from nmt.config import limit_problem, shape_problem
 from nmt.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -76,9 +75,9 @@ def candidates(by_hand: dict[str, Any]) -> tuple[Shape, ...]:
     if unknown:
         raise ValueError(f"not shape options: {sorted(unknown)}")
     for k, v in by_hand.items():
-        low, high = MODEL_LIMITS[k]
-        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
-            raise UsageError(f"model option {k} = {json.dumps(v)[:40]} must be an integer in [{low}, {high}]")
+        problem = limit_problem(k, v)
+        if problem:
+            raise UsageError(f"model option {problem}")
     d_model, n_heads = by_hand.get("d_model"), by_hand.get("n_heads")
     problem = shape_problem(d_model, n_heads) if d_model is not None else None
     if problem:
