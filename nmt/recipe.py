@@ -85,12 +85,13 @@ def candidates(by_hand: dict[str, Any]) -> tuple[Shape, ...]:
     known = {tuple(s.model_fields().values()): s.name for s in SHAPES}
     said = ", ".join(f"{k} {v}" for k, v in by_hand.items())
     shapes: list[Shape] = []
+    seen: set[tuple[int, ...]] = set()
     for base in SHAPES:
         fields = {**base.model_fields(), **by_hand}
         key = tuple(fields.values())
-        if shape_problem(fields["d_model"], fields["n_heads"]) or \
-                any(key == tuple(s.model_fields().values()) for s in shapes):
+        if shape_problem(fields["d_model"], fields["n_heads"]) or key in seen:
             continue
+        seen.add(key)
         name = known.get(key) or ("set by hand" if len(by_hand) == len(SHAPE_FIELDS) else f"{base.name} with {said}")
         shapes.append(Shape(name, **fields, floor=steps_needed(base)))
     if not shapes:
