@@ -100,21 +100,24 @@ def _next_logprobs(model, tokens: Tensor, cache, step: int, min_len: int, max_le
                    forced: Tensor | None = None, history: Tensor | None = None, no_repeat: int = 0) -> Tensor:
     """log p(next | prefix) as float32 [N, V], with EOS banned before min_len and forced at max_len,
     repeats of an n-gram of `history` [N, step] banned (`no_repeat` n), and `forced` tokens [N]
-    (-1: none) imposed; every allowed token keeps its real log-probability."""
+    (-1: none) imposed; every allowed token keeps its real log-probability. The cap and a forced
+    token win over the bans (a min_len beyond the cap, a prefix that repeats an n-gram): the token
+    they impose keeps its real log-probability, read before the bans."""
     logp = torch.log_softmax(model.decode_step(tokens, cache).float(), dim=-1)
+    at_cap = step + 1 >= max_len  # [N]: this is the last token allowed
+    rows = (forced >= 0).nonzero()[:, 0] if forced is not None else None
+    eos_real = logp[at_cap, eos_id] if at_cap.any() else None  # indexing by mask copies
+    kept = logp[rows, forced[rows]] if rows is not None and len(rows) else None
     if step < min_len:
         logp[:, eos_id] = -math.inf
     if no_repeat and history is not None:
         ban_repeated_ngrams(logp, history, no_repeat)
-    at_cap = step + 1 >= max_len  # [N]: this is the last token allowed
-    if at_cap.any():
-        eos_row = torch.full_like(logp[0], -math.inf)
-        eos_row[eos_id] = 0.0
-        # keep the real EOS probability for the score, ban everything else
-        logp[at_cap] = torch.where(eos_row == 0, logp[at_cap], eos_row)
-    if forced is not None and (forced >= 0).any():
-        rows = (forced >= 0).nonzero()[:, 0]
-        kept = logp[rows, forced[rows]]
+    if eos_real is not None:  # the real EOS probability for the score, everything else banned
+        capped = logp[at_cap]
+        capped.fill_(-math.inf)
+        capped[:, eos_id] = eos_real
+        logp[at_cap] = capped
+    if kept is not None:
         logp[rows] = -math.inf
         logp[rows, forced[rows]] = kept
     return logp
@@ -370,7 +373,8 @@ def greedy_no_cache(model, src: Tensor, config: DecodeConfig, prefixes: list[lis
     logprob = torch.zeros(n, dtype=torch.float64)
     everyone = torch.arange(n, device=src.device)
     for step in range(int(max_len.max())):
-        logp = torch.log_softmax(model.decode(prefix, memory, src_mask)[:, -1].float(), dim=-1)
+        real = torch.log_softmax(model.decode(prefix, memory, src_mask)[:, -1].float(), dim=-1)
+        logp = real.clone()  # the bans choose; a forced token or the cap's EOS is scored by `real`
         if step < config.min_length:
             logp[:, c.eos_id] = -math.inf
         if config.no_repeat_ngram:
@@ -380,7 +384,7 @@ def greedy_no_cache(model, src: Tensor, config: DecodeConfig, prefixes: list[lis
         if now is not None:
             nxt = torch.where(now >= 0, now, nxt)
         nxt = torch.where(step + 1 >= max_len, torch.full_like(nxt, c.eos_id), nxt)
-        logprob += torch.where(done, 0.0, logp.gather(1, nxt[:, None])[:, 0]).double().cpu()
+        logprob += torch.where(done, 0.0, real.gather(1, nxt[:, None])[:, 0]).double().cpu()
         nxt = torch.where(done, torch.full_like(nxt, c.pad_id), nxt)
         prefix = torch.cat([prefix, nxt[:, None]], dim=1)
         done |= nxt == c.eos_id

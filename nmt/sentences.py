@@ -3,8 +3,8 @@
 "Sr." kept; maintained: releases through 2026). An optional dependency (`pip install
 'nmt[split]'`): without it, asking to split is a one-line error saying what to install.
 
-The segments are substrings of the line, in order, whose concatenation is the line; joining
-the translations back is `translate.Translator`'s job.
+The segments are the line's sentences, in order, with the spaces around them stripped and no
+empty one kept; joining the translations back is `translate.Translator`'s job.
 """
 
 from __future__ import annotations

@@ -244,6 +244,18 @@ def test_no_repeat_ngram_applies_to_every_line(model):
             assert len(grams) == len(set(grams))
 
 
+@pytest.mark.parametrize("beam", [1, 3])
+def test_a_min_length_past_the_cap_and_a_prefix_that_loops_still_translate_every_line(any_model, beam):
+    """The cap wins over --min-length, and a forced prefix over the n-gram ban: every line gets
+    its translation (the guard on, as by default), cut at its cap or starting with its prefix."""
+    lines = [line for line in LINES if line]  # an empty line has no hypotheses to look at
+    results = list(any_model.translations(lines, min_length=40, beam_size=beam, **SHORT))
+    assert [bool(r.hypotheses and r.hypotheses[0].text) for r in results] == [True] * len(lines)
+    looping = ["ha ha ha ha ha"] * len(lines)
+    results = list(any_model.translations(lines, looping, no_repeat_ngram=2, beam_size=beam, **SHORT))
+    assert [r.hypotheses[0].text.startswith("ha ha ha ha ha") for r in results] == [True] * len(lines)
+
+
 # -- paragraphs ---------------------------------------------------------------------------------
 
 

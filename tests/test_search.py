@@ -246,6 +246,9 @@ class FixedDecoder:
     def decode_step(self, tokens, cache):
         return self.logits.expand(len(tokens), -1)
 
+    def decode(self, prefix, memory, mask):  # for greedy_no_cache
+        return self.logits.expand(prefix.shape[0], prefix.shape[1], -1)
+
 
 def draws(n=4000, seed=0, **options) -> list[int]:
     cfg = DecodeConfig(beam_size=1, max_length_a=0.0, max_length_b=2, **options)
@@ -357,3 +360,43 @@ def test_no_repeat_ngram_bans_exactly_the_repeats(n, beam):
     assert len(grams) == len(set(grams)) and len(tokens) == 6
     assert search(FixedDecoder(probs), torch.full((1, 2), 4), DecodeConfig(beam_size=beam, max_length_a=0.0,
                   max_length_b=7, length_penalty=0.0))[0].hypotheses[0].tokens == [4] * 6
+
+
+# -- the cap and a forced prefix win over the bans ------------------------------------------------
+
+LOGP = torch.log(P.clamp(min=1e-12))  # FixedDecoder's log-probabilities, read independently
+
+
+def _search(kind):
+    return {"greedy": greedy, "beam": beam_search, "naive": greedy_no_cache,
+            "sample": lambda m, s, c, p=None: sample(m, s, c, torch.Generator().manual_seed(0), p)}[kind]
+
+
+@pytest.mark.parametrize("kind", ["greedy", "beam", "naive", "sample"])
+def test_a_min_length_beyond_the_cap_still_ends_every_line_at_its_cap(kind):
+    """EOS is banned before min_length and forced at the cap: when min_length is past the cap, the
+    cap wins, with the real EOS probability in the score (no line is left without a translation)."""
+    cfg = DecodeConfig(beam_size=2 if kind == "beam" else 1, max_length_a=0.0, max_length_b=4, min_length=10,
+                       length_penalty=0.0)
+    results = _search(kind)(FixedDecoder(), torch.full((3, 2), 4), cfg)
+    for r in results:
+        h = r.hypotheses[0]
+        assert len(h.tokens) == 3 and h.hit_max_length  # 3 tokens and EOS: the cap of 4
+        assert h.logprob == pytest.approx(sum(LOGP[t].item() for t in h.tokens) + LOGP[EOS].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["greedy", "beam", "naive", "sample"])
+def test_a_forced_prefix_that_repeats_an_ngram_is_kept_and_scored(kind):
+    """The n-gram ban applies to the tokens the search chooses, not to a prefix the user forces:
+    a prefix of four 4s under a ban of repeated unigrams starts every hypothesis, scored by the
+    model's own log-probabilities."""
+    cfg = DecodeConfig(beam_size=2 if kind == "beam" else 1, max_length_a=0.0, max_length_b=7, no_repeat_ngram=1,
+                       length_penalty=0.0)
+    prefix = [4, 4, 4, 4]
+    results = _search(kind)(FixedDecoder(), torch.full((2, 2), 4), cfg, [prefix, [5]])
+    for r, p in zip(results, (prefix, [5])):
+        h = r.hypotheses[0]
+        assert h.tokens[: len(p)] == p and math.isfinite(h.logprob)
+        rest = h.tokens[len(p):]
+        assert len(set(rest)) == len(rest) and not set(rest) & set(p)  # the chosen tokens repeat nothing
+        assert h.logprob == pytest.approx(sum(LOGP[t].item() for t in h.tokens) + LOGP[EOS].item(), rel=1e-5)
