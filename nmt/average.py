@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from nmt import atomic, checkpoint, directions, mixing, validate
 from nmt.errors import NmtError
@@ -28,7 +27,7 @@ def average_state_dicts(paths: list[Path]) -> dict[str, torch.Tensor]:
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for path in paths:
-        tensors = load_file(str(path))
+        tensors = checkpoint.read_tensors(path)
         if total and set(tensors) != set(total):
             raise NmtError(f"{path}: holds other tensors than the checkpoints before it")
         for name, tensor in tensors.items():
@@ -43,7 +42,7 @@ def average(directory: Path, last: int, runtime: Runtime, dev_prefix: str | None
     checkpoints = checkpoint.list_checkpoints(directory)[-last:]
     if len(checkpoints) < 2:
         raise NmtError(f"{directory}: need at least 2 checkpoints to average, found {len(checkpoints)}")
-    dev_prefix = dev_prefix or config["train"].get("dev")
+    dev_prefix = dev_prefix or config.get("train", {}).get("dev")
     if not dev_prefix:
         raise NmtError(f"{directory}: no dev set to compare the averaged model on (give --dev)")
     current, vocabs, _ = checkpoint.load_for_inference(directory)  # every part checked

@@ -111,10 +111,25 @@ def load_weights(model, path: Path) -> None:
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise NmtError(f"{path}: cannot load weights ({str(e).splitlines()[0][:200]})") from None
+        raise _unloadable(path, e) from None
     if missing or unexpected:
         raise NmtError(f"{path}: weights do not match the config (missing {list(missing)[:3]}, "
                        f"unexpected {list(unexpected)[:3]})")
+
+
+def read_tensors(path: Path) -> dict[str, Any]:
+    """The tensors of a weights file by name; a damaged or unreadable one is a one-line error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise _unloadable(path, e) from None
+
+
+def _unloadable(path: Path, e: Exception) -> NmtError:
+    return NmtError(f"{path}: cannot load weights ({(str(e).splitlines() or [type(e).__name__])[0][:200]})")
 
 
 def write_config(directory: Path, config: dict[str, Any]) -> None:

@@ -324,6 +324,14 @@ def _check_train_values(c) -> None:
     for name in ("max_steps", "max_epochs", "max_time"):
         if getattr(c, name) is not None and getattr(c, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(c, name)})")
+    if c.keep_last < 1:
+        raise UsageError(f"--keep-last must be ≥ 1 (got {c.keep_last})")
+    for name in ("patience", "average_last"):
+        if getattr(c, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be ≥ 0, 0 for off (got {getattr(c, name)})")
+    if c.lr_schedule in ("cosine", "linear") and not (c.max_steps or c.max_time):
+        raise UsageError(f"--lr-schedule {c.lr_schedule} decays to 0 at the end of the budget: "
+                         f"give --max-steps or --max-time")
     if not 0 <= c.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1) (got {c.label_smoothing})")
     _choice(c.device if not c.device.startswith("cuda:") else "cuda", "--device", ("auto", "cpu", "cuda"))

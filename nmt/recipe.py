@@ -11,8 +11,13 @@ two moves, because the vocabulary must exist before a model can be timed on real
 
 The rules were found by training on the embedded corpus and scoring on its dev set (never on
 test); the README's "Choosing the recipe" section has the measurements behind each one. Every
-choice can still be overridden by an explicit option; the recipe is stored in config.json, so a
-resume continues the same run without measuring again.
+choice can still be overridden by an explicit option; the recipe is stored in OUT/recipe.json (and
+a copy in config.json, which restores it if recipe.json is lost), so a resume continues the same
+run without measuring again.
+
+Steps are optimizer steps: with `--update-freq K` a step takes K batches, and under torchrun each
+of R ranks takes its own, so a step sees K·R batches; the rates are measured on one process,
+and R ranks are taken to train R times as fast.
 """
 
 from __future__ import annotations
@@ -183,13 +188,15 @@ def _next_larger(name: str, shapes: tuple[Shape, ...] = SHAPES) -> Shape | None:
 
 
 def worth_measuring_next(name: str, rate: float, max_time: float | None, batch_tokens: int,
-                         shapes: tuple[Shape, ...] = SHAPES) -> bool:
-    """After timing `name` at `rate` tokens/s: could the next, larger shape get the steps it needs?
-    A larger shape is never faster, so if this one cannot, neither can it."""
+                         shapes: tuple[Shape, ...] = SHAPES, update_freq: int = 1) -> bool:
+    """After timing `name` at `rate` tokens/s (one process): could the next, larger shape get the
+    steps it needs? A larger shape is never faster, so if this one cannot, neither can it. (Ranks
+    cancel out: R of them see R times the tokens in R times the batches per step.)"""
     larger = _next_larger(name, shapes)
     if larger is None:
         return False
-    return max_time is None or rate * max_time * (1 - EVAL_SHARE) >= steps_needed(larger) * REAL_SHARE * batch_tokens
+    return max_time is None or \
+        rate * max_time * (1 - EVAL_SHARE) >= steps_needed(larger) * REAL_SHARE * batch_tokens * update_freq
 
 
 def measure(shapes: tuple[Shape, ...], step: Callable[[Shape], Callable[[int], int]], seconds: float = 2.0,
@@ -220,42 +227,51 @@ def measure(shapes: tuple[Shape, ...], step: Callable[[Shape], Callable[[int], i
 
 
 def choose(rates: dict[str, float], corpus_tokens: int, max_time: float | None, max_steps: int | None,
-           batch_tokens: int, eval_seconds: float, shapes: tuple[Shape, ...] = SHAPES) -> Recipe:
-    """Pick the shape and settings for a budget of `max_time` seconds and/or `max_steps` steps.
+           batch_tokens: int, eval_seconds: float, shapes: tuple[Shape, ...] = SHAPES, *,
+           update_freq: int = 1, ranks: int = 1, max_epochs: int | None = None) -> Recipe:
+    """Pick the shape and settings for a budget of `max_time` seconds and/or `max_steps` steps
+    (and at most `max_epochs` passes over the data, when set).
 
-    rates: measured target tokens/s per shape; corpus_tokens: target tokens in one epoch;
-    batch_tokens: the padded token budget per batch; eval_seconds: estimated cost of one dev
-    evaluation (0 without a dev set); shapes: the candidates, smallest first (`candidates`)."""
-    real_per_batch = REAL_SHARE * batch_tokens
+    rates: measured target tokens/s per shape, on one process; corpus_tokens: target tokens in one
+    epoch; batch_tokens: the padded token budget per batch; eval_seconds: estimated cost of one
+    dev evaluation (0 without a dev set); shapes: the candidates, smallest first (`candidates`);
+    update_freq: batches per optimizer step on each rank; ranks: processes training together."""
+    per_step = REAL_SHARE * batch_tokens * update_freq * ranks  # real target tokens per optimizer step
 
     if not max_time and not max_steps:
-        raise ValueError("a recipe needs a budget: max_time or max_steps")
+        raise UsageError("--preset auto chooses the recipe from a budget: give --max-time or --max-steps")
 
     def tokens_of(name: str) -> float:
         budget = []
         if max_time:
-            budget.append(rates[name] * max_time * (1 - EVAL_SHARE))
+            budget.append(rates[name] * ranks * max_time * (1 - EVAL_SHARE))
         if max_steps:
-            budget.append(max_steps * real_per_batch)
+            budget.append(max_steps * per_step)
+        if max_epochs:
+            budget.append(max_epochs * corpus_tokens)
         return min(budget)
 
     candidates = [s for s in shapes if s.name in rates] if max_time else list(shapes)
     shape = candidates[0]
     for s in candidates[1:]:
-        if tokens_of(s.name) >= steps_needed(s) * real_per_batch:
+        if tokens_of(s.name) >= steps_needed(s) * per_step:
             shape = s
     tokens = tokens_of(shape.name)
     epochs = tokens / max(corpus_tokens, 1)
-    steps = max(1, int(tokens / real_per_batch))
-    warmup = int(min(400, max(100, 0.25 * steps)))  # shorter warm-ups learned slower (README)
+    steps = max(1, int(tokens / per_step))
+    # shorter warm-ups learned slower (README); at most half of a run of under 200 steps, so the peak is reached
+    warmup = int(min(400, max(100, 0.25 * steps), 0.5 * steps))
     lr = lr_for(shape.d_model)
     dropout = dropout_for(epochs, shape.d_model)
     evals = _evaluations(max_time, eval_seconds)
     eval_every = max(50, int(1.1 * steps) // evals)  # the last one inside the budget not right before its end
     speed = f" at {rates[shape.name]:,.0f} tokens/s" if shape.name in rates else f" in {max_steps:,} steps"
-    reason = (f"{shape.name} model, dropout {dropout}, lr {lr:g}, batch {batch_tokens}, cosine to 0: the budget buys "
-              f"~{tokens / 1e6:.2f} M target tokens (~{epochs:.1f} epochs, ~{steps:,} steps){speed}; "
-              + _why(shape, candidates, tokens_of, real_per_batch, shapes))
+    if ranks > 1:
+        speed += f" on each of {ranks} ranks"
+    per = f" × {update_freq * ranks} per step" if update_freq * ranks > 1 else ""
+    reason = (f"{shape.name} model, dropout {dropout}, lr {lr:g}, batch {batch_tokens}{per}, cosine to 0: the budget "
+              f"buys ~{tokens / 1e6:.2f} M target tokens (~{epochs:.1f} epochs, ~{steps:,} steps){speed}; "
+              + _why(shape, candidates, tokens_of, per_step, shapes))
     return Recipe(
         shape=shape.name,
         model={**shape.model_fields(), "dropout": dropout},
@@ -272,20 +288,20 @@ def _evaluations(max_time: float | None, eval_seconds: float) -> int:
     return int(min(20, max(2, EVAL_SHARE * max_time / eval_seconds)))
 
 
-def _why(shape: Shape, candidates: list[Shape], tokens_of, real_per_batch: float, shapes: tuple[Shape, ...]) -> str:
+def _why(shape: Shape, candidates: list[Shape], tokens_of, per_step: float, shapes: tuple[Shape, ...]) -> str:
     if len(shapes) == 1:
         return "the only shape that fits the options set by hand"
     b = _next_larger(shape.name, shapes)
     if b is None:
         return "the largest candidate"
     if b in candidates:
-        steps = tokens_of(b.name) / real_per_batch
+        steps = tokens_of(b.name) / per_step
         return f"{b.name} would get {steps:,.0f} steps, under the {steps_needed(b):,} it needs"
     return f"{b.name} would get fewer than the {steps_needed(b):,} steps it needs"
 
 
 def describe(recipe: Recipe) -> dict[str, Any]:
-    """The JSON record stored in config.json."""
+    """The JSON record stored in OUT/recipe.json and, with the run's configuration, in config.json."""
     return asdict(recipe)
 
 

@@ -50,7 +50,7 @@ class Prepared:
     vocabs: Vocabs
     cache: mixing.Mixture  # every direction of every corpus, read like one token cache
     model_config: ModelConfig
-    dev: ParallelCorpus | None  # the first direction's dev set (the recipe's estimate)
+    dev: ParallelCorpus | None  # the first direction's dev set
     directions: Directions = Directions((("es", "en"),))
     devs: list[mixing.DevSet] = field(default_factory=list)
     parent: finetune.Parent | None = None
@@ -341,7 +341,8 @@ class Trainer:
 
     def batch_tokens(self) -> int:
         """The token budget per batch: --batch-tokens, or with `auto` the largest that fits in GPU
-        memory (probed once, then kept with the checkpoints; on CPU the preset's default)."""
+        memory (probed once, then kept with the checkpoints; on CPU the preset's default, or with
+        `--preset auto` the recipe's batch)."""
         c, pr = self.config, self.progress
         if c.batch_tokens != "auto":
             return int(c.batch_tokens)
@@ -355,6 +356,8 @@ class Trainer:
                 found = autobatch.probe(lambda b: self._forward_backward(b, b.n_tgt_tokens, True, self.model), self.model,
                                         longest, self.p.model_config.tgt_vocab_size, self.runtime.device)
                 pr.batch_tokens = self.dist.min_int(found)  # every rank plans with the same budget
+            elif c.preset == "auto":  # the batch the recipe measured and planned with
+                pr.batch_tokens = recipe.batch_tokens_for("cpu")
             else:
                 preset = c.preset if c.preset in PRESET_TRAINING else "small"
                 pr.batch_tokens = PRESET_TRAINING[preset]["batch_tokens"]
@@ -383,6 +386,7 @@ class Trainer:
             self._check_budget()
             if pr.step % c.eval_every == 0 or self.stop_reason is not None:
                 self.evaluate_and_save()
+                window_tokens, window_start = 0, time.monotonic()  # the next rate is of training alone
         if self.stop_reason is None:
             pr.epoch += 1
             pr.batch_in_epoch = 0
@@ -466,6 +470,10 @@ class Trainer:
             reason = f"{c.max_steps} steps done"
         elif c.max_time and pr.seconds >= c.max_time:
             reason = f"time budget of {c.max_time:.0f} s used"
+        elif c.max_epochs and pr.epoch >= c.max_epochs:  # as the loop ends it: a finished run re-run stays finished
+            reason = f"{c.max_epochs} epochs done"
+        elif c.patience and pr.evals_without_gain >= c.patience:
+            reason = f"no dev BLEU gain in {c.patience} evaluations"
         elif self._signal:
             reason = f"stopped by {self._signal}"
         # every rank must stop at the same step: rank 0's decision (or any rank's signal) wins
@@ -715,12 +723,18 @@ def _recipe_vocabulary(config: TrainConfig, tok_config: TokenizerConfig, out: Pa
     return replace(tok_config, vocab_size=recipe.vocabulary(pairs))
 
 
-def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, existing_run: bool) -> recipe.Recipe:
+def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, existing_run: bool,
+            ranks: int = 1) -> recipe.Recipe:
     """The stored recipe of this run (a resume), else one chosen now by timing the candidate shapes
     on real batches; printed with its reason and written to OUT/recipe.json. `existing_run`: `out`
-    holds a run's config (`check_out_dir`)."""
+    holds a run's config (`check_out_dir`), whose copy of the recipe restores a lost recipe.json;
+    `ranks`: the processes that will train (torchrun)."""
     stored = out / RECIPE_FILE
     by_hand = _shape_by_hand(config, p.model_config)
+    if existing_run and not stored.exists():
+        record = checkpoint.read_config(out).get("recipe")
+        if record:  # written with the run's config, so it is this run's
+            atomic.write_text(stored, json.dumps(record, indent=2))
     if stored.exists():
         chosen = recipe.from_record(json.loads(stored.read_text()))
         # a preparation cut short left a recipe and no run yet: one chosen for other shape options is chosen
@@ -729,10 +743,13 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, exist
             log.info("recipe (stored): %s", chosen.reason)
             return chosen
         log.info("recipe: the stored one (%s) does not fit the shape options set by hand; choosing again", chosen.shape)
+    # `--batch-tokens auto` on CPU trains with the recipe's batch (`Trainer.batch_tokens`); on a GPU the
+    # memory probe may choose another, and the figures here assume the recipe's
     batch_tokens = int(config.batch_tokens) if "train.batch_tokens" in config.fixed and config.batch_tokens != "auto" \
         else recipe.batch_tokens_for(runtime.device.type)
     corpus_tokens = int(p.cache.tgt_len.sum()) + len(p.cache.tgt_len)  # EOS included
-    dev_pairs = p.dev.check_line_counts() if p.dev is not None else 0
+    cap = config.eval_max_sentences  # 0: the whole dev set
+    dev_pairs = sum(min(n, cap) if cap else n for n in (d.corpus.check_line_counts() for d in p.devs))  # each direction's
     mean_tgt = corpus_tokens / max(len(p.cache.tgt_len), 1)
     # shape options set by hand narrow the candidates, so the rest of the recipe fits the shape that trains
     shapes = recipe.candidates(by_hand)
@@ -740,10 +757,12 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, exist
     if config.max_time:  # a step budget needs no speed: it fixes the tokens seen
         rates = recipe.measure(shapes, _shape_trial(p, config, runtime, batch_tokens),
                                keep_going=lambda name, rate: recipe.worth_measuring_next(name, rate, config.max_time,
-                                                                                         batch_tokens, shapes))
+                                                                                         batch_tokens, shapes,
+                                                                                         config.update_freq))
         # a dev evaluation decodes every dev target (about as fast per token as training) and scores its loss
         eval_seconds = 1.4 * dev_pairs * mean_tgt / max(min(rates.values()), 1.0)
-    chosen = recipe.choose(rates, corpus_tokens, config.max_time, config.max_steps, batch_tokens, eval_seconds, shapes)
+    chosen = recipe.choose(rates, corpus_tokens, config.max_time, config.max_steps, batch_tokens, eval_seconds, shapes,
+                           update_freq=config.update_freq, ranks=ranks, max_epochs=config.max_epochs)
     log.info("recipe: %s", chosen.reason)
     atomic.write_text(stored, json.dumps(recipe.describe(chosen), indent=2))
     return chosen
@@ -807,8 +826,10 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
     if config.init_from and parent is None:
         parent, config, model_config, tok_config = finetune.configs(config, model_config, tok_config, out)
     check_max_length(config, model_config, bool(run_directions(config, parent).tagged))
-    if config.preset == "auto":
-        recipe.candidates(_shape_by_hand(config, model_config))  # options no candidate fits: refused before any work
+    if config.preset == "auto":  # refused before any work: no budget to choose from, options no candidate fits
+        if not config.max_time and not config.max_steps:
+            raise UsageError("--preset auto chooses the recipe from a budget: give --max-time or --max-steps")
+        recipe.candidates(_shape_by_hand(config, model_config))
     dist = Distributed(config.device)
     try:
         # rank 0 alone looks: the others start after it has written there
@@ -820,7 +841,7 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         if dist.is_writer:
             p = prepare(config, model_config, tok_config, out, parent=parent)
             if config.preset == "auto":
-                chosen = _recipe(p, config, runtime, out, existing_run)
+                chosen = _recipe(p, config, runtime, out, existing_run, dist.world_size)
         dist.barrier()  # rank 0 trained the tokenizer, built the cache, chose the recipe; the others reuse them
         if not dist.is_writer:
             p = prepare(config, model_config, tok_config, out, parent=parent)
@@ -853,10 +874,13 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
             raise Interrupted(f"{trainer.stop_reason} at step {result.step}: checkpoint saved in {out}; "
                               f"run the same command to resume", trainer._signum)
         if dist.is_writer:
-            if config.average_last >= 2 and p.dev is not None and len(checkpoint.list_checkpoints(out)) >= 2:
+            kept = len(checkpoint.list_checkpoints(out))
+            if config.average_last >= 2 and p.dev is not None and kept >= 2:
                 from nmt.average import average
 
                 average(out, config.average_last, runtime)
+            elif config.average_last >= 2 and p.dev is not None:
+                log.info("no averaging: %d checkpoint kept (--keep-last %d)", kept, config.keep_last)
         log.info("training ended: %s; best dev BLEU %.2f at step %d; model in %s", trainer.stop_reason,
                  result.best_bleu, result.best_step, out)
         if dist.is_writer and test is not None:

@@ -170,3 +170,12 @@ def test_average_state_dicts_refuses_other_tensors(tmp_path):
     save_file({"w": torch.zeros(2), "extra": torch.zeros(1)}, str(second))
     with pytest.raises(NmtError, match="b.safetensors"):
         average_state_dicts([first, second])
+
+
+def test_average_state_dicts_names_a_damaged_file(tmp_path):
+    first, damaged = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"x": torch.tensor([1.0])}, str(first))
+    damaged.write_bytes(first.read_bytes()[:20])  # cut short, as by a full disk
+    with pytest.raises(NmtError) as caught:
+        average_state_dicts([first, damaged])
+    assert str(caught.value).startswith(f"{damaged}: cannot load weights (")

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import sacrebleu
+import torch
 
 from conftest import error_line, run_nmt, without_paths, write_slice
 from nmt import recipe
@@ -69,8 +70,44 @@ def test_a_step_budget_needs_no_speed():
     assert recipe.choose({}, EPOCH, None, 8999, 1500, 0.0).shape == "compact"
     assert recipe.choose({}, EPOCH, None, recipe.MIN_STEPS, 1500, 0.0).shape == "compact"
     assert recipe.choose({}, EPOCH, None, recipe.MIN_STEPS - 1, 1500, 0.0).shape == "micro"
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="give --max-time or --max-steps"):
         recipe.choose({}, EPOCH, None, None, 1500, 0.0)
+
+
+def test_steps_are_optimizer_steps_of_every_batch_they_take():
+    # --update-freq 4 on batches of 1,500 buys what batches of 6,000 buy: the same steps and shape
+    by_freq = recipe.choose(RATES, EPOCH, 20_000, None, 1500, 30.0, update_freq=4)
+    by_size = recipe.choose(RATES, EPOCH, 20_000, None, 6000, 30.0)
+    assert by_freq.shape == by_size.shape and by_freq.budget_tokens == by_size.budget_tokens
+    assert by_freq.train["eval_every"] == by_size.train["eval_every"]
+    assert by_freq.train["warmup_steps"] == by_size.train["warmup_steps"]
+    one = recipe.choose(RATES, EPOCH, 20_000, None, 1500, 30.0)
+    assert one.shape == "small" and by_freq.shape == "mini"  # a quarter of the steps: under compact's 4,000
+    assert "batch 1500 × 4 per step" in by_freq.reason
+    # two ranks at the rate measured on one: twice the tokens in twice the batches per step, so the same steps
+    two = recipe.choose(RATES, EPOCH, 20_000, None, 1500, 30.0, ranks=2)
+    assert two.shape == one.shape and two.budget_tokens == pytest.approx(2 * one.budget_tokens)
+    assert two.epochs == pytest.approx(2 * one.epochs) and two.train["eval_every"] == one.train["eval_every"]
+    assert "on each of 2 ranks" in two.reason
+    # a step budget: each step takes update_freq x ranks batches
+    r = recipe.choose({}, EPOCH, None, 1000, 1500, 0.0, update_freq=2, ranks=3)
+    assert r.budget_tokens == pytest.approx(1000 * recipe.REAL_SHARE * 1500 * 6)
+    assert not recipe.worth_measuring_next("compact", RATES["compact"], 20_000, 1500, update_freq=4)
+    assert recipe.worth_measuring_next("compact", RATES["compact"], 20_000, 1500)
+
+
+def test_an_epoch_cap_caps_the_tokens_and_the_shape():
+    capped = recipe.choose(RATES, EPOCH, 3600, None, 1500, 30.0, max_epochs=3)
+    assert capped.budget_tokens == pytest.approx(3 * EPOCH) and capped.epochs == pytest.approx(3)
+    steps = 3 * EPOCH / (recipe.REAL_SHARE * 1500)  # ~1,950 steps: micro, the only shape that needs no more
+    assert capped.shape == "micro" and capped.model["dropout"] == 0.0
+    evals = int(recipe.EVAL_SHARE * 3600 / 30.0)  # 6 evaluations of 30 s in 5% of an hour
+    assert capped.train["eval_every"] == int(1.1 * int(steps)) // evals  # spread over the capped steps
+
+
+def test_a_short_run_warms_up_for_at_most_half_its_steps():
+    for steps, warmup in ((1, 0), (10, 5), (150, 75), (300, 100), (1000, 250), (10_000, 400)):
+        assert recipe.choose({}, EPOCH, None, steps, 1500, 0.0).train["warmup_steps"] == warmup, steps
 
 
 def test_time_and_steps_together_the_smaller_budget_decides():
@@ -210,6 +247,34 @@ def test_train_with_a_budget_and_no_preset_chooses_stores_and_reuses_the_recipe(
     err = r.stderr.decode()
     assert r.returncode == 0, err
     assert "recipe (stored)" in err and "resuming from step-" in err
+    # recipe.json lost: config.json's copy restores it
+    stored = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    (tmp_path / "run" / "recipe.json").unlink()
+    r = run_nmt(*args, "--max-steps", "4")
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "recipe (stored)" in err and "trains at" not in err
+    assert json.loads((tmp_path / "run" / "recipe.json").read_text()) == stored
+
+
+def test_a_recipe_without_a_budget_is_refused_before_any_work(tmp_path):
+    train = write_slice(tmp_path / "d", "train", 20)
+    r = run_nmt("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--out",
+                str(tmp_path / "run"), "--preset", "auto")
+    assert error_line(r, 2) == "nmt: error: --preset auto chooses the recipe from a budget: give --max-time or --max-steps"
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_tokens_auto_on_cpu_trains_with_the_recipes_batch(tmp_path):
+    train = write_slice(tmp_path / "d", "train", 200)
+    r = run_nmt("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--out",
+                str(tmp_path / "run"), "--dtype", "float32", "--vocab-size", "300", "--batch-tokens", "auto",
+                "--max-steps", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "batch 1500," in r.stderr.decode()  # the batch the recipe planned with
+    [saved] = (tmp_path / "run" / "checkpoints").glob("step-*/state.pt")
+    progress = json.loads(torch.load(saved, weights_only=True)["progress"])
+    assert progress["batch_tokens"] == recipe.batch_tokens_for("cpu") == 1500
 
 
 def test_train_fits_the_recipe_to_the_layers_set_by_hand_and_refuses_a_shape_nothing_fits(tmp_path):

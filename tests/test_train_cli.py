@@ -116,11 +116,23 @@ def test_empty_training_data(tmp_path):
     (["--label-smoothing", "1.5"], "label-smoothing"),
     (["--max-steps", "many"], "max-steps"),
     (["--max-length", "5000"], "exceeds the model's max_positions 1024"),
+    (["--keep-last", "0"], "--keep-last must be ≥ 1 (got 0)"),
+    (["--patience", "-1"], "--patience must be ≥ 0, 0 for off (got -1)"),
+    (["--average-last", "-2"], "--average-last must be ≥ 0, 0 for off (got -2)"),
 ])
 def test_usage_errors_exit_2(tmp_path, data, args, words):
     msg = error_line(train("--train", str(data["train"]), "--dev", "none", "--out", str(tmp_path / "run"),
                            "--max-steps", "2", *args), 2)
     assert words in msg
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_a_schedule_to_zero_at_the_budgets_end_needs_a_budget(tmp_path, data, schedule):
+    msg = error_line(train("--train", str(data["train"]), "--dev", "none", "--out", str(tmp_path / "run"),
+                           "--max-epochs", "1", "--lr-schedule", schedule), 2)
+    assert msg == (f"nmt: error: --lr-schedule {schedule} decays to 0 at the end of the budget: "
+                   f"give --max-steps or --max-time")
+    assert not (tmp_path / "run").exists()
 
 
 def test_config_file_not_json(tmp_path, data):
@@ -219,6 +231,20 @@ def test_rerunning_a_finished_run_trains_no_further(run):
     steps = json.loads((out / "training.json").read_text(encoding="utf-8"))["steps"]
     ok(train(*run["args"], "--max-steps", str(steps)))
     assert json.loads((out / "training.json").read_text(encoding="utf-8"))["steps"] == steps
+
+
+@pytest.mark.parametrize("limit", [("--max-epochs", "1"), ("--patience", "1", "--eval-every", "1", "--max-steps", "60")])
+def test_rerunning_a_run_ended_by_its_epochs_or_patience_trains_no_further(tmp_path, data, limit):
+    args = ["--train", str(data["train"]), "--dev", str(data["dev"]), "--out", str(tmp_path / "run"), *limit]
+    ok(train(*args))
+    first = json.loads((tmp_path / "run" / "training.json").read_text(encoding="utf-8"))
+    assert first["stop_reason"] == ("1 epochs done" if limit[0] == "--max-epochs" else
+                                    "no dev BLEU gain in 1 evaluations")
+    ok(train(*args))
+    again = json.loads((tmp_path / "run" / "training.json").read_text(encoding="utf-8"))
+    assert (again["steps"], again["epochs"], again["stop_reason"]) == \
+        (first["steps"], first["epochs"], first["stop_reason"])
+    assert len(again["evaluations"]) == len(first["evaluations"])
 
 
 def test_resume_refused_when_a_model_option_changes(run):
