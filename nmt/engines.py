@@ -193,8 +193,9 @@ class CTranslate2:
     @staticmethod
     def load(ct2_dir: Path, config: DecodeConfig, compute_type: str = "default", threads: int = 0,
              device: str = "cpu", exact_caps: bool = True) -> "CTranslate2":
-        """Open an exported directory: the translator (`threads` = CTranslate2's intra_threads, 0
-        for its default), the tokenizer(s) and max_positions saved beside it."""
+        """Open an exported directory: the translator (`threads` = CTranslate2's intra_threads; 0:
+        as many as torch uses, all cores, as for nmt's own engine, where CTranslate2's own default
+        would be 4), the tokenizer(s) and max_positions saved beside it."""
         from nmt.export import EXPORT_FORMAT, EXPORT_META, ctranslate2_module
 
         ct2 = ctranslate2_module()
@@ -207,7 +208,7 @@ class CTranslate2:
             raise NmtError(f"{ct2_dir / EXPORT_META}: format is not {EXPORT_FORMAT!r}")
         try:
             translator = ct2.Translator(str(ct2_dir), device=device, compute_type=compute_type,
-                                        inter_threads=1, intra_threads=threads)
+                                        inter_threads=1, intra_threads=threads or torch.get_num_threads())
         except (RuntimeError, ValueError) as e:
             raise NmtError(f"{ct2_dir}: CTranslate2 cannot load it ({str(e).splitlines()[0][:200]})") from None
         src = meta.get("src")  # written by exports since --split-sentences; older ones: None

@@ -173,6 +173,9 @@ def _check_target(model_dir: Path, out_dir: Path) -> None:
         raise NmtError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "model.bin").exists():
         raise NmtError(f"{out_dir}: exists and is not a CTranslate2 model directory (refusing to replace it)")
+    if out_dir.is_dir() and (out_dir / "model.bin").exists() and not (out_dir / EXPORT_META).exists():
+        raise NmtError(f"{out_dir}: holds a CTranslate2 model that nmt did not export (no {EXPORT_META}; "
+                       f"refusing to replace it)")
 
 
 def _save_atomically(spec, tokenizer_files: list[Path], meta: dict[str, Any], out_dir: Path) -> None:

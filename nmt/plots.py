@@ -8,10 +8,13 @@ a PNG is asked for; the terminal heatmap needs only rich.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from nmt.attention_maps import AttentionMaps
 from nmt.errors import NmtError
+
+log = logging.getLogger(__name__)
 
 SHADES = " ░▒▓█"
 
@@ -69,14 +72,36 @@ def attention_terminal(maps: AttentionMaps) -> None:
     Console().print(table)
 
 
+def _records(path: Path) -> list[dict]:
+    """The JSON objects of metrics.jsonl; a line that is not one (cut short when a run was killed
+    mid-write, and the resumed run appended after it) is skipped and counted."""
+    records, bad = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad.append(number)
+    if bad:
+        log.warning("%s: skipped %d unreadable line(s) (line %s), as a killed run leaves one cut short",
+                    path, len(bad), ", ".join(map(str, bad[:3])))
+    return records
+
+
 def training_curves_png(run: Path, out: Path) -> Path:
     """Train loss, dev loss and dev BLEU against steps and against time, from metrics.jsonl."""
     path = run / "metrics.jsonl"
     if not path.exists():
         raise NmtError(f"{run}: no metrics.jsonl (not a training run directory?)")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    train = [r for r in records if r.get("event") == "train"]
-    evals = [r for r in records if r.get("event") == "eval"]
+    records = _records(path)
+    number = lambda r, keys: all(isinstance(r.get(k), (int, float)) for k in keys)  # noqa: E731
+    train = [r for r in records if r.get("event") == "train" and number(r, ("step", "seconds", "loss"))]
+    evals = [r for r in records if r.get("event") == "eval" and number(r, ("step", "seconds", "dev_loss", "dev_bleu"))]
     if not train and not evals:
         raise NmtError(f"{path}: no training records yet")
     plt = _pyplot()

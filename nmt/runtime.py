@@ -79,7 +79,8 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
             raise UsageError(f"unknown dtype {name!r} (auto, float32 or bfloat16)")
         return DTYPES[name]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        # bf16 units only: an older GPU (T4, V100) emulates bf16, slowly
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
     return _cpu_dtype()
 
 

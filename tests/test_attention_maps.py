@@ -73,5 +73,14 @@ def test_attention_and_plot_commands_draw_pngs_of_the_expected_grid(tiny_model_d
     r = run_nmt("plot", str(tiny_model_dir), "-o", str(tmp_path / "curves.png"))
     assert r.returncode == 0, r.stderr.decode()
     assert (tmp_path / "curves.png").stat().st_size > 1000
+    # a line cut short by a killed run, then the resumed run's records: skipped and counted, not a traceback
+    run = tmp_path / "cut"
+    run.mkdir()
+    lines = (tiny_model_dir / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([*lines[:2], lines[2][:15], *lines[2:]]) + "\n")
+    r = run_nmt("plot", str(run), "-o", str(tmp_path / "cut.png"))
+    assert r.returncode == 0, r.stderr.decode()
+    assert "skipped 1 unreadable line(s) (line 3)" in r.stderr.decode()
+    assert (tmp_path / "cut.png").stat().st_size > 1000
     r = run_nmt("attention", "-m", str(tiny_model_dir), "Hola")  # terminal heatmap, no file
     assert r.returncode == 0 and r.stdout.strip()

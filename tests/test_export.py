@@ -240,6 +240,29 @@ def test_refuses_to_replace_a_directory_that_is_not_an_export(tiny_model_dir, tm
     with pytest.raises(NmtError, match="not a CTranslate2 model directory"):
         export_ctranslate2(tiny_model_dir, other)
     assert (other / "notes.txt").read_text() == "keep me"
+    (other / "model.bin").write_bytes(b"someone else's model")  # a CTranslate2 model nmt did not export
+    with pytest.raises(NmtError) as caught:
+        export_ctranslate2(tiny_model_dir, other)
+    assert str(caught.value) == (f"{other}: holds a CTranslate2 model that nmt did not export "
+                                 f"(no nmt_export.json; refusing to replace it)")
+    assert (other / "model.bin").read_bytes() == b"someone else's model"
+
+
+def test_threads_zero_gives_ctranslate2_as_many_threads_as_torch_uses(tiny_export, monkeypatch):
+    import torch
+
+    seen = {}
+    real = ctranslate2.Translator
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ctranslate2, "Translator", recording)
+    engines.CTranslate2.load(tiny_export, DecodeConfig(), threads=0)
+    assert seen["intra_threads"] == torch.get_num_threads() >= 1  # not CTranslate2's own default of 4
+    engines.CTranslate2.load(tiny_export, DecodeConfig(), threads=1)
+    assert seen["intra_threads"] == 1
 
 
 def test_failed_save_leaves_nothing_half_written(tiny_model_dir, tmp_path, monkeypatch):
