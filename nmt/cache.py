@@ -295,7 +295,8 @@ def build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters, direc
                 _write_chunk(pending.result(), filters, writer, report)
         _finish_index(tmp, writer, filters, report)
         if report.kept == 0:
-            raise NmtError(f"no training pairs left after filtering ({report.summary()})")
+            names = ", ".join(f"{c.src_path}, {c.tgt_path}" for c in corpora)
+            raise NmtError(f"{names}: no training pairs left after filtering ({report.summary()})")
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         meta = {"key": directory.name, "format": FORMAT_VERSION, "dtype": dtype.name,
                 "report": asdict(report), "files": files, **described}

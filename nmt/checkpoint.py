@@ -38,15 +38,19 @@ WEIGHTS = "model.safetensors"
 CONFIG_LIMIT = 16 << 20  # a config.json is a few kB; a larger one is not ours
 
 
-# What `nmt.atomic` names its temporaries (`atomic.temporary_name`).
+# What `nmt.atomic` names its temporaries (`atomic.temporary_name`), and the previous version of a
+# directory it moves aside while replacing it (`atomic.directory`).
 TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
+MOVED_ASIDE = re.compile(r"^\.(.+)\.old-(\d+)$")
 
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:
     """Remove what killed processes left in `directory` and its checkpoints/: temporaries
     `.NAME.tmp-PID` whose process is gone, and checkpoints/step-N/ that a pruning cut short (a
     finished checkpoint appears whole, by rename, so one without its weights or state is half
-    deleted). A temporary of a live process is kept. Returns what was removed."""
+    deleted). A previous version `.NAME.old-PID` that a killed replacement moved aside goes back to
+    NAME when NAME is missing (killed between its two renames), else it is removed. A temporary of
+    a live process is kept. Returns what was removed."""
     removed = []
     for root in (Path(directory), Path(directory) / "checkpoints"):
         try:
@@ -54,10 +58,15 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
         except OSError:
             continue
         for p in entries:
-            match = TEMPORARY.match(p.name)
+            aside = MOVED_ASIDE.match(p.name)
+            if aside and not _process_alive(int(aside.group(2))) and not (root / aside.group(1)).exists():
+                os.replace(p, root / aside.group(1))
+                log.info("restored %s, which an interrupted replacement had moved aside", aside.group(1))
+                continue
+            match = TEMPORARY.match(p.name) or aside
             half_pruned = root.name == "checkpoints" and p.name.startswith("step-") and p.is_dir() and \
                 not ((p / WEIGHTS).exists() and (p / "state.pt").exists())
-            if (match and not _process_alive(int(match.group(1)))) or half_pruned:
+            if (match and not _process_alive(int(match.groups()[-1]))) or half_pruned:
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:

@@ -259,6 +259,9 @@ def train(
     if weights is not None:
         train_config = cfg.apply(train_config, {"weights": mixing.parse_weights(weights, len(train_config.train))},
                                  "train")
+    elif train_config.weights is not None:  # from a --config file: the same checks
+        train_config = cfg.apply(train_config, {"weights": mixing.check_weights(
+            train_config.weights, len(train_config.train), "--config train: weights")}, "train")
     train_config = cfg.apply(train_config, {"preset": preset}, "train")
     if str(train_config.dev).lower() == "none":
         train_config = cfg.apply(train_config, {"dev": None}, "train")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -41,7 +42,8 @@ class ModelConfig:
     dropout: float = 0.1
     attention_dropout: float = 0.0
     pre_norm: bool = True  # pre-norm trains stably without long warm-up; post-norm is the paper's
-    tie_embeddings: bool = True  # source, target and output embeddings share one matrix (joint vocab)
+    tie_embeddings: bool = True  # target and output embeddings share one matrix, and the source's too with joint_vocab
+    joint_vocab: bool = True  # one vocabulary for both languages (filled in from the tokenizer)
     max_positions: int = 1024
     src_vocab_size: int = 0  # filled in from the tokenizer
     tgt_vocab_size: int = 0
@@ -224,6 +226,42 @@ def check_model_config(config: ModelConfig, what: str) -> None:
         raise NmtError(f"{what}: pad_id, bos_id and eos_id must differ (got {c.pad_id}, {c.bos_id}, {c.eos_id})")
 
 
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` (read from JSON) has the type of a config field's hint; a `Literal`'s values
+    are `check_choices`'s to check."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any or origin is Literal:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(map(_fits, value, args))
+    return True
+
+
+def check_types(config: Any, what: str) -> None:
+    """A usage error naming the first field whose value has the wrong type (a `--config` file's
+    JSON can hold anything; the flags are typed already)."""
+    hints = get_type_hints(type(config))
+    for f in fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        if not _fits(value, hint):
+            kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            raise UsageError(f"{what}: {f.name} must be {kind}, not {json.dumps(value, default=str)[:40]}")
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
@@ -300,6 +338,8 @@ def layered(preset_name: str, config_file: str | Path | None, model: dict[str, A
     model_config = apply(apply(model_config, overrides.get("model", {}), "--config model"), model, "model")
     tok_config = apply(apply(tok_config, overrides.get("tokenizer", {}), "--config tokenizer"), tokenizer, "tokenizer")
     train_config = apply(TrainConfig(preset=preset_name, **train_preset), overrides.get("train", {}), "--config train")
+    check_types(tok_config, "--config tokenizer")
+    check_types(train_config, "--config train")
     train_config = apply(train_config, train, "train")
     check_choices(tok_config, "--tokenizer")  # its one choice, `kind`, is the --tokenizer flag
     check_choices(train_config)

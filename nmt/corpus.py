@@ -124,9 +124,10 @@ SETTLED_NS = 2_000_000_000
 
 
 def fingerprints(paths: list[Path], memo_file: Path | None = None) -> list[Fingerprint]:
-    """Fingerprints of these files. With `memo_file`, a file whose size, mtime and inode match
-    what was recorded there is not read again (git's index does the same), so a warm start on a
-    50 GB corpus does not hash 50 GB; new fingerprints are recorded for the next run."""
+    """Fingerprints of these files. With `memo_file`, a file whose size, mtime, ctime and inode
+    match what was recorded there is not read again (git's index does the same), so a warm start
+    on a 50 GB corpus does not hash 50 GB; new fingerprints are recorded for the next run. (The
+    ctime catches a rewrite in place that restored the mtime: `cp -p`, `rsync -t --inplace`.)"""
     memo: dict[str, dict] = {}
     if memo_file is not None:
         try:
@@ -139,7 +140,8 @@ def fingerprints(paths: list[Path], memo_file: Path | None = None) -> list[Finge
             st = os.stat(path)
         except OSError as e:
             raise NmtError(f"{path}: cannot read ({e.strerror})") from None
-        stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "device": st.st_dev}
+        stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino,
+                 "device": st.st_dev}
         key = str(Path(path).resolve())
         record = memo.get(key)
         if record is not None and record.get("stamp") == stamp:

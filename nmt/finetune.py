@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,8 +28,10 @@ from typing import Any
 
 from nmt import checkpoint
 from nmt.config import ModelConfig, TokenizerConfig, TrainConfig, check_choices, from_dict
-from nmt.directions import Directions, of_model
+from nmt.directions import Directions, of_model, of_run
 from nmt.errors import NmtError, UsageError
+
+log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 50  # the parent's weights are trained: a short warm-up only lets Adam's moments settle
 LR_FACTOR = 0.5  # of the parent's peak rate
@@ -128,10 +131,21 @@ def configs(config: TrainConfig, model_config: ModelConfig, tok_config: Tokenize
     check_options(parent, chosen("model", model_config), chosen("tokenizer", tok_config))
     model_config = parent_model_config(parent, chosen("model", model_config))
     defaults = training_defaults(parent, bool(config.max_steps or config.max_time))
-    if not {"train.src", "train.tgt", "train.pairs"} & set(config.fixed) and parent.directions.pairs:
-        pairs = parent.directions.pairs
+    given = {"train.src", "train.tgt", "train.pairs"} & set(config.fixed)
+    pairs = parent.directions.pairs
+    if not given and pairs:
         defaults.update(src=pairs[0][0], tgt=pairs[0][1], pairs=[f"{a}-{b}" for a, b in pairs] if len(pairs) > 1 else [])
+    elif given == {"train.tgt"} and len(pairs) == 1:  # one side given: the other is the parent's
+        defaults["src"] = pairs[0][0]
+    elif given == {"train.src"} and len(pairs) == 1:
+        defaults["tgt"] = pairs[0][1]
     config = replace(config, **{k: v for k, v in defaults.items() if f"train.{k}" not in config.fixed})
+    new = [f"{a}-{b}" for a, b in of_run(config.src, config.tgt, config.pairs).pairs if (a, b) not in pairs]
+    if new and pairs:
+        vocabularies = "" if parent.tok_config.joint else \
+            f"; its separate vocabularies were trained on {pairs[0][0]} (source) and {pairs[0][1]} (target)"
+        log.info("fine-tune: %s not among the directions the parent was trained on (%s)%s", ", ".join(new),
+                 parent.directions.text(), vocabularies)
     return parent, config, model_config, parent.tok_config
 
 

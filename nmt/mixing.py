@@ -288,10 +288,16 @@ def parse_weights(text: str, corpora: int) -> list[float]:
         weights = [float(x) for x in text.split(",")]
     except ValueError:
         raise UsageError(f"--weights: cannot read {text!r} (expected numbers, comma-separated: 0.7,0.3)") from None
+    return check_weights(weights, corpora, "--weights", repr(text))
+
+
+def check_weights(weights: list[float], corpora: int, what: str = "--weights", shown: str | None = None) -> list[float]:
+    """The checks of `parse_weights` on numbers already read (a `--config` file's `weights`)."""
+    shown = shown or str(weights)
     if len(weights) != corpora:
-        raise UsageError(f"--weights: {len(weights)} weight(s) for {corpora} --train corpora (give one per corpus)")
+        raise UsageError(f"{what}: {len(weights)} weight(s) for {corpora} --train corpora (give one per corpus)")
     if any(not math.isfinite(w) or w < 0 for w in weights):
-        raise UsageError(f"--weights: {text!r} has a negative or non-finite weight (each must be ≥ 0)")
+        raise UsageError(f"{what}: {shown} has a negative or non-finite weight (each must be ≥ 0)")
     if sum(weights) <= 0:
-        raise UsageError(f"--weights: {text!r} sums to zero (at least one corpus needs a weight > 0)")
-    return weights
+        raise UsageError(f"{what}: {shown} sums to zero (at least one corpus needs a weight > 0)")
+    return [float(w) for w in weights]

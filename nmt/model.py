@@ -262,8 +262,8 @@ class Transformer(nn.Module):
             raise ValueError(f"d_model {c.d_model} is not divisible by n_heads {c.n_heads}")
         self.config = c
         self.src_embed = nn.Embedding(c.src_vocab_size, c.d_model, padding_idx=c.pad_id)
-        if c.tie_embeddings and c.src_vocab_size == c.tgt_vocab_size:
-            self.tgt_embed = self.src_embed  # one joint vocabulary: one matrix
+        if c.tie_embeddings and c.joint_vocab and c.src_vocab_size == c.tgt_vocab_size:
+            self.tgt_embed = self.src_embed  # one joint vocabulary: one matrix (separate ones of equal size: two)
         else:
             self.tgt_embed = nn.Embedding(c.tgt_vocab_size, c.d_model, padding_idx=c.pad_id)
         self.register_buffer("positions", sinusoidal_positions(c.max_positions, c.d_model), persistent=False)

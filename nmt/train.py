@@ -118,8 +118,10 @@ def prepare(config: TrainConfig, model_config: ModelConfig, tok_config: Tokenize
     vocabs = prepare_tokenizer(config, tok_config, out, parent, run.tags)
     tag_ids = directions.tag_ids(vocabs.src, run, str(parent.directory if parent else out))
     devs = mixing.dev_sets(config.dev, run, tag_ids) if config.dev else []
+    # a fine-tune keeps the parent's joint_vocab: a parent from before the field shares its embeddings
     model_config = ModelConfig(**{**asdict(model_config), "src_vocab_size": vocabs.src.get_vocab_size(),
-                                  "tgt_vocab_size": vocabs.tgt.get_vocab_size()})
+                                  "tgt_vocab_size": vocabs.tgt.get_vocab_size(),
+                                  "joint_vocab": model_config.joint_vocab if parent is not None else vocabs.joint})
     filters = Filters(config.max_length, config.max_ratio, config.dedupe)
     cache_root = Path(config.cache_dir) if config.cache_dir else out / "cache"
     cache = mixing.mixture(uses, config.weights, tag_ids, lambda corpora: load_or_build(corpora, vocabs, filters, cache_root)) \
@@ -203,16 +205,33 @@ def run_config(p: Prepared, config: TrainConfig, tok_config: TokenizerConfig) ->
     return described
 
 
+# Training options that decide which pairs an epoch holds and in what order: a resume continues
+# the epoch at its batch index, so it needs the same plan. (Not --batch-tokens: after an
+# out-of-memory a resume may lower it; the rest of that epoch is then cut anew.)
+PLAN_OPTIONS = ("seed", "weights", "max_length", "max_ratio", "dedupe", "curriculum")
+
+
 def check_resumable(out: Path, new: dict[str, Any], has_checkpoints: bool = True) -> None:
-    """Refuse to resume when the data or the model options changed (say what changed); without
-    checkpoints, refuse to replace the model of another configuration (--force does)."""
+    """Refuse to resume when the data, the directions, or the model, tokenizer or data-plan
+    options changed (say what changed); without checkpoints, refuse to replace the model of
+    another configuration (--force does)."""
     what, fix = ("cannot resume", "use a new --out") if has_checkpoints else \
         ("holds an nmt model of another configuration", "use a new --out, or --force to replace it")
     old = checkpoint.read_config(out)
-    changed = [k for k in sorted(set(old["model"]) | set(new["model"])) if old["model"].get(k) != new["model"].get(k)]
-    if changed:
-        diffs = ", ".join(f"{k}: {old['model'].get(k)} → {new['model'].get(k)}" for k in changed)
-        raise NmtError(f"{out}: {what}, model options changed ({diffs}); {fix}")
+    for section, keys, name in (("model", None, "model options"), ("tokenizer", None, "tokenizer options"),
+                                ("train", PLAN_OPTIONS, "options that set the data order")):
+        before, now = old.get(section) or {}, new.get(section) or {}
+        if section == "model":  # a field newer than the run's config.json: the default its loading gives
+            before = {**to_dict(ModelConfig()), **before}
+        keys = [k for k in (keys or sorted(set(before) | set(now))) if k in before]
+        changed = [k for k in keys if before.get(k) != now.get(k)]
+        if changed:
+            diffs = ", ".join(f"{k}: {before.get(k)} → {now.get(k)}" for k in changed)
+            raise NmtError(f"{out}: {what}, {name} changed ({diffs}); {fix}")
+    if (old.get("directions"), old.get("tagged")) != (new["directions"], new["tagged"]) and "directions" in old:
+        raise NmtError(f"{out}: {what}, directions changed ({', '.join(old['directions'])}"
+                       f"{' tagged' if old.get('tagged') else ''} → {', '.join(new['directions'])}"
+                       f"{' tagged' if new['tagged'] else ''}); {fix}")
     old_data = [(d["path"], d["sha256"]) for d in old["data"]]
     new_data = [(d["path"], d["sha256"]) for d in new["data"]]
     if old_data != new_data:
@@ -320,8 +339,8 @@ class Trainer:
         start = time.monotonic() - self.progress.seconds
         total = c.max_steps if c.max_steps else (c.max_time or None)
         self._check_budget()  # a finished run re-run with the same budget trains no further
-        if self.stop_reason and self._last_evaluation_missing():
-            self._finish_evaluation()  # it was killed (or failed) in its final evaluation: done now
+        if self._last_evaluation_missing() and (self.stop_reason or self.progress.step % c.eval_every == 0):
+            self._finish_evaluation()  # it was killed (or failed) in an evaluation it was due: done now
         budget = self.batch_tokens()
         with StepProgress("train", total, log_every=30.0) as bar, _StopOnSignal(self):
             while self.stop_reason is None:
@@ -506,7 +525,8 @@ class Trainer:
 
     def _finish_evaluation(self) -> None:
         """The evaluation of the newest checkpoint that a killed or failed run did not finish (its
-        steps were saved first): evaluated now, so the finished run has its best model."""
+        steps were saved first): evaluated now, so the run has its best model and its patience
+        counts as if it had not been stopped."""
         if self.dist.is_writer:
             log.info("step %d was saved but not evaluated: evaluating it now", self.progress.step)
             self._evaluate()
@@ -715,12 +735,26 @@ PROGRESS_FILE = "progress.json"  # in checkpoints/step-N/: the progress after th
 
 
 def _recipe_vocabulary(config: TrainConfig, tok_config: TokenizerConfig, out: Path) -> TokenizerConfig:
-    """The recipe's vocabulary size (from the corpus size), unless set by hand or already stored."""
-    stored = out / RECIPE_FILE
-    if "tokenizer.vocab_size" in config.fixed or Vocabs.exists(out) or stored.exists():
+    """The recipe's vocabulary size (from the corpus size), unless set by hand; a run resumed
+    keeps the size its tokenizer was trained with (its config.json)."""
+    if "tokenizer.vocab_size" in config.fixed:
         return tok_config
+    previous = _previous_tokenizer(out)
+    if previous is not None and isinstance(previous.get("vocab_size"), int):
+        return replace(tok_config, vocab_size=previous["vocab_size"])
     pairs = sum(count_lines(c.tgt_path) for c in corpora_of(config))
     return replace(tok_config, vocab_size=recipe.vocabulary(pairs))
+
+
+def _previous_tokenizer(out: Path) -> dict[str, Any] | None:
+    """The tokenizer section of the config.json of the run in `out` whose tokenizer is there, if any."""
+    if not ((out / "config.json").is_file() and Vocabs.exists(out)):
+        return None
+    try:
+        section = checkpoint.read_config(out).get("tokenizer")
+    except NmtError:
+        return None
+    return section if isinstance(section, dict) else None
 
 
 def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, existing_run: bool,

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+import time
 from collections import Counter
 from itertools import combinations
 from pathlib import Path
@@ -312,8 +313,9 @@ def test_fingerprint_missing_file(tmp_path):
 
 
 def test_fingerprint_memo_skips_only_settled_unchanged_files(tmp_path, monkeypatch):
-    """A file whose size, mtime and inode match the memo is not read again; a changed or a
-    just-written file is, and every answer equals a fresh hash of the bytes."""
+    """A file whose size, mtime, ctime and inode match the memo is not read again; a changed or a
+    just-written file is (also one rewritten with its mtime put back), and every answer equals a
+    fresh hash of the bytes."""
     import nmt.corpus as corpus_mod
 
     memo = tmp_path / "memo.json"
@@ -343,9 +345,19 @@ def test_fingerprint_memo_skips_only_settled_unchanged_files(tmp_path, monkeypat
     os.utime(old, ns=(2 * 10**18, 2 * 10**18))
     check()
     assert reads["old.txt"] == 2
-    memo.write_text("{not json")  # a broken memo only costs a re-hash
+    past = 15 * 10**17  # 2017: settled
+    os.utime(old, ns=(past, past))
+    check()
     check()
     assert reads["old.txt"] == 3
+    time.sleep(0.05)  # past the file system's timestamp tick
+    old.write_bytes(b"dos\ntres\n")  # rewritten in place, same size, its mtime put back (cp -p): a new ctime
+    os.utime(old, ns=(past, past))
+    check()
+    assert reads["old.txt"] == 4
+    memo.write_text("{not json")  # a broken memo only costs a re-hash
+    check()
+    assert reads["old.txt"] == 5
 
 
 @pytest.mark.parametrize("block", [1, 7, 64, 1 << 22])

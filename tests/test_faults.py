@@ -210,6 +210,22 @@ def test_a_half_pruned_checkpoint_and_dead_temporaries_leave_the_model_directory
     assert [p.name for p in ckpts.iterdir()] == ["step-00000020"]
 
 
+def test_a_directory_moved_aside_by_a_killed_replacement_comes_back(tmp_path):
+    """`atomic.directory` renames NAME to .NAME.old-PID, then the new version to NAME: killed between
+    the two, NAME is missing and comes back from its previous version; killed after, the previous
+    version is a leftover. One of a live process is kept."""
+    dead, alive = _dead_pid(), os.getpid()
+    (tmp_path / f".cache.old-{dead}").mkdir()
+    (tmp_path / f".cache.old-{dead}" / "meta.json").write_text("previous")
+    (tmp_path / "step").mkdir()
+    (tmp_path / f".step.old-{dead}").mkdir()
+    (tmp_path / f".busy.old-{alive}").mkdir()
+    removed = checkpoint.remove_stale_temporaries(tmp_path)
+    assert [p.name for p in removed] == [f".step.old-{dead}"]
+    assert (tmp_path / "cache" / "meta.json").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".busy.old-{alive}", "cache", "step"]
+
+
 # --- closed and full standard streams -------------------------------------------------------
 
 

@@ -52,6 +52,10 @@ def test_tied_embeddings_share_one_matrix_and_separate_vocabularies_do_not():
     sep = Transformer(c)
     assert sep.src_embed.weight is not sep.tgt_embed.weight
     assert sep.tgt_embed.weight is sep.output.weight
+    # separate vocabularies of the same size: id i is another piece on each side, so two matrices
+    same_size = Transformer(ModelConfig(**{**c.__dict__, "src_vocab_size": 20, "joint_vocab": False}))
+    assert same_size.src_embed.weight is not same_size.tgt_embed.weight
+    assert same_size.tgt_embed.weight is same_size.output.weight
 
 
 def test_sinusoidal_positions_match_the_paper_formula():

@@ -340,6 +340,20 @@ def test_fine_tune_refuses_other_model_or_tokenizer_options(parent, corpora, tmp
     assert not (tmp_path / "ft" / "config.json").exists()
 
 
+def test_a_fine_tune_given_one_side_takes_the_other_from_the_parent_and_names_a_new_direction(parent, corpora, tmp_path):
+    reverse = tmp_path / "en-es"  # a parent whose source is not the default --src (es)
+    logs(run_nmt("train", *FT, "--train", str(corpora["a"]), "--src", "en", "--tgt", "es", "--vocab-size", "400",
+                 "--max-steps", "2", "--out", str(reverse)))
+    err = logs(run_nmt("train", *FT, "--init-from", str(reverse), "--train", str(corpora["b"]), "--max-steps", "1",
+                       "--out", str(tmp_path / "tgt"), "--tgt", "es"))
+    config = json.loads((tmp_path / "tgt" / "config.json").read_text())
+    assert (config["src"], config["tgt"]) == ("en", "es") and "not among the directions" not in err
+    base = ["train", *FT, "--init-from", str(parent), "--train", str(corpora["b"]), "--max-steps", "1"]
+    err = logs(run_nmt(*base, "--out", str(tmp_path / "swap"), "--src", "en", "--tgt", "es"))
+    assert "fine-tune: en-es not among the directions the parent was trained on (es-en)" in err
+    assert json.loads((tmp_path / "swap" / "config.json").read_text())["directions"] == ["en-es"]
+
+
 # -- several directions: the tag decides the output language ---------------------------------------
 
 

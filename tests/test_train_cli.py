@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import error_line as conftest_error_line
 from conftest import ok as conftest_ok
@@ -104,6 +106,33 @@ def test_empty_training_data(tmp_path):
     assert "empty" in without_paths(msg)
 
 
+def test_a_corpus_that_filtering_empties_is_named(tmp_path, data):
+    prefix = tmp_path / "same"
+    for lang in ("es", "en"):  # every pair has its source equal to its target: all filtered out
+        Path(f"{prefix}.{lang}").write_text("hola mundo\nbuenos días\n", encoding="utf-8")
+    msg = error_line(train("--train", str(data["train"]), "--train", str(prefix), "--weights", "1,1", "--dev", "none",
+                           "--out", str(tmp_path / "run"), "--max-steps", "2"), 1)
+    assert msg.startswith(f"nmt: error: {prefix}.es, {prefix}.en: no training pairs left after filtering (")
+
+
+def test_separate_vocabularies_of_equal_size_train_two_embedding_matrices(tmp_path, data):
+    out = tmp_path / "run"
+    ok(train("--train", str(data["train"]), "--dev", "none", "--out", str(out), "--max-steps", "2",
+             "--separate-vocab"))  # --vocab-size 400 (TINY): both sides reach it
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["model"]["src_vocab_size"] == config["model"]["tgt_vocab_size"]  # equal sizes, other pieces
+    assert config["model"]["joint_vocab"] is False and config["tokenizer"]["joint"] is False
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "model.safetensors"))
+    # saved once per matrix: the source embeddings, and the target's, tied to the output layer
+    assert {k for k in weights if "embed" in k or k.startswith("output")} == {"src_embed.weight", "output.weight"}
+    assert not torch.equal(weights["src_embed.weight"], weights["output.weight"])
+    r = run_nmt("translate", "-m", str(out), "--beam-size", "1", "--max-length-a", "0", "--max-length-b", "5",
+                input="hola\n")
+    assert r.returncode == 0 and r.stdout.decode().count("\n") == 1, r.stderr.decode()
+
+
 # -- bad options --------------------------------------------------------------------------------
 
 
@@ -156,6 +185,23 @@ def test_config_file_unknown_model_key(tmp_path, data):
     msg = error_line(train("--train", str(data["train"]), "--dev", "none", "--out", str(tmp_path / "run"),
                            "--max-steps", "2", "--config", str(cfg)), 2)
     assert "n_experts" in msg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train": {"keep_last": "x"}}, '--config train: keep_last must be int, not "x"'),
+    ({"train": {"train": "corpus"}}, '--config train: train must be list[str], not "corpus"'),
+    ({"train": {"max_time": "30m"}}, '--config train: max_time must be float | None, not "30m"'),
+    ({"tokenizer": {"min_frequency": 1.5}}, "--config tokenizer: min_frequency must be int, not 1.5"),
+    ({"train": {"weights": [0.5, 0.5]}}, "--config train: weights: 2 weight(s) for 1 --train corpora (give one per corpus)"),
+    ({"train": {"weights": [-1]}}, "--config train: weights: [-1] has a negative or non-finite weight (each must be ≥ 0)"),
+])
+def test_config_file_values_of_the_wrong_type_or_range_are_one_line_errors(tmp_path, data, overrides, message):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(overrides), encoding="utf-8")
+    msg = error_line(train("--train", str(data["train"]), "--dev", "none", "--out", str(tmp_path / "run"),
+                           "--max-steps", "2", "--config", str(cfg)), 2)
+    assert msg == f"nmt: error: {message}"
+    assert not (tmp_path / "run").exists()
 
 
 # -- one tiny run, resumed ----------------------------------------------------------------------
@@ -247,11 +293,40 @@ def test_rerunning_a_run_ended_by_its_epochs_or_patience_trains_no_further(tmp_p
     assert len(again["evaluations"]) == len(first["evaluations"])
 
 
+def test_a_run_killed_in_a_mid_run_evaluation_evaluates_that_step_when_resumed(tmp_path, data):
+    out = tmp_path / "run"
+    args = ["--train", str(data["train"]), "--dev", str(data["dev"]), "--out", str(out), "--eval-every", "10",
+            "--max-steps", "20"]
+    ok(train(*args))
+    # as if killed while evaluating step 10: its checkpoint saved, its evaluation's record not yet
+    shutil.rmtree(out / "checkpoints" / "step-00000020")
+    (out / "checkpoints" / "step-00000010" / "progress.json").unlink()
+    err = ok(train(*args))
+    assert "step 10 was saved but not evaluated: evaluating it now" in err
+    training = json.loads((out / "training.json").read_text(encoding="utf-8"))
+    assert training["steps"] == 20 and [e["step"] for e in training["evaluations"]] == [10, 20]
+
+
 def test_resume_refused_when_a_model_option_changes(run):
     out: Path = run["out"]
     before = (out / "config.json").read_bytes()
     msg = error_line(train(*run["args"], "--max-steps", "40", "--dropout", "0.3"), 1)
     assert "dropout" in msg and str(out) in msg
+    assert (out / "config.json").read_bytes() == before, "a refused run must not rewrite the config"
+
+
+@pytest.mark.parametrize("flags, change", [
+    (["--vocab-size", "500"], "tokenizer options changed (vocab_size: 400 → 500)"),
+    (["--tokenizer", "unigram"], "tokenizer options changed (kind: bpe → unigram)"),
+    (["--seed", "2"], "options that set the data order changed (seed: 1 → 2)"),
+    (["--max-length", "100"], "options that set the data order changed (max_length: 250 → 100)"),
+    (["--src", "en", "--tgt", "es"], "directions changed (es-en → en-es)"),
+])
+def test_resume_refused_when_the_tokenizer_the_data_order_or_the_directions_change(run, flags, change):
+    out: Path = run["out"]
+    before = (out / "config.json").read_bytes()
+    msg = error_line(train(*run["args"], "--max-steps", "40", *flags), 1)
+    assert msg == f"nmt: error: {out}: cannot resume, {change}; use a new --out"
     assert (out / "config.json").read_bytes() == before, "a refused run must not rewrite the config"
 
 
