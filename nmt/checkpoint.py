@@ -63,10 +63,10 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
                 os.replace(p, root / aside.group(1))
                 log.info("restored %s, which an interrupted replacement had moved aside", aside.group(1))
                 continue
-            match = TEMPORARY.match(p.name) or aside
+            leftover = TEMPORARY.match(p.name) or aside  # either way, its last group is the process id
             half_pruned = root.name == "checkpoints" and p.name.startswith("step-") and p.is_dir() and \
                 not ((p / WEIGHTS).exists() and (p / "state.pt").exists())
-            if (match and not _process_alive(int(match.groups()[-1]))) or half_pruned:
+            if (leftover and not _process_alive(int(leftover.groups()[-1]))) or half_pruned:
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:

@@ -192,17 +192,9 @@ def shape_problem(d_model: int, n_heads: int | None) -> str | None:
 def check_model_config(config: ModelConfig, what: str) -> None:
     """Refuse a model config whose fields have the wrong type or an impossible or unbounded value,
     with a one-line error naming the field (`what` says where the config came from)."""
-    hints = typing.get_type_hints(ModelConfig)
-    for f in fields(ModelConfig):
-        value, kind = getattr(config, f.name), hints[f.name]
-        if kind is bool:
-            ok = isinstance(value, bool)
-        elif kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        else:  # float
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok:
-            raise NmtError(f"{what}: {f.name} must be {kind.__name__}, not {json.dumps(value)[:40]}")
+    problem = type_problem(config)
+    if problem:
+        raise NmtError(f"{what}: {problem}")
     c = config
     for name in MODEL_LIMITS:
         problem = limit_problem(name, getattr(c, name))
@@ -251,15 +243,24 @@ def _fits(value: Any, hint: Any) -> bool:
     return True
 
 
-def check_types(config: Any, what: str) -> None:
-    """A usage error naming the first field whose value has the wrong type (a `--config` file's
-    JSON can hold anything; the flags are typed already)."""
+def type_problem(config: Any) -> str | None:
+    """The first field whose value has not its declared type, said in words (a config read from
+    JSON can hold anything), or None."""
     hints = get_type_hints(type(config))
     for f in fields(config):
         value, hint = getattr(config, f.name), hints[f.name]
         if not _fits(value, hint):
             kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-            raise UsageError(f"{what}: {f.name} must be {kind}, not {json.dumps(value, default=str)[:40]}")
+            return f"{f.name} must be {kind}, not {json.dumps(value, default=str)[:40]}"
+    return None
+
+
+def check_types(config: Any, what: str) -> None:
+    """A usage error naming the first field whose value has the wrong type (a `--config` file's
+    JSON can hold anything; the flags are typed already)."""
+    problem = type_problem(config)
+    if problem:
+        raise UsageError(f"{what}: {problem}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -113,10 +113,8 @@ def _next_logprobs(model, tokens: Tensor, cache, step: int, min_len: int, max_le
     if no_repeat and history is not None:
         ban_repeated_ngrams(logp, history, no_repeat)
     if eos_real is not None:  # the real EOS probability for the score, everything else banned
-        capped = logp[at_cap]
-        capped.fill_(-math.inf)
-        capped[:, eos_id] = eos_real
-        logp[at_cap] = capped
+        logp[at_cap] = -math.inf
+        logp[at_cap, eos_id] = eos_real
     if kept is not None:
         logp[rows] = -math.inf
         logp[rows, forced[rows]] = kept
