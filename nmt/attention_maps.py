@@ -102,11 +102,14 @@ def alignment_attention(model: Transformer, sources: list[list[int]], targets: l
     return [weights[i, : len(t), : len(s)] for i, (s, t) in enumerate(zip(sources, targets))]
 
 
-def maps_for_sentence(model: Transformer, vocabs, sentence: str, translation_ids: list[int]) -> AttentionMaps:
-    """Maps for a source sentence and the ids of its translation (without BOS/EOS)."""
+def maps_for_sentence(model: Transformer, vocabs, sentence: str, translation_ids: list[int],
+                      src_prefix: tuple[int, ...] = ()) -> AttentionMaps:
+    """Maps for a source sentence and the ids of its translation (without BOS/EOS); `src_prefix`:
+    the ids put before the source (a multi-direction model's target-language tag)."""
     from nmt.tokenizer import encode_batch
 
-    batch = pad_batch(encode_batch(vocabs.src, [sentence]), [translation_ids], max_positions=model.config.max_positions)
+    source = [*src_prefix, *encode_batch(vocabs.src, [sentence])[0]]
+    batch = pad_batch([source], [translation_ids], max_positions=model.config.max_positions)
     enc, dec, cross = attention_maps(model, batch.src, batch.tgt_in)
     return AttentionMaps([vocabs.src.id_to_token(i) for i in batch.src[0].tolist()],
                          [vocabs.tgt.id_to_token(i) for i in batch.tgt_in[0].tolist()],

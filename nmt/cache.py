@@ -35,6 +35,7 @@ from nmt import atomic
 from nmt.checkpoint import remove_stale_temporaries
 from nmt.corpus import ParallelCorpus, fingerprints
 from nmt.errors import NmtError
+from nmt.textio import BOM, READ_ERRORS, open_binary
 from nmt.tokenizer import Vocabs, encode_batch
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,18 @@ def cache_key(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters,
     prints = [asdict(fp) | {"path": str(p)} for p, fp in zip(paths, fingerprints(paths, memo_file))]
     described = {"format": FORMAT_VERSION, "data": [{k: v for k, v in fp.items() if k != "path"} for fp in prints],
                  "tokenizer": vocabs.fingerprint(), "filters": asdict(filters)}
+    if any(map(_opens_with_bom, paths)):  # read with the mark kept before it was dropped: another cache
+        described["byte_order_mark"] = "dropped"
     key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:20]
     return key, {"fingerprints": prints, **described}
+
+
+def _opens_with_bom(path: Path) -> bool:
+    try:
+        with open_binary(path) as stream:
+            return stream.read(len(BOM.encode())) == BOM.encode()
+    except READ_ERRORS:  # a damaged .gz: reading it for the cache names the problem
+        return False
 
 
 def load_or_build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters, root: Path) -> TokenCache:

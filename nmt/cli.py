@@ -398,7 +398,7 @@ def translate(
     cfg.check_decode(decode)  # bad options fail before a model is loaded
     if prefix == "-" and input == "-":
         raise UsageError("--prefix and --input cannot both be stdin")
-    from nmt.textio import read_lines
+    from nmt.textio import json_line, read_lines
     from nmt.translate import to_json, to_text
 
     _check_inputs(input, *([prefix] if prefix else []))
@@ -409,15 +409,9 @@ def translate(
 
     names = (display_name(input), display_name(prefix)) if prefix else ("input", "prefix")
     _write_windows(translator.translate_windows(lines, prefixes, names),
-                   lambda t: _json_line(to_json(t)) if format == "jsonl" else to_text(t, alignment),
+                   lambda t: json_line(to_json(t)) if format == "jsonl" else to_text(t, alignment),
                    output, (input, *([prefix] if prefix else [])))
     log.info(translator.stats.summary())
-
-
-def _json_line(record: dict) -> str:
-    import json
-
-    return json.dumps(record, ensure_ascii=False)
 
 
 def _check_inputs(*paths: str) -> None:
@@ -506,7 +500,7 @@ def score(
     from nmt import api
     from nmt import config as cfg
     from nmt.corpus import ParallelCorpus
-    from nmt.textio import open_binary
+    from nmt.textio import json_line, open_binary
     from nmt.translate import score_json, score_text
 
     _choice(format, "--format", ("text", "jsonl"))
@@ -518,7 +512,7 @@ def score(
     pairs = ParallelCorpus(Path(src), Path(tgt)).pairs()
     names = (src, tgt)
     _write_windows(translator.score_windows(pairs, normalize, names),
-                   lambda s: _json_line(score_json(s)) if format == "jsonl" else score_text(s), output, (src, tgt))
+                   lambda s: json_line(score_json(s)) if format == "jsonl" else score_text(s), output, (src, tgt))
     st = translator.stats
     log.info("scored %s pairs (%s empty, %s truncated) in %.1f s", f"{st.lines:,}", f"{st.empty:,}",
              f"{st.truncated:,}", st.seconds)
@@ -592,9 +586,11 @@ def attention(
     line: Annotated[int, typer.Option("--line", "-n", help="…at this line (1-based).")] = 1,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write OUT-encoder/-decoder/-cross.png (else a terminal heatmap).")] = None,
     beam_size: Annotated[int, typer.Option(help="Beam size for the translation.")] = 1,
+    tgt_lang: TgtLangOpt = None,
 ) -> None:
-    """Translate one sentence and show its attention: every layer and head, or a terminal heatmap."""
-    from nmt import checkpoint, runtime
+    """Translate one sentence and show its attention: every layer and head, or a terminal heatmap
+    (computed on the CPU in float32, as the maps are drawn)."""
+    from nmt import checkpoint, directions, runtime
     from nmt.attention_maps import maps_for_sentence
     from nmt.plots import attention_png, attention_terminal
     from nmt.translate import Translator
@@ -611,13 +607,16 @@ def attention(
     if not sentence.strip():
         raise UsageError("the sentence is empty")
     rt = runtime.setup("cpu", "float32", 0)
-    nmt_model, vocabs, _ = checkpoint.load_for_inference(model, rt.device)
-    result = next(iter(Translator.from_model(nmt_model, vocabs, rt, DecodeConfig(beam_size=beam_size)).translate([sentence])))
+    nmt_model, vocabs, config = checkpoint.load_for_inference(model, rt.device)
+    trained = directions.of_model(config, str(model / "config.json"))
+    tag = directions.source_prefix(trained, directions.tag_ids(vocabs.src, trained, str(model)), tgt_lang)
+    translator = Translator.from_model(nmt_model, vocabs, rt, DecodeConfig(beam_size=beam_size), src_prefix=tag)
+    result = next(iter(translator.translate([sentence])))
     if result.truncated:
         log.warning("the sentence is longer than the model's %d positions: its maps show the part translated",
                     nmt_model.config.max_positions)
     typer.echo(result.text)
-    maps = maps_for_sentence(nmt_model, vocabs, sentence, result.hypotheses[0].tokens)
+    maps = maps_for_sentence(nmt_model, vocabs, sentence, result.hypotheses[0].tokens, src_prefix=tag)
     if out is None:
         attention_terminal(maps)
     else:

@@ -344,6 +344,11 @@ def layered(preset_name: str, config_file: str | Path | None, model: dict[str, A
     train_config = apply(train_config, train, "train")
     check_choices(tok_config, "--tokenizer")  # its one choice, `kind`, is the --tokenizer flag
     check_choices(train_config)
+    if tok_config.sample_lines < 1:
+        raise UsageError(f"--tokenizer-sample must be ≥ 1 pair (got {tok_config.sample_lines})")
+    if not train_config.max_ratio >= 1:  # (NaN too: it would switch the filter off)
+        raise UsageError(f"--max-ratio must be ≥ 1, a longer side at most that many times the shorter "
+                         f"(got {train_config.max_ratio})")
     return model_config, tok_config, train_config
 
 

@@ -134,6 +134,8 @@ def fingerprints(paths: list[Path], memo_file: Path | None = None) -> list[Finge
             memo = json.loads(memo_file.read_text())
         except (OSError, ValueError):
             memo = {}
+        if not isinstance(memo, dict):  # not the memo's shape: it only costs a re-hash, as a broken one does
+            memo = {}
     out, changed = [], False
     for path in paths:
         try:
@@ -144,7 +146,8 @@ def fingerprints(paths: list[Path], memo_file: Path | None = None) -> list[Finge
                  "device": st.st_dev}
         key = str(Path(path).resolve())
         record = memo.get(key)
-        if record is not None and record.get("stamp") == stamp:
+        if isinstance(record, dict) and record.get("stamp") == stamp and \
+                isinstance(record.get("lines"), int) and isinstance(record.get("sha256"), str):
             out.append(Fingerprint(str(path), st.st_size, record["lines"], record["sha256"]))
             continue
         fp = fingerprint(path)

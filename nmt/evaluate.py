@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import Annotated, List, Optional
@@ -21,7 +22,7 @@ import typer
 
 from nmt.errors import NmtError, UsageError
 from nmt.metrics import DEFAULT_SEED, MetricOptions, parse_metric_names
-from nmt.textio import STDIN, display_name, read_lines
+from nmt.textio import STDIN, display_name, json_line, one_line, read_lines
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def evaluate(
     )  # fmt: skip
     inputs = input or [STDIN]
     _check_paths(inputs, ref, src, baseline, translate_jsonl)
-    if sentence_level and len({*inputs, *([baseline] if baseline else [])}) > 1:
+    if sentence_level and (len(inputs) > 1 or (baseline is not None and not _same_file(inputs[0], baseline))):
         raise UsageError("--sentence-level scores one system: give a single -i")
     references = [_read_text(path) for path in ref]
     systems = _read_systems(inputs, baseline, translate_jsonl)
@@ -162,9 +163,9 @@ def _check_options(
         raise UsageError("--score-only prints bare numbers; it cannot be combined with --format json")
     if paired_bs and paired_ar:
         raise UsageError("--paired-bs and --paired-ar exclude each other: choose one test")
-    for name, value in (("--paired-bs-n", paired_bs_n), ("--paired-ar-n", paired_ar_n), ("--seed", seed)):
-        if value < 1:
-            raise UsageError(f"{name} must be at least 1, got {value}")
+    for name, value, least in (("--paired-bs-n", paired_bs_n, 40), ("--paired-ar-n", paired_ar_n, 1), ("--seed", seed, 1)):
+        if value < least:  # a 95% interval leaves out the lowest and highest 2.5% of 40 resamples or more
+            raise UsageError(f"{name} must be at least {least}, got {value}")
     if not 0 <= width <= 10:
         raise UsageError(f"--width must be between 0 and 10, got {width}")
     if chrf_word_order < 0:
@@ -183,16 +184,37 @@ def _check_options(
     )  # fmt: skip
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Two paths that name one file (`a.txt` and `./a.txt`); stdin only as itself."""
+    if STDIN in (a, b):
+        return a == b
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one is missing: reading it will say so
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _repeated(paths: list[str]) -> str | None:
+    """The first of `paths` that names a file named before it."""
+    return next((b for i, b in enumerate(paths) if any(_same_file(a, b) for a in paths[:i])), None)
+
+
 def _check_paths(inputs, refs, src, baseline, jsonls) -> None:
     if not refs:
         raise UsageError("no references: give at least one -r/--ref FILE")
-    every = [*inputs, *refs, src, baseline, *(jsonls or [])]
+    named = [("-i", inputs), ("-r", refs), ("--src", [src]), ("--baseline", [baseline]), ("--translate-jsonl", jsonls or [])]
+    every = [p for _, paths in named for p in paths]
     if sum(1 for p in every if p == STDIN) > 1:
         raise UsageError("stdin (-) can be read only once")
-    if STDIN in inputs and sys.stdin is not None and sys.stdin.isatty():
-        raise UsageError("no hypotheses: pipe them on stdin or give -i FILE")
-    if len(set(inputs)) != len(inputs):
-        raise UsageError("the same -i file was given twice")
+    if sys.stdin is not None and sys.stdin.isatty():
+        for option, paths in named:
+            if STDIN in paths:
+                what = "no hypotheses" if option == "-i" else f"{option} -"
+                raise UsageError(f"{what}: stdin is a terminal: pipe the text in or give {option} FILE")
+    for option, paths in (("-i", inputs), ("-r", refs)):
+        again = _repeated(paths)
+        if again is not None:
+            raise UsageError(f"the same {option} file was given twice ({display_name(again)})")
     if jsonls and len(jsonls) != len(inputs):
         raise UsageError(
             f"--translate-jsonl given {len(jsonls)} times for {len(inputs)} -i files: give one per -i, same order"
@@ -205,16 +227,17 @@ def _read_text(path: str) -> list[str]:
 
 
 def _read_systems(inputs: list[str], baseline: Optional[str], jsonls: Optional[list[str]]) -> list[System]:
-    """Systems in test order: the baseline first (`--baseline`, else the first -i)."""
+    """Systems in test order: the baseline first (`--baseline`, else the first -i; a --baseline
+    that is one of the -i files is that system)."""
     systems = []
     for i, path in enumerate(inputs):
         lines = _read_text(path)
         flags = _read_length_cap_flags(jsonls[i], len(lines), display_name(path)) if jsonls else None
         systems.append(System(display_name(path), lines, flags))
     if baseline is not None:
-        rest = [s for s in systems if s.name != display_name(baseline)]
-        first = next((s for s in systems if s.name == display_name(baseline)), None)
-        systems = [first or System(display_name(baseline), _read_text(baseline)), *rest]
+        at = next((i for i, path in enumerate(inputs) if _same_file(path, baseline)), None)
+        first = systems.pop(at) if at is not None else System(display_name(baseline), _read_text(baseline))
+        systems = [first, *systems]
     for system in systems:
         if not system.lines:
             raise NmtError(f"{system.name}: no hypotheses (the input is empty)")
@@ -306,6 +329,9 @@ def _add_paired_test(doc: dict, systems: list[System], scorers, test: str, setti
     )
     for entry, tested in zip(doc["systems"], result.pop("systems")):
         entry["paired"] = tested["results"]
+        if tested.get("same_as_baseline"):
+            log.warning("%s scores every line as the baseline %s does (%s): no difference to test (p = 1)",
+                        entry["name"], systems[0].name, ", ".join(tested["same_as_baseline"]))
     if test == "ar":
         result["confidence_n"] = settings.confidence_n
     doc["paired_test"] = result
@@ -323,11 +349,11 @@ def _run_sentence_level(system: System, references: list[list[str]], settings: S
     per_line = m.sentence_scores(system.lines, references, scorers)
     for lineno, (hyp, scores) in enumerate(zip(system.lines, per_line), start=1):
         if settings.fmt == "json":
-            print(json.dumps({"line": lineno, **scores, "hypothesis": hyp}, ensure_ascii=False))
+            print(json_line({"line": lineno, **scores, "hypothesis": hyp}))
         elif settings.score_only:
             print("\t".join(f"{scores[k]:.{w}f}" for k in keys))
-        else:
-            print("\t".join([str(lineno), *(f"{scores[k]:.{w}f}" for k in keys), hyp]))
+        else:  # the hypothesis as the last column of one row: no tab or line break of its own
+            print("\t".join([str(lineno), *(f"{scores[k]:.{w}f}" for k in keys), one_line(hyp).replace("\t", " ")]))
     for key, signature in m.signatures(scorers).items():
         log.info("sentence %s signature: %s", key, signature)
 

@@ -104,8 +104,9 @@ def sacrebleu_seed(seed: int) -> Iterator[None]:
             os.environ["SACREBLEU_SEED"] = old
 
 
-def score_record(metric_key: str, score: "Score", signature: str) -> dict:
-    """A sacreBLEU `Score` as a JSON-ready dict (BLEU adds its n-gram precisions and lengths)."""
+def score_record(metric_key: str, score: "Score", signature: str, bootstrapped: bool = False) -> dict:
+    """A sacreBLEU `Score` as a JSON-ready dict (BLEU adds its n-gram precisions and lengths;
+    `bootstrapped`: with the bootstrap's mean and 95% interval half-width)."""
     record = {"metric": metric_key, "name": score.name, "score": float(score.score), "signature": signature}
     if metric_key == "bleu":
         record.update(
@@ -117,7 +118,7 @@ def score_record(metric_key: str, score: "Score", signature: str) -> dict:
             counts=[int(c) for c in score.counts],
             totals=[int(t) for t in score.totals],
         )
-    if score._mean > 0:  # sacreBLEU's marker that bootstrap confidence was estimated
+    if bootstrapped:  # (sacreBLEU's own marker, a mean over 0, is not set for a system scoring 0)
         record.update(mean=float(score._mean), ci=float(score._ci))
     return record
 
@@ -134,7 +135,7 @@ def corpus_scores(
     with sacrebleu_seed(seed):
         for key, metric in metrics.items():
             score = metric.corpus_score(list(hypotheses), None, n_bootstrap=n_bootstrap)
-            results[key] = score_record(key, score, metric.get_signature().format())
+            results[key] = score_record(key, score, metric.get_signature().format(), n_bootstrap > 1)
     return results
 
 
@@ -171,9 +172,15 @@ def paired_significance(
     score_names = [k for k in table if k != "System"]  # sacreBLEU's names, in our metric order
     keys = list(metrics)
     out_systems = []
-    for i, (name, _) in enumerate(systems):
+    for i, (name, hyps) in enumerate(systems):
         results = {key: _result_dict(table[score_name][i]) for key, score_name in zip(keys, score_names)}
-        out_systems.append({"name": name, "results": results})
+        entry = {"name": name, "results": results}
+        same = [key for key in keys if i and _same_statistics(metrics[key], hyps, systems[0][1])]
+        for key in same:  # every resampled difference is 0, where sacreBLEU's count gives p = 1/(n+1)
+            results[key]["p_value"] = 1.0
+        if same:
+            entry["same_as_baseline"] = same
+        out_systems.append(entry)
     return {
         "test": test,
         "n": paired.n_samples,
@@ -182,6 +189,18 @@ def paired_significance(
         "signatures": {key: signatures[sn].format() for key, sn in zip(keys, score_names)},
         "systems": out_systems,
     }
+
+
+def _same_statistics(metric: "Metric", hyps: Sequence[str], baseline: Sequence[str]) -> bool:
+    """The metric counts the same for every line of the two systems (the same lines, or lines
+    that differ only where the metric does not look: spaces, or case with --lowercase)."""
+    import numpy as np
+
+    if list(hyps) == list(baseline):
+        return True
+    ours, theirs = (metric._extract_corpus_statistics(list(h), None) for h in (hyps, baseline))
+    return len(ours) == len(theirs) and all(np.array_equal(np.asarray(a, dtype=float), np.asarray(b, dtype=float))
+                                            for a, b in zip(ours, theirs))
 
 
 def _result_dict(result) -> dict:

@@ -19,13 +19,36 @@ from typing import BinaryIO, Iterable, Iterator
 from nmt.errors import NmtError
 
 STDIN = "-"
+BOM = "\ufeff"  # a byte order mark, which some editors put at the start of a UTF-8 file: not text
+# What splits a line for a reader of our output: Python's str.splitlines() and universal newlines
+# split at all of these, not only at "\n".
+_LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+_JSON_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})  # json.dumps leaves them raw
 # What reading a file can raise: a damaged .gz raises zlib.error (not an OSError) mid-stream,
 # a cut-short one EOFError, one that is not gzip at all BadGzipFile (an OSError).
 READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
+def one_line(text: str) -> str:
+    """The line contract for text written out: each line break a reader could split at becomes a
+    space (a model can emit the byte tokens of one)."""
+    return text.translate(_LINE_BREAKS)
+
+
+def json_line(record: dict) -> str:
+    """A JSON Lines record on one line for every reader: UTF-8 kept, and the three line breaks
+    that `json.dumps` leaves raw (U+0085, U+2028, U+2029) escaped."""
+    import json
+
+    return json.dumps(record, ensure_ascii=False).translate(_JSON_BREAKS)
+
+
 def display_name(path: str | os.PathLike | None) -> str:
-    return "<stdin>" if path in (None, STDIN) else str(path)
+    """A path as messages and output name it: a file name's bytes that are not UTF-8 (which Python
+    keeps as lone surrogates, unprintable) written as \\xNN."""
+    if path in (None, STDIN):
+        return "<stdin>"
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def open_binary(path: str | os.PathLike | None) -> BinaryIO:
@@ -49,11 +72,14 @@ def open_binary(path: str | os.PathLike | None) -> BinaryIO:
 
 
 def decode_line(raw: bytes, name: str, lineno: int) -> str:
-    """One line of bytes → str without its line ending; invalid UTF-8 names file and line."""
+    """One line of bytes → str without its line ending (nor, on line 1, a byte order mark);
+    invalid UTF-8 names file and line."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise NmtError(f"{name}: line {lineno}: invalid UTF-8 at byte {e.start}") from None
+    if lineno == 1:
+        text = text.removeprefix(BOM)
     return text.rstrip("\r\n")
 
 
@@ -75,7 +101,7 @@ def read_line_blocks(path: str | os.PathLike, block_bytes: int = 1 << 22) -> Ite
     would cost more than the reading itself."""
     name = display_name(path)
     stream = open_binary(path)
-    lineno, rest = 0, b""
+    lineno, pending = 0, []  # the reads since the last newline: a long line is joined once, not per read
     try:
         while True:
             try:
@@ -84,12 +110,15 @@ def read_line_blocks(path: str | os.PathLike, block_bytes: int = 1 << 22) -> Ite
                 raise NmtError(f"{name}: read error ({e})") from None
             if not data:
                 break
-            data = rest + data
             cut = data.rfind(b"\n") + 1
-            block, rest = data[:cut], data[cut:]
-            if block:
-                yield _decode_block(block[:-1], name, lineno)
-                lineno += block.count(b"\n")
+            if not cut:
+                pending.append(data)
+                continue
+            block = b"".join([*pending, data[:cut]])
+            pending = [data[cut:]]
+            yield _decode_block(block[:-1], name, lineno)
+            lineno += block.count(b"\n")
+        rest = b"".join(pending)
         if rest:
             yield _decode_block(rest, name, lineno)
     finally:
@@ -98,13 +127,16 @@ def read_line_blocks(path: str | os.PathLike, block_bytes: int = 1 << 22) -> Ite
 
 
 def _decode_block(block: bytes, name: str, lines_before: int) -> list[str]:
-    """Whole lines (the last newline removed) → their texts without line endings."""
+    """Whole lines (the last newline removed) → their texts without line endings (nor the byte
+    order mark that may open a file)."""
     try:
         text = block.decode("utf-8")
     except UnicodeDecodeError as e:
         line_start = block.rfind(b"\n", 0, e.start) + 1
         lineno = lines_before + block.count(b"\n", 0, e.start) + 1
         raise NmtError(f"{name}: line {lineno}: invalid UTF-8 at byte {e.start - line_start}") from None
+    if lines_before == 0:
+        text = text.removeprefix(BOM)
     lines = text.split("\n")
     return [line.rstrip("\r") for line in lines] if "\r" in text else lines
 

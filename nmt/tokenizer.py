@@ -140,7 +140,10 @@ class Vocabs:
 
     @staticmethod
     def exists(directory: Path) -> bool:
-        return (directory / "tokenizer.json").exists() or (directory / "tokenizer.src.json").exists()
+        """A whole saved tokenizer: the joint file, or both separate ones (one alone is a save cut
+        short, trained again)."""
+        return (directory / "tokenizer.json").exists() or \
+            ((directory / "tokenizer.src.json").exists() and (directory / "tokenizer.tgt.json").exists())
 
 
 TOKENIZER_LIMIT = 256 << 20  # bytes; a 32k-piece tokenizer.json is about 2 MB

@@ -78,6 +78,10 @@ def prepare_tokenizer(config: TrainConfig, tok_config: TokenizerConfig, out: Pat
                       parent: finetune.Parent | None = None, tags: list[str] | None = None) -> Vocabs:
     """The run's tokenizer: the one saved in `out`, else the parent's (a fine-tune), else trained
     on a seeded sample and saved."""
+    half = [name for name in ("tokenizer.src.json", "tokenizer.tgt.json") if (out / name).exists()]
+    if len(half) == 1 and checkpoint.list_checkpoints(out):  # a trained model's tokenizer is not made anew
+        raise NmtError(f"{out}: has {half[0]} but not the other side's file, and checkpoints trained with both "
+                       f"(restore it, or use a new --out)")
     if Vocabs.exists(out):
         log.info("tokenizer: reusing %s", out)
         vocabs = Vocabs.load(out)
@@ -186,7 +190,7 @@ def check_out_dir(out: Path, force: bool) -> bool:
     return False
 
 
-def run_config(p: Prepared, config: TrainConfig, tok_config: TokenizerConfig) -> dict[str, Any]:
+def run_config(p: Prepared, config: TrainConfig, tok_config: TokenizerConfig, processes: int = 1) -> dict[str, Any]:
     import sacrebleu
     import tokenizers
 
@@ -194,7 +198,7 @@ def run_config(p: Prepared, config: TrainConfig, tok_config: TokenizerConfig) ->
     first = p.directions.pairs[0]
     described = {
         "src": first[0], "tgt": first[1], "directions": [f"{s}-{t}" for s, t in p.directions.pairs],
-        "tagged": bool(p.directions.tagged),
+        "tagged": bool(p.directions.tagged), "processes": processes,
         "model": to_dict(p.model_config), "tokenizer": to_dict(tok_config), "train": to_dict(config),
         "data": [fp for m in metas for fp in m["fingerprints"]], "filters": asdict(p.cache.report),
         "versions": {"nmt": __import__("nmt").__version__, "torch": torch.__version__,
@@ -232,17 +236,35 @@ def check_resumable(out: Path, new: dict[str, Any], has_checkpoints: bool = True
         raise NmtError(f"{out}: {what}, directions changed ({', '.join(old['directions'])}"
                        f"{' tagged' if old.get('tagged') else ''} → {', '.join(new['directions'])}"
                        f"{' tagged' if new['tagged'] else ''}); {fix}")
-    old_data = [(d["path"], d["sha256"]) for d in old["data"]]
-    new_data = [(d["path"], d["sha256"]) for d in new["data"]]
-    if old_data != new_data:
-        which = [n[0] for o, n in zip(old_data, new_data) if o != n] or [n[0] for n in new_data]
-        raise NmtError(f"{out}: {what}, training data changed ({', '.join(which)}); {fix}")
+    old_data = [d["sha256"] for d in old["data"]]  # the bytes, wherever they are now (data moved: same run)
+    if old_data != [d["sha256"] for d in new["data"]]:
+        which = [d["path"] for sha, d in zip(old_data, new["data"]) if sha != d["sha256"]]
+        raise NmtError(f"{out}: {what}, training data changed "
+                       f"({', '.join(which or [d['path'] for d in new['data']])}); {fix}")
+    now = new.get("processes", 1)
+    was = _processes(out, old) if has_checkpoints else now  # (no checkpoint, no place in an epoch to keep)
+    if not isinstance(was, int):
+        log.warning("%s: cannot tell how many processes trained it: resuming with %d", out, now)
+    elif was != now:  # each rank's place in the epoch is an index into its own share of the batches
+        raise NmtError(f"{out}: {what}, it was trained by {was} process{'es' * (was > 1)} and this command runs "
+                       f"{now}: run it with {was} (torchrun --nproc-per-node {was}) or use a new --out")
     old_parent, new_parent = (c.get("parent", {}).get("weights_sha256") for c in (old, new))
     if old_parent != new_parent:
         was = f"fine-tuned from {old['parent'].get('directory')}" if old_parent else "trained from scratch"
         now = f"--init-from {new['parent']['directory']}" if new_parent else "no --init-from"
         raise NmtError(f"{out}: {what}, it was {was} and the command now gives {now}"
                        f"{' (whose weights changed)' if old_parent and new_parent else ''}; {fix}")
+
+
+def _processes(out: Path, old: dict[str, Any]) -> int | None:
+    """How many processes trained the run: config.json says, or for a run from before it did, the
+    summary its last finished command wrote (training.json); None when neither does."""
+    if "processes" in old:
+        return old["processes"]
+    try:
+        return json.loads((out / "training.json").read_text()).get("world_size")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # -- the training loop ---------------------------------------------------------------------------
@@ -347,7 +369,7 @@ class Trainer:
                 batches = self.p.cache.plan(budget, c.seed, self.progress.epoch, self.dist.rank, self.dist.world_size,
                                             c.curriculum)
                 if not batches:
-                    raise NmtError("no batch fits the token budget (raise --batch-tokens)")
+                    self._no_batches(budget)
                 if len(batches) < c.update_freq:  # no step would ever be made: refuse, don't spin
                     raise UsageError(f"--update-freq {c.update_freq} exceeds the {len(batches)} batches of an "
                                      f"epoch{' on each rank' if self.dist.world_size > 1 else ''} at "
@@ -409,9 +431,19 @@ class Trainer:
         if self.stop_reason is None:
             pr.epoch += 1
             pr.batch_in_epoch = 0
-            if c.max_epochs and pr.epoch >= c.max_epochs:
-                self.stop_reason = f"{c.max_epochs} epochs done"
+            if done := self._epochs_done():
+                self.stop_reason = done
                 self.evaluate_and_save()
+
+    def _no_batches(self, budget: int) -> None:
+        """Why an epoch holds no batch for this process: none fits the budget, or there are fewer
+        batches than processes (each takes an equal share, so the few are dropped)."""
+        c, ranks = self.config, self.dist.world_size
+        whole = len(self.p.cache.plan(budget, c.seed, self.progress.epoch, 0, 1, c.curriculum)) if ranks > 1 else 0
+        if whole:
+            raise NmtError(f"an epoch has {whole} batch{'es' * (whole > 1)} of --batch-tokens {budget}, fewer than the "
+                           f"{ranks} processes (each needs its own): lower --batch-tokens or run fewer processes")
+        raise NmtError("no batch fits the token budget (raise --batch-tokens)")
 
     def _done(self) -> float:
         c, pr = self.config, self.progress
@@ -489,15 +521,22 @@ class Trainer:
             reason = f"{c.max_steps} steps done"
         elif c.max_time and pr.seconds >= c.max_time:
             reason = f"time budget of {c.max_time:.0f} s used"
-        elif c.max_epochs and pr.epoch >= c.max_epochs:  # as the loop ends it: a finished run re-run stays finished
-            reason = f"{c.max_epochs} epochs done"
-        elif c.patience and pr.evals_without_gain >= c.patience:
-            reason = f"no dev BLEU gain in {c.patience} evaluations"
-        elif self._signal:
-            reason = f"stopped by {self._signal}"
+        else:  # epochs and patience as the loop ends them: a finished run re-run stays finished
+            reason = self._epochs_done() or self._patience_spent() or (f"stopped by {self._signal}" if self._signal else None)
         # every rank must stop at the same step: rank 0's decision (or any rank's signal) wins
         if self.dist.any_flag(reason is not None) and self.stop_reason is None:
             self.stop_reason = reason or "stopped by another rank"
+
+    def _epochs_done(self) -> str | None:
+        """The stop reason once --max-epochs passes over the data are done, else None."""
+        c = self.config
+        return f"{c.max_epochs} epochs done" if c.max_epochs and self.progress.epoch >= c.max_epochs else None
+
+    def _patience_spent(self) -> str | None:
+        """The stop reason once --patience evaluations in a row gained no dev BLEU, else None."""
+        c = self.config
+        return (f"no dev BLEU gain in {c.patience} evaluations"
+                if c.patience and self.progress.evals_without_gain >= c.patience else None)
 
     _signal: str | None = None
     _signum: int = 0
@@ -553,8 +592,7 @@ class Trainer:
             checkpoint.save_weights(self.model, self.p.out / checkpoint.WEIGHTS)
         else:
             pr.evals_without_gain += 1
-            if self.config.patience and pr.evals_without_gain >= self.config.patience:
-                self.stop_reason = self.stop_reason or f"no dev BLEU gain in {self.config.patience} evaluations"
+            self.stop_reason = self.stop_reason or self._patience_spent()
 
     def _log(self, record: dict) -> None:
         if self.dist.is_writer:
@@ -883,7 +921,7 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
                 chosen = recipe.from_record(json.loads((out / RECIPE_FILE).read_text()))
         if chosen is not None:
             config, p.model_config = _apply_recipe(chosen, config, p.model_config, quiet=not dist.is_writer)
-        described = run_config(p, config, tok_config)
+        described = run_config(p, config, tok_config, dist.world_size)
         if chosen is not None:
             described["recipe"] = recipe.describe(chosen)
         has_checkpoints = bool(checkpoint.list_checkpoints(out))

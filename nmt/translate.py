@@ -39,7 +39,7 @@ from nmt.config import DecodeConfig
 from nmt.errors import NmtError
 from nmt.runtime import Runtime
 from nmt.search import Hypothesis, penalty_of
-from nmt.textio import in_step
+from nmt.textio import in_step, one_line
 from nmt.tokenizer import Vocabs, decode_batch, encode_batch
 
 log = logging.getLogger(__name__)
@@ -359,14 +359,6 @@ def _joined(parts: list[Hypothesis]) -> Hypothesis:
     return Hypothesis([t for h in parts for t in h.tokens], sum(h.logprob for h in parts),
                       sum(h.score for h in parts), any(h.hit_max_length for h in parts),
                       " ".join(h.text for h in parts if h.text), alignment=alignment)
-
-
-_LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
-
-
-def one_line(text: str) -> str:
-    """A model can emit the byte tokens of a line break; the line contract needs one line out."""
-    return text.translate(_LINE_BREAKS)
 
 
 def to_json(t: Translation) -> dict:

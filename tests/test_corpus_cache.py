@@ -358,13 +358,25 @@ def test_fingerprint_memo_skips_only_settled_unchanged_files(tmp_path, monkeypat
     memo.write_text("{not json")  # a broken memo only costs a re-hash
     check()
     assert reads["old.txt"] == 5
+    key = str(old.resolve())
+    for shape in ("[]", "null", json.dumps({key: 1}), json.dumps({key: {"stamp": None}})):  # JSON, not a memo
+        memo.write_text(shape)
+        check()
+    assert reads["old.txt"] == 9  # each only costs a re-hash
+    stamped = json.loads(memo.read_text())
+    check()
+    assert reads["old.txt"] == 9 and stamped[key]["lines"] == 2  # the memo written anew serves again
+    del stamped[key]["lines"]  # a record cut down: re-hashed, not a KeyError
+    memo.write_text(json.dumps(stamped))
+    check()
+    assert reads["old.txt"] == 10
 
 
 @pytest.mark.parametrize("block", [1, 7, 64, 1 << 22])
 @pytest.mark.parametrize("gz", [False, True])
 def test_block_reading_equals_line_reading(tmp_path, bible, block, gz, monkeypatch):
     """chunks() (whole blocks decoded at once, for the cache) yields exactly the pairs of
-    pairs() (a line at a time), with CRLF, blank lines, a missing final newline and any block
+    pairs() (a line at a time), with a byte order mark, CRLF, blank lines, a missing final newline and any block
     size; invalid UTF-8 and mismatched counts raise the same one-line errors."""
     import nmt.textio as textio
 
@@ -372,7 +384,7 @@ def test_block_reading_equals_line_reading(tmp_path, bible, block, gz, monkeypat
     monkeypatch.setattr("nmt.corpus.read_line_blocks", lambda path: real(path, block_bytes=block))
     src = bible[0][:40] + ["", "  ", "último"]
     tgt = bible[1][:40] + ["x", "", "last"]
-    raw_src = ("\r\n".join(src) + "\r\n").encode()  # CRLF
+    raw_src = b"\xef\xbb\xbf" + ("\r\n".join(src) + "\r\n").encode()  # a byte order mark (not text), CRLF
     raw_tgt = "\n".join(tgt).encode()  # no final newline
     for name, data in (("c.es", raw_src), ("c.en", raw_tgt)):
         path = tmp_path / (name + (".gz" if gz else ""))

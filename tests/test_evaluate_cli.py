@@ -187,6 +187,7 @@ def files(tmp_path):
         "bad": bad,
         "empty": _write(tmp_path / "empty.txt", []),
         "notjson": _write(tmp_path / "x.jsonl", ["{}", "[1]"]),
+        "alias": f"{tmp_path}/./two.txt",  # another name for two.txt
     }
 
 
@@ -211,6 +212,9 @@ def files(tmp_path):
         (["-i", "{two}", "-r", "{two}", "-b", "-f", "json"], 2, ["--score-only"]),
         (["-r", "{two}", "-i", "-", "--src", "-"], 2, ["stdin"]),
         (["-i", "{two}", "-i", "{three}", "-r", "{two}", "--sentence-level"], 2, ["single -i"]),
+        (["-i", "{two}", "-i", "{alias}", "-r", "{two}"], 2, ["the same -i file was given twice"]),
+        (["-i", "{two}", "-r", "{two}", "-r", "{alias}"], 2, ["the same -r file was given twice"]),
+        (["-i", "{two}", "-r", "{two}", "--confidence", "--paired-bs-n", "39"], 2, ["--paired-bs-n must be at least 40"]),
     ],
 )
 def test_errors_are_one_line_with_exit_code(files, tmp_path, args, code, pieces):
@@ -222,3 +226,56 @@ def test_errors_are_one_line_with_exit_code(files, tmp_path, args, code, pieces)
     assert len(err.splitlines()) == 1 and err.startswith("nmt: error: ") and "Traceback" not in err
     for piece in pieces:  # file names in the message itself, everything else in its words
         assert piece in (err if piece.endswith((".txt", ".jsonl")) else without_paths(err))
+
+
+def test_a_reference_on_a_terminal_is_an_error_not_a_wait(files):
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        cmd = [sys.executable, "-m", "nmt", "evaluate", "-i", str(files["two"]), "-r", "-"]
+        done = subprocess.run(cmd, cwd=REPO, env=ENV, stdin=follower, capture_output=True, timeout=60)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    err = done.stderr.decode().strip()
+    assert done.returncode == 2 and err == "nmt: error: -r -: stdin is a terminal: pipe the text in or give -r FILE"
+
+
+def test_a_system_equal_to_the_baseline_is_not_significantly_different(tmp_path, perturbed):
+    copy, spaced = tmp_path / "copy.txt", tmp_path / "spaced.txt"
+    copy.write_bytes(TEST_KJV.read_bytes())
+    spaced.write_bytes(TEST_KJV.read_bytes().replace(b" ", b"  "))  # other lines, the same words for BLEU
+    done = nmt("-i", TEST_KJV, "-i", perturbed, "-i", copy, "-i", spaced, "-r", TEST_EN, "-f", "json", "-m", "bleu",
+               "--paired-bs-n", 50)
+    doc = json.loads(ok(done))
+    p_values = [s["paired"]["bleu"]["p_value"] for s in doc["systems"]]
+    assert p_values[0] is None and p_values[1] < 0.05 and p_values[2:] == [1.0, 1.0]  # sacreBLEU alone: 1/51
+    err = without_paths(done.stderr.decode())
+    assert err.count("scores every line as the baseline") == 2 and "no difference to test (p = 1)" in err
+
+
+def test_sentence_level_rows_stay_one_line_each(tmp_path):
+    hyp = _write(tmp_path / "hyp", ["a\tb c", "c\u2028d", "e\x85f"])
+    ref = _write(tmp_path / "ref", ["a b c", "c d", "e f"])
+    rows = ok(nmt("-i", hyp, "-r", ref, "--sentence-level", "-m", "bleu")).splitlines()
+    assert [r.split("\t")[2] for r in rows[1:]] == ["a b c", "c d", "e f"] and len(rows) == 4
+    records = [json.loads(l) for l in ok(nmt("-i", hyp, "-r", ref, "--sentence-level", "-f", "json")).splitlines()]
+    assert [r["hypothesis"] for r in records] == ["a\tb c", "c\u2028d", "e\x85f"]  # JSON keeps them, escaped
+
+
+def test_confidence_interval_of_a_system_scoring_zero(tmp_path):
+    hyp = _write(tmp_path / "hyp", ["x", "y"])
+    ref = _write(tmp_path / "ref", ["a b", "c d"])
+    bleu = json.loads(ok(nmt("-i", hyp, "-r", ref, "-f", "json", "-m", "bleu", "--confidence", "--paired-bs-n", 50)))
+    scores = bleu["systems"][0]["scores"]["bleu"]
+    assert scores["score"] == 0.0 and scores["mean"] == 0.0 and scores["ci"] == 0.0
+
+
+def test_a_file_name_that_is_not_utf8_is_named_not_a_crash(tmp_path):
+    name = os.path.join(os.fsencode(tmp_path), b"\xff.txt")
+    with open(name, "wb") as f:
+        f.write(b"a b c d\n")
+    cmd = [sys.executable.encode(), b"-m", b"nmt", b"evaluate", b"-i", name, b"-r", name, b"-f", b"json", b"-m", b"bleu"]
+    doc = json.loads(ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True)))
+    assert doc["systems"][0]["name"].endswith("/\\xff.txt") and doc["systems"][0]["scores"]["bleu"]["score"] == pytest.approx(100.0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_nmt, write_slice
+from conftest import ROOT, error_line, run_nmt, without_paths, write_slice
 
 COMMON = ["--preset", "tiny", "--src", "es", "--tgt", "en", "--dev", "none", "--dtype", "float32",
           "--batch-tokens", "1000", "--eval-every", "1000", "--log-every", "1", "--vocab-size", "500",
@@ -133,6 +133,27 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(data, tmp_path)
     wa, wb = weights(single, 8), weights(ddp, 8)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-4)
+    # one process cannot continue the two ranks' epoch (each rank's batch index is into its share);
+    # for a run from before config.json kept the number, training.json's tells
+    config = ddp / "config.json"
+    assert json.loads(config.read_text())["processes"] == 2
+    for older in (False, True):
+        if older:
+            config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "processes"}))
+        before = config.read_bytes()
+        r = run_nmt("train", *COMMON, "--train", str(data), "--out", str(ddp), "--max-steps", "10")
+        msg = without_paths(error_line(r, 1, only_line=False))
+        assert "cannot resume, it was trained by 2 processes and this command runs 1" in msg
+        assert config.read_bytes() == before, "a refused resume leaves config.json as it was"
+    # an epoch of one batch cannot be shared by two processes: the advice is fewer tokens, not more
+    few = tmp_path / "few"
+    few.mkdir()
+    shutil.copy(single / "tokenizer.json", few / "tokenizer.json")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518",
+                        "-m", "nmt", "train", *COMMON, "--train", str(write_slice(tmp_path, "three", 3)), "--out", str(few),
+                        "--max-steps", "2"], cwd=ROOT, capture_output=True, timeout=300, env=env)
+    assert r.returncode != 0
+    assert "an epoch has 1 batch of --batch-tokens 1000, fewer than the 2 processes" in r.stderr.decode()
 
 
 def test_an_out_of_memory_batch_is_retried_in_halves_with_the_same_gradient(data, tmp_path):

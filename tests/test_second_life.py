@@ -400,6 +400,11 @@ def test_the_tag_decides_the_output_language(tmp_path):
     assert model.translate("1 2 3", tgt_lang="r", beam_size=1) == "d c b"
     with pytest.raises(UsageError):
         model.translate("1 2 3")
+    # `nmt attention` puts the same tag before the source: its translation, and the tag in its maps
+    r = run_nmt("attention", "-m", str(out), "--tgt-lang", "r", "1 2 3")
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode().splitlines()[0] == "d c b" and "<2r>" in r.stdout.decode()
+    assert "--tgt-lang (c, r)" in last_error(run_nmt("attention", "-m", str(out), "1 2 3"), 2)
     caches = [p for p in (out / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert len(caches) == 2  # d-c and d-r: two pairs of files, two caches
 

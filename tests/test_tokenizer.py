@@ -352,6 +352,7 @@ def test_load_missing_files_names_the_directory(tmp_path, trained):
     (tmp_path / "tokenizer.tgt.json").unlink()
     with pytest.raises(NmtError):
         Vocabs.load(tmp_path)
+    assert not Vocabs.exists(tmp_path)  # a save cut short between the two files: trained again, not reused
 
 
 # --- training on a streamed sample ------------------------------------------------------------

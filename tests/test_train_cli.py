@@ -131,6 +131,13 @@ def test_separate_vocabularies_of_equal_size_train_two_embedding_matrices(tmp_pa
     r = run_nmt("translate", "-m", str(out), "--beam-size", "1", "--max-length-a", "0", "--max-length-b", "5",
                 input="hola\n")
     assert r.returncode == 0 and r.stdout.decode().count("\n") == 1, r.stderr.decode()
+    # one of the two tokenizer files lost: the checkpoints' tokenizer is not trained anew over the other
+    kept = (out / "tokenizer.src.json").read_bytes()
+    (out / "tokenizer.tgt.json").unlink()
+    msg = without_paths(error_line(train("--train", str(data["train"]), "--dev", "none", "--out", str(out),
+                                         "--max-steps", "4", "--separate-vocab"), 1))
+    assert "has tokenizer.src.json but not the other side's file, and checkpoints trained with both" in msg
+    assert (out / "tokenizer.src.json").read_bytes() == kept
 
 
 # -- bad options --------------------------------------------------------------------------------
@@ -148,6 +155,9 @@ def test_separate_vocabularies_of_equal_size_train_two_embedding_matrices(tmp_pa
     (["--keep-last", "0"], "--keep-last must be ≥ 1 (got 0)"),
     (["--patience", "-1"], "--patience must be ≥ 0, 0 for off (got -1)"),
     (["--average-last", "-2"], "--average-last must be ≥ 0, 0 for off (got -2)"),
+    (["--max-ratio", "nan"], "--max-ratio must be ≥ 1"),
+    (["--max-ratio", "0.5"], "--max-ratio must be ≥ 1"),
+    (["--tokenizer-sample", "0"], "--tokenizer-sample must be ≥ 1 pair (got 0)"),
 ])
 def test_usage_errors_exit_2(tmp_path, data, args, words):
     msg = error_line(train("--train", str(data["train"]), "--dev", "none", "--out", str(tmp_path / "run"),
@@ -328,6 +338,22 @@ def test_resume_refused_when_the_tokenizer_the_data_order_or_the_directions_chan
     msg = error_line(train(*run["args"], "--max-steps", "40", *flags), 1)
     assert msg == f"nmt: error: {out}: cannot resume, {change}; use a new --out"
     assert (out / "config.json").read_bytes() == before, "a refused run must not rewrite the config"
+
+
+def test_a_resume_takes_the_same_data_at_another_path(run, data, tmp_path):
+    """The data moved and the cache gone (a job's scratch space): the same bytes are the same run."""
+    out = tmp_path / "run"
+    shutil.copytree(run["out"], out)
+    shutil.rmtree(out / "cache")
+    moved = tmp_path / "moved" / "train"
+    moved.parent.mkdir()
+    for lang in ("es", "en"):
+        shutil.copy(f"{data['train']}.{lang}", f"{moved}.{lang}")
+    args = [str(moved) if a == str(data["train"]) else str(out) if a == str(run["out"]) else a for a in run["args"]]
+    steps = json.loads((out / "training.json").read_text())["steps"]
+    err = ok(train(*args, "--max-steps", str(steps + 5)))
+    assert f"resuming from step-{steps:08d}" in err
+    assert json.loads((out / "training.json").read_text())["steps"] == steps + 5
 
 
 def test_resume_refused_when_the_data_changes(run, data):

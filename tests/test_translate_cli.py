@@ -135,6 +135,7 @@ def test_blank_and_unusual_lines(model):
     r = translate(model, "--beam-size", "1", "--format", "jsonl", input="\n".join(lines) + "\n")
     records = [json.loads(line) for line in out_lines(r)]
     assert [rec["source"] for rec in records] == [*lines[:6], "fin", ""]  # CR of a CRLF ending dropped
+    assert len(ok(r).splitlines()) == len(lines)  # U+2028 escaped in JSON: a reader splitting at it too sees one record a line
     for rec, line in zip(records, lines):
         blank = not line.strip()
         assert rec["flags"]["empty_input"] is blank
