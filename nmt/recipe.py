@@ -117,17 +117,19 @@ MIN_STEPS = 4000
 
 def steps_needed(shape: Shape) -> int:
     """Optimizer steps a shape needs before it beats the faster one below it: MIN_STEPS for a
-    2+2-layer stack, with the square of its layers beyond that (small, 3+3: 9,000; medium, 6+6:
-    36,000, not measured). Measured in 30 minutes with bf16 units, small against compact (2+2,
-    same width, which gets ~1.35 times the steps): with 4,766 steps small reached dev BLEU 18.9
-    against 21.2 (AMD Zen 4), with 5,855 steps 20.3 against 21.8 (Intel Xeon with AMX): a line
-    through those two points (two machines, so rough) closes the gap near 8,000; at 13,911 steps (90
-    minutes) small reached 24.3. The rule in proportion to the layers (6,000) chose small at the
-    second reading, within the probe's noise of the line. In float32 at one thread (90 minutes,
-    Intel Xeon) small with 7,071 steps ended 0.9 dev BLEU under compact with 9,981. A shape made
-    from another by options set by hand needs at least what that one needs (`Shape.floor`): medium's
-    width with 2+2 layers was never measured against the shapes below it."""
-    return max(shape.floor, MIN_STEPS * max(4, shape.encoder_layers + shape.decoder_layers) ** 2 // 16)
+    2+2-layer stack, with the cube of its layers beyond that (small, 3+3: 13,500; medium, 6+6:
+    108,000, not measured). Measured as small against compact (2+2, same width, ~1.4 times the
+    steps), dev BLEU: small behind by 2.3 with 4,766 steps (30 minutes, bf16, AMD Zen 4), by 1.5
+    with 5,855 (30 minutes, bf16, Intel Xeon with AMX), by 0.9 with 7,071 (90 minutes, float32, one
+    thread), by 0.3 with 11,697 against 16,466 (60 minutes, bf16, one thread each, side by side):
+    the gap closes by ~0.13 per 1,000 steps over the last two, so near 14,000. No run has yet seen
+    small ahead. The square of the layers (9,000) chose small where compact, in another session,
+    scored 1.7 dev BLEU more (30 minutes, bf16, a fast machine: 9,342 steps against 12,756). The
+    rule reads the probe's rate; runs trained at 0.7-1.06 times it. A shape made from another by
+    options set by hand needs at least what that one needs (`Shape.floor`): medium's width with 2+2
+    layers was never measured against the shapes below it."""
+    return max(shape.floor, MIN_STEPS * max(4, shape.encoder_layers + shape.decoder_layers) ** 3 // 64)
+
 
 EVAL_SHARE = 0.05  # at most this share of the budget goes to dev evaluations
 REAL_SHARE = 0.85  # real target tokens per padded batch token: 0.83-0.86 measured on the embedded corpus

@@ -45,29 +45,29 @@ def test_the_largest_shape_that_gets_enough_steps_is_chosen():
     assert recipe.choose(RATES, EPOCH, just, None, 1500, 30.0).shape == "compact"
     assert recipe.choose(RATES, EPOCH, 0.98 * just, None, 1500, 30.0).shape == "mini"
     assert recipe.choose(RATES, EPOCH, 60, None, 1500, 30.0).shape == "micro"
-    plenty = _seconds_for_steps(RATES["small"], 3 * recipe.MIN_STEPS)
+    plenty = _seconds_for_steps(RATES["small"], 4 * recipe.MIN_STEPS)
     assert recipe.choose(RATES, EPOCH, plenty, None, 1500, 30.0).shape == "small"  # medium not measured
 
 
 def test_a_deeper_shape_needs_more_steps():
     by_name = {s.name: s for s in recipe.SHAPES}
     assert recipe.steps_needed(by_name["compact"]) == recipe.MIN_STEPS  # 2+2 layers
-    assert recipe.steps_needed(by_name["small"]) == 9000 and recipe.steps_needed(by_name["medium"]) == 36000
+    assert recipe.steps_needed(by_name["small"]) == 13500 and recipe.steps_needed(by_name["medium"]) == 108000
     # enough steps for compact but not for small (3+3): compact, and the reason says why; 5,855
     # steps is what small got in the 30-minute run where it lost to compact by 1.5 dev BLEU
     between = _seconds_for_steps(RATES["small"], 5855)
     r = recipe.choose(RATES, EPOCH, between, None, 1500, 30.0)
-    assert r.shape == "compact" and "small would get 5,855 steps, under the 9,000 it needs" in r.reason
-    assert recipe.choose(RATES, EPOCH, _seconds_for_steps(RATES["small"], 9001), None, 1500, 30.0).shape == "small"
+    assert r.shape == "compact" and "small would get 5,855 steps, under the 13,500 it needs" in r.reason
+    assert recipe.choose(RATES, EPOCH, _seconds_for_steps(RATES["small"], 13501), None, 1500, 30.0).shape == "small"
     one_step = recipe.REAL_SHARE * 1500 / (1 - recipe.EVAL_SHARE)  # seconds per step at 1 token/s
-    assert recipe.worth_measuring_next("compact", 1.0, 8900 * one_step, 1500) is False  # small would need 9,000
-    assert recipe.worth_measuring_next("compact", 1.0, 9001 * one_step, 1500) is True
+    assert recipe.worth_measuring_next("compact", 1.0, 13400 * one_step, 1500) is False  # small would need 13,500
+    assert recipe.worth_measuring_next("compact", 1.0, 13501 * one_step, 1500) is True
 
 
 def test_a_step_budget_needs_no_speed():
-    assert recipe.choose({}, EPOCH, None, 36000, 1500, 0.0).shape == "medium"  # 6+6 layers: 36,000 steps
-    assert recipe.choose({}, EPOCH, None, 35999, 1500, 0.0).shape == "small"
-    assert recipe.choose({}, EPOCH, None, 8999, 1500, 0.0).shape == "compact"
+    assert recipe.choose({}, EPOCH, None, 108000, 1500, 0.0).shape == "medium"  # 6+6 layers: 108,000 steps
+    assert recipe.choose({}, EPOCH, None, 107999, 1500, 0.0).shape == "small"
+    assert recipe.choose({}, EPOCH, None, 13499, 1500, 0.0).shape == "compact"
     assert recipe.choose({}, EPOCH, None, recipe.MIN_STEPS, 1500, 0.0).shape == "compact"
     assert recipe.choose({}, EPOCH, None, recipe.MIN_STEPS - 1, 1500, 0.0).shape == "micro"
     with pytest.raises(UsageError, match="give --max-time or --max-steps"):
@@ -76,16 +76,16 @@ def test_a_step_budget_needs_no_speed():
 
 def test_steps_are_optimizer_steps_of_every_batch_they_take():
     # --update-freq 4 on batches of 1,500 buys what batches of 6,000 buy: the same steps and shape
-    by_freq = recipe.choose(RATES, EPOCH, 20_000, None, 1500, 30.0, update_freq=4)
-    by_size = recipe.choose(RATES, EPOCH, 20_000, None, 6000, 30.0)
+    by_freq = recipe.choose(RATES, EPOCH, 25_000, None, 1500, 30.0, update_freq=4)
+    by_size = recipe.choose(RATES, EPOCH, 25_000, None, 6000, 30.0)
     assert by_freq.shape == by_size.shape and by_freq.budget_tokens == by_size.budget_tokens
     assert by_freq.train["eval_every"] == by_size.train["eval_every"]
     assert by_freq.train["warmup_steps"] == by_size.train["warmup_steps"]
-    one = recipe.choose(RATES, EPOCH, 20_000, None, 1500, 30.0)
-    assert one.shape == "small" and by_freq.shape == "mini"  # a quarter of the steps: under compact's 4,000
+    one = recipe.choose(RATES, EPOCH, 25_000, None, 1500, 30.0)
+    assert one.shape == "small" and by_freq.shape == "compact"  # a quarter of the steps: under small's 13,500
     assert "batch 1500 × 4 per step" in by_freq.reason
     # two ranks at the rate measured on one: twice the tokens in twice the batches per step, so the same steps
-    two = recipe.choose(RATES, EPOCH, 20_000, None, 1500, 30.0, ranks=2)
+    two = recipe.choose(RATES, EPOCH, 25_000, None, 1500, 30.0, ranks=2)
     assert two.shape == one.shape and two.budget_tokens == pytest.approx(2 * one.budget_tokens)
     assert two.epochs == pytest.approx(2 * one.epochs) and two.train["eval_every"] == one.train["eval_every"]
     assert "on each of 2 ranks" in two.reason
@@ -185,13 +185,13 @@ def test_shape_options_set_by_hand_narrow_the_candidates_and_the_rest_fits_the_s
     assert recipe.candidates({}) == recipe.SHAPES
     assert [s.d_model for s in recipe.candidates({"n_heads": 3})] == [192]  # 3 heads divide no other width
     small = {k: v for k, v in recipe.SHAPES[3].model_fields().items()}
-    assert [(s.name, s.model_fields(), recipe.steps_needed(s)) for s in recipe.candidates(small)] == [("small", small, 9000)]
+    assert [(s.name, s.model_fields(), recipe.steps_needed(s)) for s in recipe.candidates(small)] == [("small", small, 13500)]
     alone = recipe.candidates({**small, "d_model": 320})
     assert [(s.name, s.d_model) for s in alone] == [("set by hand", 320)]
-    # a shape made from another needs at least what that one needs: medium's width with 2+2 layers, 36,000
+    # a shape made from another needs at least what that one needs: medium's width with 2+2 layers, 108,000
     two = recipe.candidates({"encoder_layers": 2, "decoder_layers": 2})
     assert [(s.name, recipe.steps_needed(s)) for s in two] == [
-        ("micro", 4000), ("mini", 4000), ("compact", 4000), ("medium with encoder_layers 2, decoder_layers 2", 36000)]
+        ("micro", 4000), ("mini", 4000), ("compact", 4000), ("medium with encoder_layers 2, decoder_layers 2", 108000)]
     for by_hand, message in [
             ({"n_heads": 7}, "n_heads = 7 divides none of the recipe's widths (128, 192, 256, 512): set d_model too"),
             ({"n_heads": 0}, "model option n_heads = 0 is out of range [1, 1024]"),
@@ -203,15 +203,15 @@ def test_shape_options_set_by_hand_narrow_the_candidates_and_the_rest_fits_the_s
             recipe.candidates(by_hand)
         assert str(e.value) == message
 
-    # every 3+3 candidate needs small's 9,000 steps: a budget that buys each shape ~6,000 gets the smallest,
+    # every 3+3 candidate needs small's 13,500 steps: a budget that buys each shape ~6,000 gets the smallest,
     # with micro's rate and dropout for its epochs, not the ones of the shape the recipe would choose unasked
     rates = {s.name: rate for s, rate in zip(layers, (2000.0, 1300.0, 800.0))}
     seconds = _seconds_for_steps(2000.0, 6000)
     r = recipe.choose(rates, EPOCH, seconds, None, 1500, 30.0, layers)
     assert r.shape == layers[0].name and r.model["encoder_layers"] == 3 and r.model["d_model"] == 128
     assert r.train["lr"] == pytest.approx(recipe.lr_for(128)) and r.model["dropout"] == recipe.dropout_for(r.epochs, 128)
-    assert "mini with encoder_layers 3, decoder_layers 3 would get" in r.reason and "under the 9,000 it needs" in r.reason
-    assert recipe.choose(rates, EPOCH, _seconds_for_steps(800.0, 9001), None, 1500, 30.0, layers).shape == "small"
+    assert "mini with encoder_layers 3, decoder_layers 3 would get" in r.reason and "under the 13,500 it needs" in r.reason
+    assert recipe.choose(rates, EPOCH, _seconds_for_steps(800.0, 13501), None, 1500, 30.0, layers).shape == "small"
     assert recipe.worth_measuring_next(layers[1].name, 1300.0, seconds, 1500, layers) is False  # small cannot qualify
 
     # one candidate: chosen, and its settings follow from its own speed
@@ -286,7 +286,7 @@ def test_train_fits_the_recipe_to_the_layers_set_by_hand_and_refuses_a_shape_not
     # a preparation cut short left a recipe chosen for 2+2 layers (and no run): it is chosen again
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "recipe.json").write_text(json.dumps(recipe.describe(recipe.choose({}, EPOCH, None, 2, 400, 0.0))))
-    # a time budget: the 3+3 candidates are timed (micro's width first; the wider ones cannot get their 9,000 steps)
+    # a time budget: the 3+3 candidates are timed (micro's width first; the wider ones cannot get their 13,500 steps)
     r = run_nmt(*args, "--out", str(tmp_path / "run"), "--config", str(layers), "--max-time", "3s")
     err = r.stderr.decode()
     assert r.returncode == 0, err
