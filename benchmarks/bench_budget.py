@@ -2,7 +2,7 @@
 """What a time budget buys: the recipe `nmt train` chooses against today's `small` preset.
 
     python benchmarks/bench_budget.py [--budgets 10m,30m,90m] [--dtypes auto,float32] [--threads 0]
-                                      [--systems recipe,small,recipe:compact] [--out runs/budget]
+                                      [--systems recipe,small,recipe:compact] [--seed N] [--out runs/budget]
 
 For each budget and dtype, trains on the embedded corpus with `nmt train --max-time B` (the
 recipe chosen from the budget) and with `nmt train --preset small --max-time B` (the fixed
@@ -16,7 +16,8 @@ flags as repetition loops. Dev BLEU is what the recipe rules were tuned on; test
 reported.
 
 A dtype that `auto` resolves to on this machine is run once (float32 on a CPU without bf16
-units). `--threads 1` slows the machine predictably, to check the rules at another speed.
+units). `--threads 1` slows the machine predictably, to check the rules at another speed; `--seed N`
+trains with another seed (weights, batches, dropout, tokenizer sample), to see one run's spread.
 Runs that exist already in --out are scored again, not retrained (delete them to retrain).
 """
 
@@ -48,10 +49,12 @@ def resolved_dtype() -> str:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout.strip()
 
 
-def train(system: str, budget: str, dtype: str, threads: int, out: Path) -> None:
+def train(system: str, budget: str, dtype: str, threads: int, out: Path, seed: int | None = None) -> None:
     if (out / "training.json").exists():
         return
     args = ["train", "--max-time", budget, "--out", str(out), "--threads", str(threads)]
+    if seed is not None:
+        args += ["--seed", str(seed)]
     if dtype != "auto":
         args += ["--dtype", dtype]
     if system == "small":
@@ -85,6 +88,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="auto,float32")
     ap.add_argument("--systems", default="recipe,small")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "budget")
     args = ap.parse_args()
     for system in args.systems.split(","):
@@ -106,8 +110,9 @@ def main() -> None:
     for budget in args.budgets.split(","):
         for dtype in dtypes:
             for system in args.systems.split(","):
-                out = args.out / f"{budget}-{dtype}-{system.replace(':', '-')}-t{args.threads}"
-                train(system, budget, dtype, args.threads, out)
+                seed = "" if args.seed is None else f"-seed{args.seed}"
+                out = args.out / f"{budget}-{dtype}-{system.replace(':', '-')}-t{args.threads}{seed}"
+                train(system, budget, dtype, args.threads, out, args.seed)
                 summary = json.loads((out / "training.json").read_text())
                 config = json.loads((out / "config.json").read_text())
                 recipe = config.get("recipe", {}).get("reason", "") if system != "small" else "preset small"
