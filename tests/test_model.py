@@ -1,5 +1,6 @@
 """Properties of the Transformer that hold for any weights: causality, padding, and learning."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -28,8 +29,9 @@ def test_changing_a_future_target_token_never_changes_earlier_logits():
             assert not torch.allclose(out[:, t:], base[:, t:])  # the change is visible from t on
 
 
-def test_padding_changes_no_real_position():
-    model = tiny()
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_padding_changes_no_real_position(pre_norm):
+    model = tiny(pre_norm=pre_norm)
     src = torch.randint(4, 20, (1, 6))
     tgt = torch.randint(4, 20, (1, 5))
     base = model(src, tgt)
