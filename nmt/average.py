@@ -42,12 +42,15 @@ def average(directory: Path, last: int, runtime: Runtime, dev_prefix: str | None
     checkpoints = checkpoint.list_checkpoints(directory)[-last:]
     if len(checkpoints) < 2:
         raise NmtError(f"{directory}: need at least 2 checkpoints to average, found {len(checkpoints)}")
-    dev_prefix = dev_prefix or config.get("train", {}).get("dev")
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    dev_prefix = dev_prefix or train.get("dev")
     if not dev_prefix:
         raise NmtError(f"{directory}: no dev set to compare the averaged model on (give --dev)")
     current, vocabs, _ = checkpoint.load_for_inference(directory)  # every part checked
     run = directions.of_model(config, str(directory / "config.json"))
     devs = mixing.dev_sets(dev_prefix, run, directions.tag_ids(vocabs.src, run, str(directory)))
+    for c in checkpoints:  # names, shapes and dtypes of each, against the model: a one-line error, not a crash
+        checkpoint.check_weights(c / checkpoint.WEIGHTS, current.config)
     averaged = Transformer(current.config)
     # safetensors stores tied matrices once, so the aliases (tgt_embed, output) are "missing" here
     _, unexpected = averaged.load_state_dict(average_state_dicts([c / checkpoint.WEIGHTS for c in checkpoints]),

@@ -648,11 +648,18 @@ def main() -> None:
     from nmt.textio import flush_stdout, output_error, utf8_stdio
 
     utf8_stdio()
+    if len(sys.argv) == 1:  # `nmt` alone: its help (typer's own no-arguments path ends in an error line)
+        sys.argv.append("--help")
     try:
         try:
-            app(standalone_mode=False)
+            # outside standalone mode typer returns an exit code rather than exiting: 130 for a Ctrl-C
+            code = app(standalone_mode=False)
         finally:
             flush_stdout()  # a full disk under stdout is an error here, not "Exception ignored" at exit
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            sys.exit(code)
     except NmtError as e:
         _fail(str(e), 2 if isinstance(e, UsageError) else getattr(e, "exit_code", 1), e)
     except (typer.Exit, SystemExit) as e:

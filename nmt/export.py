@@ -182,7 +182,10 @@ def _save_atomically(spec, tokenizer_files: list[Path], meta: dict[str, Any], ou
     """Build the whole directory under a temporary name beside `out_dir`, then rename it into
     place; a previous export is moved aside first and restored if the rename fails."""
     with atomic.directory(out_dir) as tmp:
-        spec.save(str(tmp))
+        try:
+            spec.save(str(tmp))  # CTranslate2 writes model.bin itself: its OSError names no file
+        except OSError as e:
+            raise NmtError(f"{out_dir}: cannot write the model ({e.strerror or e})") from None
         for path in tokenizer_files:
             shutil.copyfile(path, tmp / path.name)
         atomic.write_text(tmp / EXPORT_META, json.dumps(meta, indent=2))

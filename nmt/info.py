@@ -15,16 +15,18 @@ from typing import Any
 from nmt import checkpoint
 from nmt.directions import of_model
 from nmt.errors import NmtError
+from nmt.textio import display_name
 
 
 def describe(directory: Path) -> dict[str, Any]:
     config = checkpoint.read_config(directory)
     run = of_model(config, str(Path(directory) / "config.json"))
-    facts: dict[str, Any] = {"directory": str(directory), "format_version": config["version"],
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    facts: dict[str, Any] = {"directory": display_name(directory), "format_version": config["version"],
                              "languages": ", ".join(f"{s}→{t}" for s, t in run.pairs) or "?",
                              "directions": [f"{s}-{t}" for s, t in run.pairs], "tags": run.tags,
                              "parent": config.get("parent"), "mixing": config.get("mixing"),
-                             "preset": config.get("train", {}).get("preset"), "model": config.get("model"),
+                             "preset": train.get("preset"), "model": config.get("model"),
                              "parameters": _parameters(directory, config), "tokenizer": config.get("tokenizer"),
                              "data": config.get("data"), "filters": config.get("filters"),
                              "versions": config.get("versions")}
@@ -33,7 +35,7 @@ def describe(directory: Path) -> dict[str, Any]:
         if path.exists():
             try:
                 facts[name] = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise NmtError(f"{path}: not valid JSON ({e})") from None
     return facts
 
@@ -60,6 +62,16 @@ def _lineage(parent: Any) -> list[str]:
 
 
 def render(facts: dict[str, Any]) -> None:
+    """The facts as a table on stdout; a JSON file of the directory missing a field the table shows,
+    or holding one of another type, is a one-line error naming the files."""
+    try:
+        _render(facts)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise NmtError(f"{facts['directory']}: config.json, training.json or averaging.json is malformed "
+                       f"({type(e).__name__}: {e}); `nmt info --format json` shows what they hold") from None
+
+
+def _render(facts: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from nmt.attention_maps import AttentionMaps
-from nmt.errors import NmtError
+from nmt.errors import NmtError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,7 @@ def attention_png(maps: AttentionMaps, prefix: Path) -> list[Path]:
                 ax.set_yticks(range(len(rows)), rows, fontsize=6)
         fig.tight_layout()
         path = prefix.with_name(f"{prefix.name}-{kind}.png")
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
+        _save(plt, fig, path)
         written.append(path)
     return written
 
@@ -93,6 +92,21 @@ def _records(path: Path) -> list[dict]:
     return records
 
 
+def _save(plt, fig, path: Path) -> None:
+    """Write a figure in the format its file name says; a format matplotlib cannot write, or a
+    file that cannot be written, is a one-line error naming the file."""
+    kinds = fig.canvas.get_supported_filetypes()
+    try:
+        if path.suffix.lower().lstrip(".") not in kinds:
+            raise UsageError(f"{path}: matplotlib cannot write {path.suffix or 'a file without a suffix'} "
+                             f"(name it .png, or one of {', '.join(sorted(kinds))})")
+        fig.savefig(path, dpi=80)
+    except OSError as e:
+        raise NmtError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
+
+
 def training_curves_png(run: Path, out: Path) -> Path:
     """Train loss, dev loss and dev BLEU against steps and against time, from metrics.jsonl."""
     path = run / "metrics.jsonl"
@@ -114,6 +128,5 @@ def training_curves_png(run: Path, out: Path) -> Path:
         axes[row][2].plot([r[x_key] for r in evals], [r["dev_bleu"] for r in evals], marker="o")
         axes[row][2].set(title="dev BLEU", xlabel=x_label)
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    _save(plt, fig, out)
     return out

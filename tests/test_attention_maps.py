@@ -73,6 +73,10 @@ def test_attention_and_plot_commands_draw_pngs_of_the_expected_grid(tiny_model_d
     r = run_nmt("plot", str(tiny_model_dir), "-o", str(tmp_path / "curves.png"))
     assert r.returncode == 0, r.stderr.decode()
     assert (tmp_path / "curves.png").stat().st_size > 1000
+    r = run_nmt("plot", str(tiny_model_dir), "-o", str(tmp_path / "curves.txt"))  # no such picture format
+    err = r.stderr.decode().strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1 and "matplotlib cannot write .txt (name it .png" in err
+    assert not (tmp_path / "curves.txt").exists()
     # a line cut short by a killed run, then the resumed run's records: skipped and counted, not a traceback
     run = tmp_path / "cut"
     run.mkdir()

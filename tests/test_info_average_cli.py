@@ -94,6 +94,22 @@ def test_info_bad_format(run):
     error_line(run_nmt("info", str(run), "--format", "xml"), 2)
 
 
+def test_info_on_json_files_of_the_wrong_shape(tmp_path, run):
+    import shutil
+
+    target = tmp_path / "x"
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("checkpoints", "cache"))
+    (target / "training.json").write_text('{"steps": 1}', encoding="utf-8")  # a summary missing its fields
+    msg = error_line(run_nmt("info", str(target)), 1)
+    assert "config.json, training.json or averaging.json is malformed" in msg and "KeyError" in msg
+    (target / "training.json").write_bytes(b"\xff\xfe")  # not UTF-8
+    assert "training.json: not valid JSON" in error_line(run_nmt("info", str(target)), 1)
+    (target / "training.json").unlink()
+    config = json.loads((target / "config.json").read_text(encoding="utf-8"))
+    (target / "config.json").write_text(json.dumps({**config, "train": None}), encoding="utf-8")
+    assert json.loads(ok(run_nmt("info", str(target), "--format", "json")))["preset"] is None
+
+
 # -- average ------------------------------------------------------------------------------------
 
 
@@ -104,6 +120,19 @@ def test_average_last_one_is_a_usage_error(run):
 
 def test_average_needs_a_model_dir(tmp_path):
     error_line(run_nmt("average", "-m", str(tmp_path / "nothing"), "--last", "2"), 1)
+
+
+def test_average_refuses_a_checkpoint_of_another_shape(tmp_path, run):
+    import shutil
+
+    target = tmp_path / "x"
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("cache"))
+    last = sorted((target / "checkpoints").glob("step-*"))[-1] / "model.safetensors"
+    tensors = load_file(str(last))
+    name = next(iter(tensors))
+    save_file({**tensors, name: torch.zeros(3, 3)}, str(last))
+    msg = error_line(run_nmt("average", "-m", str(target), "--last", "2", "--device", "cpu"), 1)
+    assert str(last) in msg and name in msg
 
 
 def test_average_last_two(run):

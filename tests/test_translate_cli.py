@@ -289,6 +289,40 @@ def test_first_window_is_answered_before_stdin_ends(model):
             p.wait()
 
 
+def test_ctrl_c_is_an_error_exit_that_keeps_the_lines_written(model):
+    """SIGINT while waiting for more input: exit 130 with one error line (typer hands a Ctrl-C back
+    as a return value, which once ended in exit 0), the translated lines already on stdout."""
+    import signal
+
+    p = subprocess.Popen([sys.executable, "-m", "nmt", "translate", "-m", str(model), "--beam-size", "1",
+                          "--window", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=ROOT, env=BUFFERED)
+    try:
+        p.stdin.write(("\n".join(varied_lines(2)) + "\n").encode())
+        p.stdin.flush()
+        fd, got, deadline = p.stdout.fileno(), b"", time.monotonic() + 60
+        while got.count(b"\n") < 2 and time.monotonic() < deadline:
+            if select.select([fd], [], [], 1.0)[0]:
+                got += os.read(fd, 1 << 16)
+        assert got.count(b"\n") == 2 and p.poll() is None  # answered, and waiting for more
+        p.send_signal(signal.SIGINT)
+        rest = p.stdout.read()
+        assert p.wait(timeout=60) == 130
+        err = [line for line in p.stderr.read().decode().splitlines() if line.strip()]
+        assert err[-1] == "nmt: error: interrupted" and "Traceback" not in "\n".join(err)
+        assert rest == b""  # nothing half-written after the two lines
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_nmt_alone_prints_its_help():
+    r = run_nmt()
+    assert r.returncode == 0 and r.stderr.decode().strip() == ""
+    assert all(command in r.stdout.decode() for command in ("train", "translate", "evaluate"))
+
+
 # -- invalid UTF-8 ------------------------------------------------------------------------------
 
 
