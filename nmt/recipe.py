@@ -121,8 +121,8 @@ def steps_needed(shape: Shape) -> int:
     108,000, not measured). Measured as small against compact (2+2, same width, ~1.4 times the
     steps), dev BLEU: small behind by 2.3 with 4,766 steps (30 minutes, bf16, AMD Zen 4), by 1.5
     with 5,855 (30 minutes, bf16, Intel Xeon with AMX), by 0.9 with 7,071 (90 minutes, float32, one
-    thread), by 0.3 with 11,697 against 16,466 (60 minutes, bf16, one thread each, side by side):
-    the gap closes by ~0.13 per 1,000 steps over the last two, so near 14,000. No run has yet seen
+    thread), by 0.3 and 0.4 with ~11,700 against ~16,500 (60 minutes, bf16, one thread each, side
+    by side, two seeds): the gap closes by ~0.12 per 1,000 steps over the last, so near 14,000-15,000. No run has yet seen
     small ahead. The square of the layers (9,000) chose small where compact, in another session,
     scored 1.7 dev BLEU more (30 minutes, bf16, a fast machine: 9,342 steps against 12,756). The
     rule reads the probe's rate; runs trained at 0.67-1.06 times it. A shape made from another by
