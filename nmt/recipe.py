@@ -125,7 +125,7 @@ def steps_needed(shape: Shape) -> int:
     by side, two seeds): the gap closes by ~0.12 per 1,000 steps over the last, so near 14,000-15,000. No run has yet seen
     small ahead. The square of the layers (9,000) chose small where compact, in another session,
     scored 1.7 dev BLEU more (30 minutes, bf16, a fast machine: 9,342 steps against 12,756). The
-    rule reads the probe's rate; runs trained at 0.67-1.06 times it. A shape made from another by
+    rule reads the probe's rate; runs trained at 0.67-1.12 times it. A shape made from another by
     options set by hand needs at least what that one needs (`Shape.floor`): medium's width with 2+2
     layers was never measured against the shapes below it."""
     return max(shape.floor, MIN_STEPS * max(4, shape.encoder_layers + shape.decoder_layers) ** 3 // 64)
