@@ -42,8 +42,7 @@ def average(directory: Path, last: int, runtime: Runtime, dev_prefix: str | None
     checkpoints = checkpoint.list_checkpoints(directory)[-last:]
     if len(checkpoints) < 2:
         raise NmtError(f"{directory}: need at least 2 checkpoints to average, found {len(checkpoints)}")
-    train = config.get("train") if isinstance(config.get("train"), dict) else {}
-    dev_prefix = dev_prefix or train.get("dev")
+    dev_prefix = dev_prefix or checkpoint.config_section(config, "train").get("dev")
     if not dev_prefix:
         raise NmtError(f"{directory}: no dev set to compare the averaged model on (give --dev)")
     current, vocabs, _ = checkpoint.load_for_inference(directory)  # every part checked

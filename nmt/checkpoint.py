@@ -167,6 +167,13 @@ def read_config(directory: Path) -> dict[str, Any]:
     return data
 
 
+def config_section(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """A section of a config read by `read_config` (train, tokenizer…) as a dict: {} when it is
+    missing or not a JSON object, for the readers that only look up optional facts in it."""
+    section = config.get(name)
+    return section if isinstance(section, dict) else {}
+
+
 def load_for_inference(directory: Path, device=None):
     """(model in eval mode, vocabs, config dict) from a model directory, every part checked."""
     from nmt.model import Transformer

@@ -462,8 +462,10 @@ def _output_path(output: Path | None, inputs: tuple[str, ...]) -> Path | None:
     An output that is an input (the same file by any path, symlink or hard link) is refused."""
     if output is None:
         return None
+    from nmt.textio import same_file
+
     for path in inputs:
-        if path != "-" and output.exists() and os.path.samefile(path, output):
+        if output.exists() and same_file(path, output):
             raise UsageError(f"{output}: the output file is the input file; write the results elsewhere")
     if output.exists() and not output.is_file():
         return output  # /dev/stdout, a FIFO, a character device

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from typing import Annotated, List, Optional
@@ -22,7 +21,7 @@ import typer
 
 from nmt.errors import NmtError, UsageError
 from nmt.metrics import DEFAULT_SEED, MetricOptions, parse_metric_names
-from nmt.textio import STDIN, display_name, json_line, one_line, read_lines
+from nmt.textio import STDIN, display_name, json_line, one_line, read_lines, same_file
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ def evaluate(
     )  # fmt: skip
     inputs = input or [STDIN]
     _check_paths(inputs, ref, src, baseline, translate_jsonl)
-    if sentence_level and (len(inputs) > 1 or (baseline is not None and not _same_file(inputs[0], baseline))):
+    if sentence_level and (len(inputs) > 1 or (baseline is not None and not same_file(inputs[0], baseline))):
         raise UsageError("--sentence-level scores one system: give a single -i")
     references = [_read_text(path) for path in ref]
     systems = _read_systems(inputs, baseline, translate_jsonl)
@@ -184,19 +183,9 @@ def _check_options(
     )  # fmt: skip
 
 
-def _same_file(a: str, b: str) -> bool:
-    """Two paths that name one file (`a.txt` and `./a.txt`); stdin only as itself."""
-    if STDIN in (a, b):
-        return a == b
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one is missing: reading it will say so
-        return os.path.realpath(a) == os.path.realpath(b)
-
-
 def _repeated(paths: list[str]) -> str | None:
     """The first of `paths` that names a file named before it."""
-    return next((b for i, b in enumerate(paths) if any(_same_file(a, b) for a in paths[:i])), None)
+    return next((b for i, b in enumerate(paths) if any(same_file(a, b) for a in paths[:i])), None)
 
 
 def _check_paths(inputs, refs, src, baseline, jsonls) -> None:
@@ -235,7 +224,7 @@ def _read_systems(inputs: list[str], baseline: Optional[str], jsonls: Optional[l
         flags = _read_length_cap_flags(jsonls[i], len(lines), display_name(path)) if jsonls else None
         systems.append(System(display_name(path), lines, flags))
     if baseline is not None:
-        at = next((i for i, path in enumerate(inputs) if _same_file(path, baseline)), None)
+        at = next((i for i, path in enumerate(inputs) if same_file(path, baseline)), None)
         first = systems.pop(at) if at is not None else System(display_name(baseline), _read_text(baseline))
         systems = [first, *systems]
     for system in systems:

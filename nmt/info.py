@@ -21,12 +21,11 @@ from nmt.textio import display_name
 def describe(directory: Path) -> dict[str, Any]:
     config = checkpoint.read_config(directory)
     run = of_model(config, str(Path(directory) / "config.json"))
-    train = config.get("train") if isinstance(config.get("train"), dict) else {}
     facts: dict[str, Any] = {"directory": display_name(directory), "format_version": config["version"],
                              "languages": ", ".join(f"{s}→{t}" for s, t in run.pairs) or "?",
                              "directions": [f"{s}-{t}" for s, t in run.pairs], "tags": run.tags,
                              "parent": config.get("parent"), "mixing": config.get("mixing"),
-                             "preset": train.get("preset"), "model": config.get("model"),
+                             "preset": checkpoint.config_section(config, "train").get("preset"), "model": config.get("model"),
                              "parameters": _parameters(directory, config), "tokenizer": config.get("tokenizer"),
                              "data": config.get("data"), "filters": config.get("filters"),
                              "versions": config.get("versions")}

@@ -43,6 +43,17 @@ def json_line(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False).translate(_JSON_BREAKS)
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Two paths that name one file (`a.txt` and `./a.txt`, a symlink, a hard link); stdin (`-`)
+    only as itself; a missing file by where its path resolves to."""
+    if STDIN in (a, b):
+        return a == b
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one is missing: reading it will say so
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def display_name(path: str | os.PathLike | None) -> str:
     """A path as messages and output name it: a file name's bytes that are not UTF-8 (which Python
     keeps as lone surrogates, unprintable) written as \\xNN."""

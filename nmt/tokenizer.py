@@ -102,6 +102,10 @@ def _prepare(tok: Tokenizer) -> Tokenizer:
     return tok
 
 
+JOINT_FILE = "tokenizer.json"  # one vocabulary for both languages
+SEPARATE_FILES = ("tokenizer.src.json", "tokenizer.tgt.json")  # one per language
+
+
 @dataclass
 class Vocabs:
     """The source and target tokenizers (the same object when the vocabulary is joint)."""
@@ -114,8 +118,8 @@ class Vocabs:
         return self.src is self.tgt
 
     def files(self) -> dict[str, str]:
-        return {"tokenizer.json": self.src.to_str()} if self.joint else {
-            "tokenizer.src.json": self.src.to_str(), "tokenizer.tgt.json": self.tgt.to_str()}
+        return {JOINT_FILE: self.src.to_str()} if self.joint else {
+            SEPARATE_FILES[0]: self.src.to_str(), SEPARATE_FILES[1]: self.tgt.to_str()}
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -129,11 +133,11 @@ class Vocabs:
 
     @staticmethod
     def load(directory: Path) -> "Vocabs":
-        joint = directory / "tokenizer.json"
+        joint = directory / JOINT_FILE
         if joint.exists():
             tok = _load_one(joint)
             return Vocabs(tok, tok)
-        src, tgt = directory / "tokenizer.src.json", directory / "tokenizer.tgt.json"
+        src, tgt = (directory / name for name in SEPARATE_FILES)
         if not (src.exists() and tgt.exists()):
             raise NmtError(f"{directory}: no tokenizer.json (nor tokenizer.src.json and tokenizer.tgt.json)")
         return Vocabs(_load_one(src), _load_one(tgt))
@@ -142,8 +146,13 @@ class Vocabs:
     def exists(directory: Path) -> bool:
         """A whole saved tokenizer: the joint file, or both separate ones (one alone is a save cut
         short, trained again)."""
-        return (directory / "tokenizer.json").exists() or \
-            ((directory / "tokenizer.src.json").exists() and (directory / "tokenizer.tgt.json").exists())
+        return (directory / JOINT_FILE).exists() or all((directory / name).exists() for name in SEPARATE_FILES)
+
+    @staticmethod
+    def half_saved(directory: Path) -> str | None:
+        """The one separate tokenizer file present without its pair (a save cut short), else None."""
+        present = [name for name in SEPARATE_FILES if (directory / name).exists()]
+        return present[0] if len(present) == 1 else None
 
 
 TOKENIZER_LIMIT = 256 << 20  # bytes; a 32k-piece tokenizer.json is about 2 MB

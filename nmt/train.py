@@ -78,9 +78,9 @@ def prepare_tokenizer(config: TrainConfig, tok_config: TokenizerConfig, out: Pat
                       parent: finetune.Parent | None = None, tags: list[str] | None = None) -> Vocabs:
     """The run's tokenizer: the one saved in `out`, else the parent's (a fine-tune), else trained
     on a seeded sample and saved."""
-    half = [name for name in ("tokenizer.src.json", "tokenizer.tgt.json") if (out / name).exists()]
-    if len(half) == 1 and checkpoint.list_checkpoints(out):  # a trained model's tokenizer is not made anew
-        raise NmtError(f"{out}: has {half[0]} but not the other side's file, and checkpoints trained with both "
+    half = Vocabs.half_saved(out)
+    if half and checkpoint.list_checkpoints(out):  # a trained model's tokenizer is not made anew
+        raise NmtError(f"{out}: has {half} but not the other side's file, and checkpoints trained with both "
                        f"(restore it, or use a new --out)")
     if Vocabs.exists(out):
         log.info("tokenizer: reusing %s", out)
@@ -778,21 +778,20 @@ def _recipe_vocabulary(config: TrainConfig, tok_config: TokenizerConfig, out: Pa
     if "tokenizer.vocab_size" in config.fixed:
         return tok_config
     previous = _previous_tokenizer(out)
-    if previous is not None and isinstance(previous.get("vocab_size"), int):
+    if isinstance(previous.get("vocab_size"), int):
         return replace(tok_config, vocab_size=previous["vocab_size"])
     pairs = sum(count_lines(c.tgt_path) for c in corpora_of(config))
     return replace(tok_config, vocab_size=recipe.vocabulary(pairs))
 
 
-def _previous_tokenizer(out: Path) -> dict[str, Any] | None:
-    """The tokenizer section of the config.json of the run in `out` whose tokenizer is there, if any."""
+def _previous_tokenizer(out: Path) -> dict[str, Any]:
+    """The tokenizer section of the config.json of the run in `out` whose tokenizer is there ({} if none)."""
     if not ((out / "config.json").is_file() and Vocabs.exists(out)):
-        return None
+        return {}
     try:
-        section = checkpoint.read_config(out).get("tokenizer")
+        return checkpoint.config_section(checkpoint.read_config(out), "tokenizer")
     except NmtError:
-        return None
-    return section if isinstance(section, dict) else None
+        return {}
 
 
 def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, existing_run: bool,

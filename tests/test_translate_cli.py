@@ -8,6 +8,7 @@ that must agree (a line alone vs. in a sorted, batched window) and check the con
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -256,37 +257,42 @@ def test_head_of_a_big_file_streams(model, tmp_path):
     assert "translated 3 lines" in r.stderr.decode()
 
 
-def test_first_window_is_answered_before_stdin_ends(model):
-    """Lazy reading: with --window 3, three lines typed into an open pipe come back translated
-    while the pipe stays open (the tool must not wait for the end of input)."""
+@contextlib.contextmanager
+def translating_a_window(model: Path, n: int):
+    """`nmt translate --window n` on an open pipe, n lines typed into it: yields the process and
+    the lines that came back before the pipe closed (read from the raw pipe: a buffered reader
+    would hide lines from select); the process is killed if a test leaves it running."""
     p = subprocess.Popen([sys.executable, "-m", "nmt", "translate", "-m", str(model), "--beam-size", "1",
-                          "--window", "3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          "--window", str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, cwd=ROOT, env=BUFFERED)
     try:
-        p.stdin.write(("\n".join(varied_lines(3)) + "\n").encode())
+        p.stdin.write(("\n".join(varied_lines(n)) + "\n").encode())
         p.stdin.flush()
-        # read the raw pipe (a buffered reader would hide lines from select)
-        fd = p.stdout.fileno()
-        got = b""
-        deadline = time.monotonic() + 60
-        while got.count(b"\n") < 3 and time.monotonic() < deadline:
+        fd, got, deadline = p.stdout.fileno(), b"", time.monotonic() + 60
+        while got.count(b"\n") < n and time.monotonic() < deadline:
             if select.select([fd], [], [], 1.0)[0]:
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
                     break
                 got += chunk
-        got = got.split(b"\n")[:-1]
-        assert len(got) == 3, f"only {len(got)} of 3 lines came back while stdin was still open"
-        assert p.poll() is None, "the process must still be waiting for more input"
-        p.stdin.write(b"uno\n")
-        p.stdin.close()
-        rest = b"".join(iter(lambda: os.read(fd, 1 << 16), b""))
-        assert p.wait(timeout=120) == 0, p.stderr.read().decode()
-        assert len(rest.split(b"\n")[:-1]) == 1
+        yield p, got.split(b"\n")[:-1]
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_first_window_is_answered_before_stdin_ends(model):
+    """Lazy reading: with --window 3, three lines typed into an open pipe come back translated
+    while the pipe stays open (the tool must not wait for the end of input)."""
+    with translating_a_window(model, 3) as (p, got):
+        assert len(got) == 3, f"only {len(got)} of 3 lines came back while stdin was still open"
+        assert p.poll() is None, "the process must still be waiting for more input"
+        p.stdin.write(b"uno\n")
+        p.stdin.close()
+        rest = b"".join(iter(lambda: os.read(p.stdout.fileno(), 1 << 16), b""))
+        assert p.wait(timeout=120) == 0, p.stderr.read().decode()
+        assert len(rest.split(b"\n")[:-1]) == 1
 
 
 def test_ctrl_c_is_an_error_exit_that_keeps_the_lines_written(model):
@@ -294,27 +300,14 @@ def test_ctrl_c_is_an_error_exit_that_keeps_the_lines_written(model):
     as a return value, which once ended in exit 0), the translated lines already on stdout."""
     import signal
 
-    p = subprocess.Popen([sys.executable, "-m", "nmt", "translate", "-m", str(model), "--beam-size", "1",
-                          "--window", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, cwd=ROOT, env=BUFFERED)
-    try:
-        p.stdin.write(("\n".join(varied_lines(2)) + "\n").encode())
-        p.stdin.flush()
-        fd, got, deadline = p.stdout.fileno(), b"", time.monotonic() + 60
-        while got.count(b"\n") < 2 and time.monotonic() < deadline:
-            if select.select([fd], [], [], 1.0)[0]:
-                got += os.read(fd, 1 << 16)
-        assert got.count(b"\n") == 2 and p.poll() is None  # answered, and waiting for more
+    with translating_a_window(model, 2) as (p, got):
+        assert len(got) == 2 and p.poll() is None  # answered, and waiting for more
         p.send_signal(signal.SIGINT)
         rest = p.stdout.read()
         assert p.wait(timeout=60) == 130
         err = [line for line in p.stderr.read().decode().splitlines() if line.strip()]
         assert err[-1] == "nmt: error: interrupted" and "Traceback" not in "\n".join(err)
         assert rest == b""  # nothing half-written after the two lines
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 def test_nmt_alone_prints_its_help():
