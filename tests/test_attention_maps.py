@@ -77,6 +77,9 @@ def test_attention_and_plot_commands_draw_pngs_of_the_expected_grid(tiny_model_d
     err = r.stderr.decode().strip()
     assert r.returncode == 2 and len(err.splitlines()) == 1 and "matplotlib cannot write .txt (name it .png" in err
     assert not (tmp_path / "curves.txt").exists()
+    r = run_nmt("plot", str(tiny_model_dir), "-o", str(tmp_path / "no-such-dir" / "curves.png"))  # cannot be written
+    err = r.stderr.decode().strip()
+    assert r.returncode == 1 and len(err.splitlines()) == 1 and "curves.png: cannot write (" in err
     # a line cut short by a killed run, then the resumed run's records: skipped and counted, not a traceback
     run = tmp_path / "cut"
     run.mkdir()

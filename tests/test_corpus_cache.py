@@ -766,3 +766,15 @@ def test_nothing_left_after_filtering_is_an_error_every_time(tmp_path, vocabs):
         load_or_build([corpus], vocabs, PERMISSIVE, root)
     with pytest.raises(NmtError, match="no training pairs"):
         load_or_build([corpus], vocabs, PERMISSIVE, root)
+
+
+def test_a_corpus_opening_with_a_byte_order_mark_has_a_cache_of_its_own(tmp_path, bible, vocabs):
+    """Its first line is read without the mark now: a cache built when it was kept is not reused
+    (the key says the mark was dropped; a corpus without one keeps its key)."""
+    plain = write_corpus(tmp_path, "c", bible[0][:20], bible[1][:20])
+    _, described = cache_key([plain], vocabs, PERMISSIVE)
+    assert "byte_order_mark" not in described
+    src = Path(plain.src_path)
+    src.write_bytes(b"\xef\xbb\xbf" + src.read_bytes())
+    _, described = cache_key([plain], vocabs, PERMISSIVE)
+    assert described["byte_order_mark"] == "dropped"
