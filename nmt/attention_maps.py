@@ -81,7 +81,7 @@ def alignment_layer(n_layers: int) -> int:
     """The decoder layer whose cross-attention, averaged over its heads, word alignments are read
     from: the last one of a decoder of 1 or 2 layers, the penultimate one of a deeper decoder.
     Measured with `benchmarks/measure_alignment_heads.py` on tiny models trained on copy and
-    reversal tasks (README, "Word alignments"): the head average beat every single head; with 2
+    reversal tasks (README, `--alignment`): the head average beat every single head; with 2
     layers the first layer failed on reversal (52% of tokens right against 99%); with 3 the
     penultimate was best (99% against 98% for the last), as Garg et al. (2019) found for 6."""
     return n_layers - 2 if n_layers >= 3 else n_layers - 1

@@ -58,15 +58,16 @@ def search_budget(fits: Callable[[int], bool], first: int = FIRST_TRY, largest: 
     return int(good * MARGIN)
 
 
-def worst_case_batch(tokens: int, max_length: int, vocab_size: int, device: torch.device) -> Batch:
+def worst_case_batch(tokens: int, max_length: int, vocab_sizes: tuple[int, int], device: torch.device) -> Batch:
     """`tokens // max_length` pairs (at least one) of max_length real tokens on each side,
-    EOS included, with random ids: the largest padded batch a budget of `tokens` can hold."""
+    EOS included, with random ids of each side's vocabulary (source, target): the largest padded
+    batch a budget of `tokens` can hold."""
     rows = max(1, tokens // max_length)
-    ids = torch.randint(4, vocab_size, (2, rows, max_length - 1)).numpy()  # no special ids
-    return pad_batch(ids[0], ids[1]).to(device)
+    src, tgt = (torch.randint(4, size, (rows, max_length - 1)).numpy() for size in vocab_sizes)  # no special ids
+    return pad_batch(src, tgt).to(device)
 
 
-def probe(step: Callable[[Batch], None], model: torch.nn.Module, max_length: int, vocab_size: int,
+def probe(step: Callable[[Batch], None], model: torch.nn.Module, max_length: int, vocab_sizes: tuple[int, int],
           device: torch.device) -> int:
     """The token budget to train with: `step` runs forward and backward on a batch (it raises
     torch.OutOfMemoryError when the batch does not fit)."""
@@ -76,7 +77,7 @@ def probe(step: Callable[[Batch], None], model: torch.nn.Module, max_length: int
 
     def fits(tokens: int) -> bool:
         try:
-            step(worst_case_batch(tokens, max_length, vocab_size, device))
+            step(worst_case_batch(tokens, max_length, vocab_sizes, device))
             ok = True
         except torch.OutOfMemoryError:
             ok = False

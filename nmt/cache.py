@@ -142,6 +142,10 @@ def load_or_build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filter
     """The cache for these corpora, tokenizer and filters: reused when valid, else (re)built."""
     remove_stale_temporaries(root)
     key, described = cache_key(corpora, vocabs, filters, root / MEMO_FILE)
+    lines = [fp["lines"] for fp in described["fingerprints"]]
+    for corpus, (src_lines, tgt_lines) in zip(corpora, zip(lines[::2], lines[1::2])):
+        if src_lines != tgt_lines:  # found before encoding, not when one side runs out
+            raise NmtError(corpus.mismatch((src_lines, tgt_lines)))
     directory = root / key
     if directory.exists():
         problem = verify(directory, key)
@@ -210,6 +214,8 @@ def check_contents(cache: TokenCache, vocabs: Vocabs, filters: Filters) -> str |
     lists forged files, whose lengths or ids would fail deep inside training."""
     n = len(cache.src_len)
     try:
+        if any(a.dtype.kind not in "iu" for a in (cache.src_start, cache.src_len, cache.tgt_start, cache.tgt_len)):
+            return "index arrays that are not integers"
         if any(len(a) != n for a in (cache.src_start, cache.tgt_start, cache.tgt_len)) or n != cache.report.kept:
             return "index arrays of different lengths"
         for side, start, length, ids, tok in (("source", cache.src_start, cache.src_len, cache.src, vocabs.src),

@@ -192,7 +192,7 @@ def train(
     src: SrcOpt = None,
     tgt: TgtOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (model, logs, checkpoints). [default: runs/bible-es-en]")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Model size: tiny, small, base or big; or auto: chosen from the machine's measured speed and --max-time/--max-steps. [default: auto with a budget, else small]")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Model size: tiny, small, base or big; or auto: chosen from the machine's measured speed and --max-time/--max-steps. [default: auto with a budget (a resume: the preset the run was trained with), else small]")] = None,
     config_file: Annotated[Optional[Path], typer.Option("--config", help="JSON file with model/train/tokenizer sections; command-line options override it.")] = None,
     max_time: Annotated[Optional[str], typer.Option(help="Time budget, e.g. 30m, 2h, 90s.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
@@ -224,7 +224,7 @@ def train(
     log_every: Annotated[Optional[int], typer.Option(help="Steps between log lines in metrics.jsonl.")] = None,
     average_last: Annotated[Optional[int], typer.Option(help="At the end, average this many last checkpoints if that scores higher on dev (0: off).")] = None,
     test: Annotated[Optional[str], typer.Option("--test", help="Held-out prefix: at the end, translate it (beam 5) and report BLEU with examples; never used to choose anything.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Train into an existing --out that is not empty and not this run's (nmt's files there are replaced; a tokenizer there is reused).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Train into an existing --out that is not empty and not this run's (nmt's files there are replaced; a tokenizer there is reused, unless nmt trained it there with other options).")] = False,
     init_from: Annotated[Optional[Path], typer.Option("--init-from", "--finetune-from-model", help="Fine-tune: start from this model directory's weights, with its tokenizer and model options (optimizer, schedule and best score start afresh).")] = None,
     pairs: PairsOpt = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="Share of each --train corpus in every epoch, e.g. 0.7,0.3 (one per corpus; normalised).")] = None,
@@ -243,18 +243,30 @@ def train(
         raise UsageError("--preset auto chooses a model shape; a fine-tune (--init-from) keeps the parent's "
                          "(drop --preset, give --max-time for its budget)")
     pair_list = _pair_list(pairs, src, tgt)
-    model_flags = _given(dropout=dropout, pre_norm=None if post_norm is None else not post_norm)
-    # "auto" starts from the small preset's values; the recipe then replaces those not set by hand
-    model_config, tok_config, train_config = cfg.layered(
-        "small" if preset in ("auto", "finetune") else preset, config_file, model_flags,
-        _tokenizer_flags(vocab_size, tokenizer, separate_vocab, tokenizer_sample),
-        _given(train=train, src=src, tgt=tgt, max_time=parse_duration(max_time), max_steps=max_steps,
-               max_epochs=max_epochs, seed=seed, device=device, dtype=dtype, threads=threads,
-               batch_tokens=_batch_tokens(batch_tokens), update_freq=update_freq, lr=lr, lr_schedule=lr_schedule,
-               warmup_steps=warmup_steps, label_smoothing=label_smoothing, eval_every=eval_every, patience=patience,
-               keep_last=keep_last, max_length=max_length, max_ratio=max_ratio, cache_dir=cache_dir, compile=compile,
-               log_every=log_every, average_last=average_last, dedupe=None if no_dedupe is None else not no_dedupe,
-               dev=dev, pairs=pair_list, init_from=None if init_from is None else str(init_from)))
+
+    def layered(name: str):  # the configs of preset `name` with the options given
+        model_flags = _given(dropout=dropout, pre_norm=None if post_norm is None else not post_norm)
+        # "auto" starts from the small preset's values; the recipe then replaces those not set by hand
+        return cfg.layered(
+            "small" if name in ("auto", "finetune") else name, config_file, model_flags,
+            _tokenizer_flags(vocab_size, tokenizer, separate_vocab, tokenizer_sample),
+            _given(train=train, src=src, tgt=tgt, max_time=parse_duration(max_time), max_steps=max_steps,
+                   max_epochs=max_epochs, seed=seed, device=device, dtype=dtype, threads=threads,
+                   batch_tokens=_batch_tokens(batch_tokens), update_freq=update_freq, lr=lr, lr_schedule=lr_schedule,
+                   warmup_steps=warmup_steps, label_smoothing=label_smoothing, eval_every=eval_every, patience=patience,
+                   keep_last=keep_last, max_length=max_length, max_ratio=max_ratio, cache_dir=cache_dir, compile=compile,
+                   log_every=log_every, average_last=average_last, dedupe=None if no_dedupe is None else not no_dedupe,
+                   dev=dev, pairs=pair_list, init_from=None if init_from is None else str(init_from)))
+
+    model_config, tok_config, train_config = layered(preset)
+    if out is None:
+        out = Path("runs") / ("bible-es-en" if train is None and not pair_list and init_from is None else
+                              "+".join(pair_list) if pair_list else f"{train_config.src}-{train_config.tgt}")
+    if not preset_given and preset == "auto" and (resumed := _resumed_preset(out)) is not None:
+        log.info("%s: a run of --preset %s, resumed with it (the recipe, --preset auto, needs a new --out)", out,
+                 resumed)
+        preset = resumed
+        model_config, tok_config, train_config = layered(preset)
     train_config = _first_pair(train_config, pair_list)
     if weights is not None:
         train_config = cfg.apply(train_config, {"weights": mixing.parse_weights(weights, len(train_config.train))},
@@ -281,9 +293,6 @@ def train(
     for name in ("dropout", "attention_dropout"):
         if not 0 <= getattr(model_config, name) < 1:
             raise UsageError(f"{name} must be in [0, 1) (got {getattr(model_config, name)})")
-    if out is None:
-        out = Path("runs") / ("bible-es-en" if train is None and not pair_list and init_from is None else
-                              "+".join(pair_list) if pair_list else f"{train_config.src}-{train_config.tgt}")
     parent = None
     if init_from is not None:  # checked before torch is imported: a wrong option fails at once
         from nmt import finetune
@@ -298,6 +307,22 @@ def train(
         test_corpus = ParallelCorpus.from_prefix(test, train_config.src, train_config.tgt)
         test_corpus.check_line_counts()  # a bad test set fails now, not after the training
     run_training(train_config, model_config, tok_config, out, test_corpus, force=force, parent=parent)
+
+
+def _resumed_preset(out: Path) -> str | None:
+    """The fixed preset (tiny, small, base, big) recorded by the run in `out` that has checkpoints to
+    resume from, else None: a budget added to a resume (which makes the default --preset auto) keeps
+    the run's preset."""
+    from nmt import checkpoint
+    from nmt.config import PRESETS
+
+    if not checkpoint.list_checkpoints(out):
+        return None
+    try:
+        preset = checkpoint.config_section(checkpoint.read_config(out), "train").get("preset")
+    except NmtError:
+        return None  # not a run's config: the run itself says so
+    return preset if isinstance(preset, str) and preset in PRESETS else None
 
 
 def _survive_closed_stderr() -> None:
@@ -482,8 +507,8 @@ def _output_path(output: Path | None, inputs: tuple[str, ...]) -> Path | None:
 @app.command()
 def score(
     model: ModelOpt,
-    src: Annotated[str, typer.Option("--src", help="Source sentences, one per line.")],
-    tgt: Annotated[str, typer.Option("--tgt", help="Target sentences to score, one per line, in step with --src.")],
+    src: Annotated[str, typer.Option("--src", help="Source sentences, one per line (-: stdin).")],
+    tgt: Annotated[str, typer.Option("--tgt", help="Target sentences to score, one per line, in step with --src (-: stdin).")],
     output: OutputOpt = None,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Divide by the length penalty, as beam search does for the score it reports (--no-normalize: the summed log-probability).")] = True,
     length_penalty: LengthPenaltyOpt = DecodeConfig.length_penalty,
@@ -502,17 +527,20 @@ def score(
     from nmt import api
     from nmt import config as cfg
     from nmt.corpus import ParallelCorpus
-    from nmt.textio import json_line, open_binary
+    from nmt.textio import display_name, in_step, json_line, read_lines
     from nmt.translate import score_json, score_text
 
     _choice(format, "--format", ("text", "jsonl"))
     decode = cfg.from_options(DecodeConfig, locals())
     cfg.check_decode(decode)
-    for path in (src, tgt):
-        open_binary(path).close()  # a missing file fails before the model loads or an output is truncated
+    if src == "-" and tgt == "-":
+        raise UsageError("--src and --tgt cannot both be stdin")
+    _check_inputs(src, tgt)  # a missing file fails before the model loads or an output is truncated
     translator = api.load(model, device=device, dtype=dtype, threads=threads).translator(tgt_lang, **dataclasses.asdict(decode))
-    pairs = ParallelCorpus(Path(src), Path(tgt)).pairs()
-    names = (src, tgt)
+    names = (display_name(src), display_name(tgt))
+    # two files: a count mismatch names both counts; stdin (`nmt translate … | nmt score --tgt -`) is read once
+    pairs = in_step(read_lines(src), read_lines(tgt), names) if "-" in (src, tgt) else \
+        ParallelCorpus(Path(src), Path(tgt)).pairs()
     _write_windows(translator.score_windows(pairs, normalize, names),
                    lambda s: json_line(score_json(s)) if format == "jsonl" else score_text(s), output, (src, tgt))
     st = translator.stats

@@ -314,15 +314,36 @@ def from_options(cls: type[C], options: dict[str, Any]) -> C:
     return config
 
 
+def is_sampling(config: DecodeConfig) -> bool:
+    """Whether any sampling option is set (then one translation is drawn per line, not searched)."""
+    return bool(config.sampling_topk or config.sampling_topp or config.temperature != 1.0)
+
+
 def check_decode(config: DecodeConfig) -> None:
-    """Usage errors for decoding options that cannot work together (the CLI's and the API's)."""
+    """Usage errors for decoding options of the wrong type, out of range or that cannot work
+    together (the CLI's and the API's)."""
+    check_types(config, "decoding options")
     check_choices(config)
-    if config.beam_size < 1 or not 1 <= config.nbest <= config.beam_size:
-        raise UsageError(f"need beam size ≥ 1 and 1 ≤ nbest ≤ beam size (got {config.beam_size}, {config.nbest})")
-    if config.batch_tokens < 1 or config.window < 1:
-        raise UsageError("--batch-tokens and --window must be ≥ 1")
-    if config.no_repeat_ngram < 0:
-        raise UsageError(f"--no-repeat-ngram must be ≥ 0 (got {config.no_repeat_ngram})")
+    c = config
+    if c.beam_size < 1 or not 1 <= c.nbest <= c.beam_size:
+        raise UsageError(f"need beam size ≥ 1 and 1 ≤ nbest ≤ beam size (got {c.beam_size}, {c.nbest})")
+    problems = [
+        (c.batch_tokens < 1 or c.window < 1, "--batch-tokens and --window must be ≥ 1"),
+        (c.no_repeat_ngram < 0, f"--no-repeat-ngram must be ≥ 0 (got {c.no_repeat_ngram})"),
+        (c.min_length < 0, f"--min-length must be ≥ 0 (got {c.min_length})"),
+        (c.max_length_a < 0 or c.max_length_b < 0 or c.max_length_a + c.max_length_b <= 0,
+         f"--max-length-a and --max-length-b must be ≥ 0 and not both 0: the length cap is a × source length + b "
+         f"(got {c.max_length_a}, {c.max_length_b})"),
+        (c.sampling_topk < 0, f"--sampling-topk must be ≥ 0 (0: off; got {c.sampling_topk})"),
+        (not 0 <= c.sampling_topp <= 1, f"--sampling-topp must be in [0, 1] (0: off; got {c.sampling_topp})"),
+        (c.temperature <= 0, f"--temperature must be > 0 (1: no sampling; greedy search is --beam-size 1; got "
+                             f"{c.temperature})"),
+        (is_sampling(c) and c.nbest > 1, f"--nbest {c.nbest} needs beam search; with --sampling-topk, "
+                                         f"--sampling-topp or --temperature one translation is drawn per line"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UsageError(message)
 
 
 def given(**values: Any) -> dict[str, Any]:

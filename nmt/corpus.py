@@ -19,7 +19,7 @@ import numpy as np
 
 from nmt import atomic
 from nmt.errors import NmtError, UsageError
-from nmt.textio import count_lines, open_binary, read_line_blocks, read_lines
+from nmt.textio import count_lines, looks_cr_only, open_binary, read_line_blocks, read_lines
 
 T = TypeVar("T")
 
@@ -42,10 +42,10 @@ class ParallelCorpus:
         for s in src_lines:
             t = next(tgt_lines, None)
             if t is None:
-                raise NmtError(self._mismatch())
+                raise NmtError(self.mismatch())
             yield s, t
         if next(tgt_lines, None) is not None:
-            raise NmtError(self._mismatch())
+            raise NmtError(self.mismatch())
 
     def chunks(self, n: int) -> Iterator[tuple[list[str], list[str]]]:
         """The pairs of `pairs()` as (sources, targets) lists of n (the last may be shorter),
@@ -67,16 +67,19 @@ class ParallelCorpus:
             yield buffers[0][:m], buffers[1][:m]
             del buffers[0][:m], buffers[1][:m]
         if buffers[0] or buffers[1]:
-            raise NmtError(self._mismatch())
+            raise NmtError(self.mismatch())
 
-    def _mismatch(self) -> str:
-        ns, nt = count_lines(self.src_path), count_lines(self.tgt_path)
-        return f"line counts differ: {self.src_path} has {ns} lines, {self.tgt_path} has {nt}"
+    def mismatch(self, counts: tuple[int, int] | None = None) -> str:
+        """The error for sides of different lengths, with both counts (counted here unless given)."""
+        ns, nt = counts or (count_lines(self.src_path), count_lines(self.tgt_path))
+        hint = next((f" ({path} has carriage returns but no line feeds: old Mac line endings, CR only?)"
+                     for path, n in ((self.src_path, ns), (self.tgt_path, nt)) if n == 1 and looks_cr_only(path)), "")
+        return f"line counts differ: {self.src_path} has {ns} lines, {self.tgt_path} has {nt}{hint}"
 
     def check_line_counts(self) -> int:
         ns, nt = count_lines(self.src_path), count_lines(self.tgt_path)
         if ns != nt:
-            raise NmtError(self._mismatch())
+            raise NmtError(self.mismatch())
         return ns
 
 
@@ -152,7 +155,7 @@ def fingerprints(paths: list[Path], memo_file: Path | None = None) -> list[Finge
             continue
         fp = fingerprint(path)
         out.append(fp)
-        if time.time_ns() - st.st_mtime_ns > SETTLED_NS:
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLED_NS:  # (a `cp -p`: old mtime, new ctime)
             memo[key] = {"stamp": stamp, "lines": fp.lines, "sha256": fp.sha256}
             changed = True
     if memo_file is not None and changed:

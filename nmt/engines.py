@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import torch
 
 from nmt.batching import pad_batch
-from nmt.config import DecodeConfig
+from nmt.config import DecodeConfig, is_sampling
 from nmt.errors import NmtError
 from nmt.runtime import Runtime
 from nmt.search import (Hypothesis, SentenceResult, beam_search, greedy, greedy_no_cache, max_lengths, penalty_of,
@@ -124,10 +124,6 @@ class Sampling(_ModelEngine):
 class NaiveGreedy(_ModelEngine):
     def _run(self, src, config, prefixes):
         return greedy_no_cache(self.model, src, config, prefixes)
-
-
-def is_sampling(config: DecodeConfig) -> bool:
-    return bool(config.sampling_topk or config.sampling_topp or config.temperature != 1.0)
 
 
 def for_model(model, runtime: Runtime, config: DecodeConfig) -> _ModelEngine:

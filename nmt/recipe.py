@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from nmt.config import limit_problem, shape_problem
-from nmt.errors import UsageError
+from nmt.errors import NmtError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ class Recipe:
     epochs: float  # the same, in passes over the training data
     tokens_per_s: dict[str, float] = field(default_factory=dict)  # measured, per shape
     reason: str = ""
+    budget: dict[str, Any] = field(default_factory=dict)  # max_time, max_steps, max_epochs it was chosen for
 
 
 def vocabulary(corpus_pairs: int) -> int:
@@ -307,7 +308,19 @@ def describe(recipe: Recipe) -> dict[str, Any]:
     return asdict(recipe)
 
 
-def from_record(record: dict[str, Any]) -> Recipe:
+def from_record(record: Any, where: str, fix: str = "use a new --out") -> Recipe:
+    """The recipe a record (recipe.json, or config.json's copy) describes; a record of another
+    shape is an error naming `where`."""
+    types = {"shape": str, "model": dict, "train": dict, "budget_tokens": (int, float), "epochs": (int, float),
+             "tokens_per_s": dict, "reason": str, "budget": dict}
+    if not isinstance(record, dict):
+        problem = "not a JSON object"
+    else:
+        missing = [k for k in ("shape", "model", "train", "budget_tokens", "epochs") if k not in record]
+        wrong = [k for k, v in record.items() if k not in types or not isinstance(v, types[k]) or isinstance(v, bool)]
+        problem = f"no {', '.join(missing)}" if missing else f"unexpected {', '.join(wrong)}" if wrong else None
+    if problem:
+        raise NmtError(f"{where}: not a recipe record of this nmt ({problem}); {fix}")
     return Recipe(**record)
 
 

@@ -73,13 +73,10 @@ def open_binary(path: str | os.PathLike | None) -> BinaryIO:
         raise NmtError(f"{p}: no such file")
     if p.is_dir():
         raise NmtError(f"{p}: is a directory, expected a text file")
-    try:
-        raw = open(p, "rb")
+    try:  # gzip.open on the name, not on an open file: closing it then closes the file too
+        return gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb")  # type: ignore[return-value]
     except OSError as e:
         raise NmtError(f"{p}: cannot open ({e.strerror})") from None
-    if p.suffix == ".gz":
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    return raw
 
 
 def decode_line(raw: bytes, name: str, lineno: int) -> str:
@@ -91,7 +88,27 @@ def decode_line(raw: bytes, name: str, lineno: int) -> str:
         raise NmtError(f"{name}: line {lineno}: invalid UTF-8 at byte {e.start}") from None
     if lineno == 1:
         text = text.removeprefix(BOM)
+        _check_line_feeds(raw, name)
     return text.rstrip("\r\n")
+
+
+def _check_line_feeds(first_line: bytes, name: str) -> None:
+    """A file whose first line is the whole file (no line feed) yet holds carriage returns inside it
+    has old Mac line endings (CR only), which are not line breaks here: an error, not one long line."""
+    if not first_line.endswith(b"\n") and b"\r" in first_line.rstrip(b"\r"):
+        raise NmtError(f"{name}: has carriage returns but no line feeds (old Mac line endings, CR only), so it "
+                       f"would read as one line; convert it first, e.g. tr '\\r' '\\n' < FILE > FILE.unix")
+
+
+def looks_cr_only(path: str | os.PathLike) -> bool:
+    """Whether a file's first MiB holds carriage returns inside it and no line feed before its end:
+    old Mac line endings, for the hint of a line-count error (a side read as one line)."""
+    try:
+        with open_binary(path) as stream:
+            head = stream.read(1 << 20).rstrip(b"\r\n")
+    except (NmtError, *READ_ERRORS):
+        return False
+    return b"\r" in head and b"\n" not in head
 
 
 def read_lines(path: str | os.PathLike | None) -> Iterator[str]:
@@ -131,6 +148,8 @@ def read_line_blocks(path: str | os.PathLike, block_bytes: int = 1 << 22) -> Ite
             lineno += block.count(b"\n")
         rest = b"".join(pending)
         if rest:
+            if lineno == 0:
+                _check_line_feeds(rest, name)
             yield _decode_block(rest, name, lineno)
     finally:
         if stream is not getattr(sys.stdin, "buffer", None):

@@ -27,16 +27,16 @@ import torch
 
 from nmt import atomic, checkpoint, directions, finetune, mixing, recipe, validate
 from nmt.batching import Batch, Plan, collate, padded, plan_epoch, target_tokens
-from nmt.cache import Filters, load_or_build
+from nmt.cache import MEMO_FILE, Filters, load_or_build
 from nmt.config import PRESET_TRAINING, ModelConfig, TokenizerConfig, TrainConfig, to_dict
-from nmt.corpus import ParallelCorpus, sample_corpora
+from nmt.corpus import ParallelCorpus, fingerprints, sample_corpora
 from nmt.directions import Directions
 from nmt.errors import Interrupted, NmtError, UsageError
 from nmt.model import Transformer, count_parameters
 from nmt.progress import StepProgress
 from nmt.runtime import Runtime, keep_freed_memory, setup, trim_heap
 from nmt.textio import count_lines
-from nmt.tokenizer import PAD_ID, Vocabs, train_vocabs_streamed
+from nmt.tokenizer import JOINT_FILE, PAD_ID, SEPARATE_FILES, Vocabs, train_vocabs_streamed
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +78,63 @@ def prepare_tokenizer(config: TrainConfig, tok_config: TokenizerConfig, out: Pat
                       parent: finetune.Parent | None = None, tags: list[str] | None = None) -> Vocabs:
     """The run's tokenizer: the one saved in `out`, else the parent's (a fine-tune), else trained
     on a seeded sample and saved."""
-    half = Vocabs.half_saved(out)
-    if half and checkpoint.list_checkpoints(out):  # a trained model's tokenizer is not made anew
+    half, trained = Vocabs.half_saved(out), bool(checkpoint.list_checkpoints(out))
+    if half and trained:  # a trained model's tokenizer is not made anew
         raise NmtError(f"{out}: has {half} but not the other side's file, and checkpoints trained with both "
                        f"(restore it, or use a new --out)")
+    if trained and not Vocabs.exists(out) and parent is None:
+        raise NmtError(f"{out}: has checkpoints but not the tokenizer they were trained with (restore "
+                       f"{JOINT_FILE} or {' and '.join(SEPARATE_FILES)}, or use a new --out)")
+    asked = _tokenizer_options(config, tok_config, tags)
     if Vocabs.exists(out):
         log.info("tokenizer: reusing %s", out)
         vocabs = Vocabs.load(out)
         if parent is not None and vocabs.fingerprint() != Vocabs.load(parent.directory).fingerprint():
             raise NmtError(f"{out}: holds a tokenizer that is not the one of --init-from {parent.directory} "
                            f"(use a new --out)")
+        if parent is None and not trained:  # with checkpoints, check_resumable compares the run's config
+            _check_tokenizer_options(out, asked, vocabs)
         return vocabs
     if parent is not None:
         log.info("tokenizer: the parent's, from %s", parent.directory)
         vocabs = Vocabs.load(parent.directory)
     else:
         vocabs = train_tokenizer(config, tok_config, tags or [])
+        record = {**asked, "tokenizer_sha256": vocabs.fingerprint()}
+        atomic.write_text(out / TOKENIZER_OPTIONS_FILE, json.dumps(record, indent=1) + "\n")
     vocabs.save(out)
     return vocabs
+
+
+TOKENIZER_OPTIONS_FILE = "tokenizer.options.json"  # what the tokenizer in a run directory was trained with
+
+
+def _tokenizer_options(config: TrainConfig, tok_config: TokenizerConfig, tags: list[str] | None) -> dict[str, Any]:
+    """What decides the tokenizer `nmt train` trains: its options, the seed of its sample, the tags."""
+    return {**to_dict(tok_config), "seed": config.seed, "tags": list(tags or [])}
+
+
+def _check_tokenizer_options(out: Path, asked: dict[str, Any], vocabs: Vocabs) -> None:
+    """A tokenizer that `nmt train` trained in `out`, and no checkpoint yet (a preparation or a run cut
+    short, or --force), is reused only with the options it was trained with; one put there by hand
+    (no record, or a record of another tokenizer) is reused as it is."""
+    try:
+        saved = json.loads((out / TOKENIZER_OPTIONS_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        raise NmtError(f"{out / TOKENIZER_OPTIONS_FILE}: cannot be read ({e}); delete it and the tokenizer "
+                       f"files to train the tokenizer again") from None
+    if not isinstance(saved, dict):
+        raise NmtError(f"{out / TOKENIZER_OPTIONS_FILE}: is not a JSON object; delete it and the tokenizer "
+                       f"files to train the tokenizer again")
+    if saved.get("tokenizer_sha256") != vocabs.fingerprint():  # replaced since (nmt train-tokenizer, by hand)
+        return
+    differ = [f"{key} {saved[key]!r} (this run: {value!r})" for key, value in asked.items()
+              if key in saved and saved[key] != value]  # an option newer than the record: not compared
+    if differ:
+        raise NmtError(f"{out}: its tokenizer was trained with {', '.join(differ)}; use a new --out, or delete "
+                       f"the tokenizer files there to train it again")
 
 
 def train_tokenizer(config: TrainConfig, tok_config: TokenizerConfig, tags: list[str] | None = None) -> Vocabs:
@@ -160,7 +199,8 @@ def check_max_length(config: TrainConfig, model_config: ModelConfig, tagged: boo
                          f"with --config)")
 
 
-PREPARATION_FILES = {"tokenizer.json", "tokenizer.src.json", "tokenizer.tgt.json", "cache", "recipe.json"}
+PREPARATION_FILES = {"tokenizer.json", "tokenizer.src.json", "tokenizer.tgt.json", TOKENIZER_OPTIONS_FILE, "cache",
+                     "recipe.json"}
 
 
 def check_out_dir(out: Path, force: bool) -> bool:
@@ -197,8 +237,7 @@ def run_config(p: Prepared, config: TrainConfig, tok_config: TokenizerConfig, pr
     metas = [json.loads((c.directory / "meta.json").read_text()) for c in p.cache.caches]
     first = p.directions.pairs[0]
     described = {
-        "src": first[0], "tgt": first[1], "directions": [f"{s}-{t}" for s, t in p.directions.pairs],
-        "tagged": bool(p.directions.tagged), "processes": processes,
+        "src": first[0], "tgt": first[1], **_directions_record(p.directions), "processes": processes,
         "model": to_dict(p.model_config), "tokenizer": to_dict(tok_config), "train": to_dict(config),
         "data": [fp for m in metas for fp in m["fingerprints"]], "filters": asdict(p.cache.report),
         "versions": {"nmt": __import__("nmt").__version__, "torch": torch.__version__,
@@ -213,6 +252,7 @@ def run_config(p: Prepared, config: TrainConfig, tok_config: TokenizerConfig, pr
 # the epoch at its batch index, so it needs the same plan. (Not --batch-tokens: after an
 # out-of-memory a resume may lower it; the rest of that epoch is then cut anew.)
 PLAN_OPTIONS = ("seed", "weights", "max_length", "max_ratio", "dedupe", "curriculum")
+PLAN_NAME = "options that set the data order"
 
 
 def check_resumable(out: Path, new: dict[str, Any], has_checkpoints: bool = True) -> None:
@@ -223,19 +263,14 @@ def check_resumable(out: Path, new: dict[str, Any], has_checkpoints: bool = True
         ("holds an nmt model of another configuration", "use a new --out, or --force to replace it")
     old = checkpoint.read_config(out)
     for section, keys, name in (("model", None, "model options"), ("tokenizer", None, "tokenizer options"),
-                                ("train", PLAN_OPTIONS, "options that set the data order")):
+                                ("train", PLAN_OPTIONS, PLAN_NAME)):
         before, now = old.get(section) or {}, new.get(section) or {}
         if section == "model":  # a field newer than the run's config.json: the default its loading gives
             before = {**to_dict(ModelConfig()), **before}
-        keys = [k for k in (keys or sorted(set(before) | set(now))) if k in before]
-        changed = [k for k in keys if before.get(k) != now.get(k)]
-        if changed:
-            diffs = ", ".join(f"{k}: {before.get(k)} → {now.get(k)}" for k in changed)
-            raise NmtError(f"{out}: {what}, {name} changed ({diffs}); {fix}")
-    if (old.get("directions"), old.get("tagged")) != (new["directions"], new["tagged"]) and "directions" in old:
-        raise NmtError(f"{out}: {what}, directions changed ({', '.join(old['directions'])}"
-                       f"{' tagged' if old.get('tagged') else ''} → {', '.join(new['directions'])}"
-                       f"{' tagged' if new['tagged'] else ''}); {fix}")
+        if problem := _options_changed(name, before, now, keys):
+            raise NmtError(f"{out}: {what}, {problem}; {fix}")
+    if problem := _directions_changed(old, new):
+        raise NmtError(f"{out}: {what}, {problem}; {fix}")
     old_data = [d["sha256"] for d in old["data"]]  # the bytes, wherever they are now (data moved: same run)
     if old_data != [d["sha256"] for d in new["data"]]:
         which = [d["path"] for sha, d in zip(old_data, new["data"]) if sha != d["sha256"]]
@@ -254,6 +289,43 @@ def check_resumable(out: Path, new: dict[str, Any], has_checkpoints: bool = True
         now = f"--init-from {new['parent']['directory']}" if new_parent else "no --init-from"
         raise NmtError(f"{out}: {what}, it was {was} and the command now gives {now}"
                        f"{' (whose weights changed)' if old_parent and new_parent else ''}; {fix}")
+
+
+def _options_changed(name: str, before: dict[str, Any], now: dict[str, Any], keys=None) -> str | None:
+    """'NAME changed (k: old → new, …)' for the options (`keys`, else all) the record `before` has
+    and `now` gives otherwise; None when none does."""
+    keys = [k for k in (keys or sorted(set(before) | set(now))) if k in before]
+    diffs = ", ".join(f"{k}: {before.get(k)} → {now.get(k)}" for k in keys if before.get(k) != now.get(k))
+    return f"{name} changed ({diffs})" if diffs else None
+
+
+def _directions_record(run: Directions) -> dict[str, Any]:
+    return {"directions": [f"{s}-{t}" for s, t in run.pairs], "tagged": bool(run.tagged)}
+
+
+def _directions_changed(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    if "directions" not in old or (old.get("directions"), old.get("tagged")) == (new["directions"], new["tagged"]):
+        return None
+    return (f"directions changed ({', '.join(old['directions'])}{' tagged' if old.get('tagged') else ''} → "
+            f"{', '.join(new['directions'])}{' tagged' if new['tagged'] else ''})")
+
+
+def check_resume_before_the_cache(out: Path, config: TrainConfig, parent: finetune.Parent | None) -> None:
+    """What `check_resumable` would refuse that is known before the token cache is built: options
+    that set the data order, other directions, training files that no longer hold the bytes the run
+    trained on. Found now, a refused resume does not first tokenise the data into a cache of its own."""
+    old = checkpoint.read_config(out)
+    run = run_directions(config, parent)
+    for problem in (_options_changed(PLAN_NAME, checkpoint.config_section(old, "train"), to_dict(config), PLAN_OPTIONS),
+                    _directions_changed(old, _directions_record(run))):
+        if problem:
+            raise NmtError(f"{out}: cannot resume, {problem}; use a new --out")
+    corpora = mixing.group_corpora(mixing.corpus_uses(config.train, run))
+    memo = (Path(config.cache_dir) if config.cache_dir else out / "cache") / MEMO_FILE
+    now = {fp.sha256 for fp in fingerprints([p for c in corpora for p in (c.src_path, c.tgt_path)], memo)}
+    gone = [str(d.get("path")) for d in old.get("data") or [] if isinstance(d, dict) and d.get("sha256") not in now]
+    if gone:  # a file it trained on is given no more: its record could not match
+        raise NmtError(f"{out}: cannot resume, training data changed ({', '.join(gone)}); use a new --out")
 
 
 def _processes(out: Path, old: dict[str, Any]) -> int | None:
@@ -374,6 +446,12 @@ class Trainer:
                     raise UsageError(f"--update-freq {c.update_freq} exceeds the {len(batches)} batches of an "
                                      f"epoch{' on each rank' if self.dist.world_size > 1 else ''} at "
                                      f"--batch-tokens {budget} (lower --update-freq or --batch-tokens)")
+                left_out = len(batches) % c.update_freq
+                if left_out and self.dist.is_writer and not self._left_out_said:
+                    log.info("--update-freq %d: each epoch's last %d of its %d batches%s are left out (others each "
+                             "epoch, as the order is drawn anew)", c.update_freq, left_out, len(batches),
+                             " on each rank" if self.dist.world_size > 1 else "")
+                    self._left_out_said = True
                 trim_heap()  # the plan's temporaries: memory stays flat as the corpus grows
                 self.p.cache.drop_pages()  # and so do the pages of the lengths it read
                 self._epoch(batches, start, bar)
@@ -395,7 +473,8 @@ class Trainer:
                 longest = padded(int(max(cache.src_len.max(), cache.tgt_len.max())) + 1)  # EOS included
                 # the bare model, not the DDP wrapper: ranks probe independently, with no collectives
                 found = autobatch.probe(lambda b: self._forward_backward(b, b.n_tgt_tokens, True, self.model), self.model,
-                                        longest, self.p.model_config.tgt_vocab_size, self.runtime.device)
+                                        longest, (self.p.model_config.src_vocab_size, self.p.model_config.tgt_vocab_size),
+                                        self.runtime.device)
                 pr.batch_tokens = self.dist.min_int(found)  # every rank plans with the same budget
             elif c.preset == "auto":  # the batch the recipe measured and planned with
                 pr.batch_tokens = recipe.batch_tokens_for("cpu")
@@ -540,6 +619,7 @@ class Trainer:
 
     _signal: str | None = None
     _signum: int = 0
+    _left_out_said = False  # the batches --update-freq leaves out of each epoch, logged once
 
     # evaluation ------------------------------------------------------------------------------
 
@@ -800,6 +880,17 @@ def _previous_tokenizer(out: Path) -> dict[str, Any]:
         return {}
 
 
+def _read_recipe(path: Path) -> recipe.Recipe:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise NmtError(f"{path}: cannot be read as a recipe ({e}); {RECIPE_FIX}") from None
+    return recipe.from_record(record, str(path), RECIPE_FIX)
+
+
+RECIPE_FIX = "delete it: a run restores it from its config.json, a preparation chooses again"
+
+
 def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, existing_run: bool,
             ranks: int = 1) -> recipe.Recipe:
     """The stored recipe of this run (a resume), else one chosen now by timing the candidate shapes
@@ -812,14 +903,21 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, exist
         record = checkpoint.read_config(out).get("recipe")
         if record:  # written with the run's config, so it is this run's
             atomic.write_text(stored, json.dumps(record, indent=2))
+    budget = {"max_time": config.max_time, "max_steps": config.max_steps, "max_epochs": config.max_epochs}
     if stored.exists():
-        chosen = recipe.from_record(json.loads(stored.read_text()))
-        # a preparation cut short left a recipe and no run yet: one chosen for other shape options is chosen
-        # again; a run's own stays, and a resume with changed options is refused later
-        if existing_run or all(chosen.model.get(k) == v for k, v in by_hand.items()):
+        chosen = _read_recipe(stored)
+        # a run's own recipe stays (a resume with changed options is refused later; one that stopped before
+        # its first checkpoint is told of another budget); a preparation cut short chooses again for another
+        # budget (a record from before the budget was kept: as if the same) or other shape options
+        same_budget = chosen.budget in ({}, budget)
+        if existing_run or (same_budget and all(chosen.model.get(k) == v for k, v in by_hand.items())):
             log.info("recipe (stored): %s", chosen.reason)
+            if not same_budget and not checkpoint.list_checkpoints(out):
+                log.warning("%s: its recipe was chosen for another budget (%s) and no checkpoint is saved yet: a "
+                            "new --out chooses one for this budget", out, _budget_text(chosen.budget))
             return chosen
-        log.info("recipe: the stored one (%s) does not fit the shape options set by hand; choosing again", chosen.shape)
+        log.info("recipe: the stored one (%s) %s; choosing again", chosen.shape, "does not fit the shape options set "
+                 "by hand" if same_budget else "was chosen for another budget")
     # `--batch-tokens auto` on CPU trains with the recipe's batch (`Trainer.batch_tokens`); on a GPU the
     # memory probe may choose another, and the figures here assume the recipe's
     batch_tokens = int(config.batch_tokens) if "train.batch_tokens" in config.fixed and config.batch_tokens != "auto" \
@@ -838,11 +936,17 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, exist
                                                                                          config.update_freq))
         # a dev evaluation decodes every dev target (about as fast per token as training) and scores its loss
         eval_seconds = 1.4 * dev_pairs * mean_tgt / max(min(rates.values()), 1.0)
-    chosen = recipe.choose(rates, corpus_tokens, config.max_time, config.max_steps, batch_tokens, eval_seconds, shapes,
-                           update_freq=config.update_freq, ranks=ranks, max_epochs=config.max_epochs)
+    chosen = replace(recipe.choose(rates, corpus_tokens, config.max_time, config.max_steps, batch_tokens, eval_seconds,
+                                   shapes, update_freq=config.update_freq, ranks=ranks, max_epochs=config.max_epochs),
+                     budget=budget)
     log.info("recipe: %s", chosen.reason)
     atomic.write_text(stored, json.dumps(recipe.describe(chosen), indent=2))
     return chosen
+
+
+def _budget_text(budget: dict[str, Any]) -> str:
+    names = {"max_time": "--max-time {:g}s", "max_steps": "--max-steps {}", "max_epochs": "--max-epochs {}"}
+    return ", ".join(names[k].format(v) for k, v in budget.items() if k in names and v is not None) or "none"
 
 
 def _shape_by_hand(config: TrainConfig, model_config: ModelConfig) -> dict[str, int]:
@@ -916,6 +1020,8 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         if config.preset == "auto":
             tok_config = _recipe_vocabulary(config, tok_config, out)
         if dist.is_writer:
+            if existing_run and checkpoint.list_checkpoints(out):
+                check_resume_before_the_cache(out, config, parent)
             p = prepare(config, model_config, tok_config, out, parent=parent)
             if config.preset == "auto":
                 chosen = _recipe(p, config, runtime, out, existing_run, dist.world_size)
@@ -923,7 +1029,7 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         if not dist.is_writer:
             p = prepare(config, model_config, tok_config, out, parent=parent)
             if config.preset == "auto":
-                chosen = recipe.from_record(json.loads((out / RECIPE_FILE).read_text()))
+                chosen = _read_recipe(out / RECIPE_FILE)
         if chosen is not None:
             config, p.model_config = _apply_recipe(chosen, config, p.model_config, quiet=not dist.is_writer)
         described = run_config(p, config, tok_config, dist.world_size)

@@ -5,6 +5,7 @@ errors. In-process on the session's tiny model directory, except one CLI run per
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -89,6 +90,13 @@ def test_unknown_or_impossible_options_are_usage_errors_naming_them(model):
         model.translate(["Hola"], beam_size=2, nbest=3)
     with pytest.raises(UsageError, match="length.norm.*sqrt.*choose from"):
         model.score(["Hola"], ["Hello"], length_norm="sqrt")
+    # values of the wrong type (the CLI's are typed already): a string is not False, nor "5" an int
+    with pytest.raises(UsageError, match='alignment must be bool, not "false"'):
+        model.translate(["Hola"], alignment="false")
+    with pytest.raises(UsageError, match='beam_size must be int, not "5"'):
+        model.translate(["Hola"], beam_size="5")
+    with pytest.raises(UsageError, match="sampling-topp must be in"):
+        model.translate(["Hola"], sampling_topp=-0.1)
     assert model.translate("Y fue la luz.", beam_size=1) == model.translate(["Y fue la luz."], beam_size=1)[0]
 
 
@@ -142,6 +150,11 @@ def test_nmt_score_text_and_errors(model, tiny_model_dir, tmp_path, monkeypatch,
     expected = model.score(["Y fue la luz.", "", "Y dijo Dios."], ["And there was light.", "", "And God said."],
                            normalize=False)
     assert code == 0 and out.splitlines() == [f"{expected[0]:.6f}", "", f"{expected[2]:.6f}"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(tgt.read_bytes())))  # `… | nmt score --tgt -`
+    code, piped, _ = _cli(monkeypatch, capsys, "score", *m, "--src", str(src), "--tgt", "-", "--no-normalize")
+    assert code == 0 and piped == out
+    code, _, err = _cli(monkeypatch, capsys, "score", *m, "--src", "-", "--tgt", "-")
+    assert code == 2 and err == "nmt: error: --src and --tgt cannot both be stdin\n"
     code, out, err = _cli(monkeypatch, capsys, "score", *m, "--src", str(src), "--tgt", str(short))
     assert code == 1 and err.count("\n") == 1
     assert err.startswith("nmt: error: line counts differ:") and "has 3 lines" in err and "has 2" in err

@@ -53,7 +53,7 @@ def test_nothing_fits_is_an_error():
 
 @pytest.mark.parametrize("tokens, longest", [(1000, 50), (1000, 2000), (4096, 250), (7, 7)])
 def test_worst_case_batch_is_the_largest_the_budget_holds(tokens, longest):
-    b = autobatch.worst_case_batch(tokens, longest, vocab_size=100, device=torch.device("cpu"))
+    b = autobatch.worst_case_batch(tokens, longest, vocab_sizes=(30, 100), device=torch.device("cpu"))
     rows = max(1, tokens // longest)
     assert b.src.shape == b.tgt_in.shape == b.tgt_out.shape == (rows, longest)
     assert rows * longest <= max(tokens, longest)  # within budget (or one pair alone)
@@ -62,6 +62,7 @@ def test_worst_case_batch_is_the_largest_the_budget_holds(tokens, longest):
     assert (b.src[:, -1] == EOS_ID).all() and (b.tgt_in[:, 0] == BOS_ID).all() and (b.tgt_out[:, -1] == EOS_ID).all()
     assert (b.tgt_in[:, 1:] == b.tgt_out[:, :-1]).all()  # teacher forcing: shifted by one
     assert b.n_tgt_tokens == rows * longest
+    assert b.src.max() < 30 and b.tgt_out.max() < 100  # each side's ids from its own vocabulary
 
 
 def test_probe_on_a_real_model_with_a_simulated_memory_limit():
@@ -69,8 +70,8 @@ def test_probe_on_a_real_model_with_a_simulated_memory_limit():
     half-way (after the forward pass). The probe settles below the limit and leaves no
     gradients from any try."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(src_vocab_size=50, tgt_vocab_size=50, d_model=16, n_heads=2, d_ff=32,
-                                    encoder_layers=1, decoder_layers=1, dropout=0.0))
+    model = Transformer(ModelConfig(src_vocab_size=30, tgt_vocab_size=120, joint_vocab=False, d_model=16, n_heads=2,
+                                    d_ff=32, encoder_layers=1, decoder_layers=1, dropout=0.0))
     limit, seen = 6000, []
 
     def step(batch):
@@ -81,7 +82,7 @@ def test_probe_on_a_real_model_with_a_simulated_memory_limit():
             raise torch.OutOfMemoryError("simulated")
         loss.backward()
 
-    budget = autobatch.probe(step, model, max_length=40, vocab_size=50, device=torch.device("cpu"))
+    budget = autobatch.probe(step, model, max_length=40, vocab_sizes=(30, 120), device=torch.device("cpu"))
     assert budget <= limit * autobatch.MARGIN
     assert budget >= limit * autobatch.MARGIN / (1 + autobatch.PRECISION) - 40  # whole rows of 40
     assert any(n > limit for n in seen) and any(n <= limit for n in seen)

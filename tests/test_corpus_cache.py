@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from itertools import combinations
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -139,6 +140,19 @@ def test_line_count_mismatch_names_both_files_and_counts(tmp_path, bible, n_src,
     with pytest.raises(NmtError) as err:
         corpus.check_line_counts()
     assert sorted(numbers_besides_paths(str(err.value), corpus.src_path, corpus.tgt_path)) == sorted([n_src, n_tgt])
+
+
+def test_a_line_count_mismatch_is_found_before_any_encoding(tmp_path, bible, vocabs, monkeypatch):
+    """With a tokenizer already there (a resume, a fine-tune) no sample has counted the lines: the
+    cache's own fingerprints do, before a line is encoded."""
+    corpus = write_corpus(tmp_path, "c", bible[0][:1000], bible[1][:999])
+
+    def encoding(*args):
+        raise AssertionError("encoded before the line counts were compared")
+
+    monkeypatch.setattr(cache_mod, "_encode_chunk", encoding)
+    with pytest.raises(NmtError, match=r"line counts differ: .*c\.es has 1000 lines, .*c\.en has 999$"):
+        load_or_build([corpus], vocabs, Filters(), tmp_path / "cache")
 
 
 @pytest.mark.parametrize("extra_on", [SRC, TGT])
@@ -320,9 +334,12 @@ def test_fingerprint_memo_skips_only_settled_unchanged_files(tmp_path, monkeypat
 
     memo = tmp_path / "memo.json"
     old, new = tmp_path / "old.txt", tmp_path / "new.txt"
+    now = [time.time_ns() + 3 * 10**9]  # the clock the memo reads: 3 s on, so what is written now has settled
+    monkeypatch.setattr(corpus_mod, "time", SimpleNamespace(time_ns=lambda: now[0]))
     old.write_bytes(b"uno\ndos\n")
     os.utime(old, ns=(10**18, 10**18))  # modified long ago: its stamp can be trusted
-    new.write_bytes(b"tres\n")  # modified just now: hashed on every run
+    new.write_bytes(b"tres\n")
+    os.utime(new, ns=(now[0], now[0]))  # modified just now: hashed on every run
     reads = Counter()
     real = corpus_mod.fingerprint
 
@@ -370,6 +387,12 @@ def test_fingerprint_memo_skips_only_settled_unchanged_files(tmp_path, monkeypat
     memo.write_text(json.dumps(stamped))
     check()
     assert reads["old.txt"] == 10
+    now[0] = time.time_ns()  # the real clock again
+    old.write_bytes(b"uno\nuno\n")  # cp -p: an old mtime, a ctime of now: not remembered (a second rewrite
+    os.utime(old, ns=(past, past))  # within the ctime's tick would keep the stamp)
+    check()
+    assert reads["old.txt"] == 11
+    assert json.loads(memo.read_text())[key]["stamp"]["ctime_ns"] != old.stat().st_ctime_ns
 
 
 @pytest.mark.parametrize("block", [1, 7, 64, 1 << 22])

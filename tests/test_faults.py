@@ -10,12 +10,14 @@ Most cases run in-process on a 300-pair corpus; the standard-stream cases run `n
 from __future__ import annotations
 
 import errno
+import gc
 import gzip
 import json
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +112,43 @@ def test_a_corrupt_gz_names_the_file(tmp_path, lines, reader):
         reader(path)
 
 
+def test_a_gz_input_is_closed_with_its_reader(tmp_path):
+    path = tmp_path / "train.es.gz"
+    path.write_bytes(gzip.compress(b"uno\ndos\n"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert list(read_lines(path)) == ["uno", "dos"] and [x for b in read_line_blocks(path) for x in b] == ["uno", "dos"]
+        assert count_lines(path) == 2
+        gc.collect()
+    assert not [w for w in seen if issubclass(w.category, ResourceWarning)]
+
+
+@pytest.mark.parametrize("reader", [lambda p: list(read_lines(p)), lambda p: [x for b in read_line_blocks(p) for x in b]])
+def test_old_mac_line_endings_are_an_error_not_one_long_line(tmp_path, reader):
+    """Carriage returns with no line feed in the whole file: CR-only line endings, refused with the way
+    out; a CR that ends a CRLF line or stands inside a line of a file with line feeds is read as before."""
+    path = tmp_path / "old.es"
+    for data in (b"uno\rdos\rtres\r", b"uno\rdos", b"\xef\xbb\xbfuno\rdos\r"):
+        path.write_bytes(data)
+        with pytest.raises(NmtError, match=r"old.es: has carriage returns but no line feeds .*tr '\\r' '\\n'"):
+            reader(path)
+    for data, lines in ((b"uno\r\ndos\r\n", ["uno", "dos"]), (b"uno\r", ["uno"]), (b"u\rno\ndos", ["u\rno", "dos"])):
+        path.write_bytes(data)
+        assert reader(path) == lines
+
+
+def test_a_line_count_error_from_one_side_of_old_mac_line_endings_says_so(tmp_path):
+    (tmp_path / "c.es").write_bytes(b"uno\rdos\rtres\r")
+    (tmp_path / "c.en").write_bytes(b"one\ntwo\nthree\n")
+    corpus = ParallelCorpus.from_prefix(tmp_path / "c", "es", "en")
+    with pytest.raises(NmtError, match=r"c.es has 1 lines, .*c.en has 3 \(.*c.es has carriage returns but no line "
+                                       r"feeds: old Mac line endings, CR only\?\)$"):
+        corpus.check_line_counts()
+    (tmp_path / "c.es").write_bytes(b"uno\n")  # one line, no carriage return: no hint
+    with pytest.raises(NmtError, match=r"c.en has 3$"):
+        corpus.check_line_counts()
+
+
 # --- a token cache that is not what it claims ------------------------------------------------
 
 
@@ -145,8 +184,8 @@ def _forge(directory: Path, name: str, edit) -> None:
     path = directory / name
     if name.endswith(".npy"):
         array = np.load(path)
-        edit(array)
-        np.save(path, array)
+        changed = edit(array)  # in place, or a new array
+        np.save(path, array if changed is None else changed)
     else:
         array = np.fromfile(path, dtype=_meta(directory)["dtype"])
         edit(array)
@@ -161,6 +200,7 @@ def _forge(directory: Path, name: str, edit) -> None:
     ("tgt_len.npy", lambda a: a.__setitem__(-1, -5), "target lengths outside"),
     ("src_start.npy", lambda a: a.__setitem__(-1, 10**9), "source spans beyond the ids"),
     ("tgt.bin", lambda a: a.__setitem__(7, 65000), "target ids beyond the vocabulary"),
+    ("src_start.npy", lambda a: a.astype(np.float64), "index arrays that are not integers"),
 ])
 def test_a_cache_with_forged_contents_is_rebuilt(tmp_path, corpus, vocabs, name, edit, problem, caplog):
     directory = _built(corpus, vocabs, tmp_path)

@@ -8,7 +8,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
+from dataclasses import replace
 
 import pytest
 import sacrebleu
@@ -16,8 +18,9 @@ import torch
 
 from conftest import error_line, run_nmt, without_paths, write_slice
 from nmt import recipe
+from nmt import train as train_mod
 from nmt.config import ModelConfig, TrainConfig
-from nmt.errors import UsageError
+from nmt.errors import NmtError, UsageError
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -173,7 +176,23 @@ def test_options_set_by_hand_are_kept(caplog):
         assert _apply_recipe(chosen, config, ModelConfig(dropout=0.3), quiet=True) == (new_config, model)
     assert not [r for r in caplog.records if "set by hand" in r.getMessage()]
     assert new_config.warmup_steps == chosen.train["warmup_steps"] and model.d_model == 128  # the recipe's
-    assert recipe.from_record(json.loads(json.dumps(recipe.describe(chosen)))) == chosen
+    assert recipe.from_record(json.loads(json.dumps(recipe.describe(chosen))), "recipe.json") == chosen
+
+
+@pytest.mark.parametrize("record, problem", [
+    ([], "not a JSON object"), ({"shape": "micro"}, "no model, train, budget_tokens, epochs"),
+    ({"shape": "micro", "model": {}, "train": {}, "budget_tokens": 1.0, "epochs": "2"}, "unexpected epochs"),
+    ({"shape": "micro", "model": {}, "train": {}, "budget_tokens": 1.0, "epochs": 2, "colour": 1}, "unexpected colour"),
+])
+def test_a_recipe_record_of_another_shape_is_one_error_naming_the_file(tmp_path, record, problem):
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(record))
+    fix = "delete it: a run restores it from its config.json, a preparation chooses again"
+    with pytest.raises(NmtError, match=rf"recipe.json: not a recipe record of this nmt \({problem}\); {fix}$"):
+        train_mod._read_recipe(path)
+    path.write_text("{ not json")
+    with pytest.raises(NmtError, match=r"recipe.json: cannot be read as a recipe \("):
+        train_mod._read_recipe(path)
 
 
 def test_shape_options_set_by_hand_narrow_the_candidates_and_the_rest_fits_the_shape_that_trains():
@@ -303,6 +322,33 @@ def test_train_fits_the_recipe_to_the_layers_set_by_hand_and_refuses_a_shape_not
     r = run_nmt(*args, "--max-steps", "2", "--out", str(tmp_path / "run7"), "--config", str(heads))
     assert error_line(r, 2) == "nmt: error: n_heads = 7 divides none of the recipe's widths (128, 192, 256, 512): set d_model too"
     assert not (tmp_path / "run7").exists()  # refused before any work
+
+
+def test_a_recipe_left_for_another_budget_before_any_checkpoint_is_chosen_again(tmp_path):
+    """A preparation cut short (recipe.json, no run) under --max-steps 5,000, re-run with --max-steps 2:
+    the recipe is chosen for the new budget (its warm-up, a share of the steps), not reused."""
+    train = write_slice(tmp_path / "d", "train", 200)
+    out = tmp_path / "run"
+    out.mkdir()
+    old = replace(recipe.choose({}, EPOCH, None, 5000, 400, 0.0),
+                  budget={"max_time": None, "max_steps": 5000, "max_epochs": None})
+    (out / "recipe.json").write_text(json.dumps(recipe.describe(old)))
+    r = run_nmt("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--dtype", "float32",
+                "--vocab-size", "300", "--batch-tokens", "400", "--out", str(out), "--max-steps", "2")
+    err = " ".join(r.stderr.decode().split())
+    assert r.returncode == 0, err
+    assert f"the stored one ({old.shape}) was chosen for another budget; choosing again" in err
+    stored = json.loads((out / "recipe.json").read_text())
+    assert stored["budget"]["max_steps"] == 2 and stored["train"]["warmup_steps"] < old.train["warmup_steps"]
+    r = run_nmt("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--dtype", "float32",
+                "--vocab-size", "300", "--batch-tokens", "400", "--out", str(out), "--max-steps", "4")
+    assert r.returncode == 0 and "recipe (stored)" in r.stderr.decode()  # a resume keeps its run's recipe
+    shutil.rmtree(out / "checkpoints")  # a run stopped before its first checkpoint: its recipe kept, and said
+    r = run_nmt("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--dtype", "float32",
+                "--vocab-size", "300", "--batch-tokens", "400", "--out", str(out), "--max-steps", "3")
+    err = " ".join(r.stderr.decode().split())
+    assert r.returncode == 0 and "recipe (stored)" in err, err
+    assert "its recipe was chosen for another budget (--max-steps 2) and no checkpoint is saved yet" in err
 
 
 def test_a_missing_test_set_fails_before_training(tmp_path):

@@ -317,6 +317,23 @@ def test_a_run_killed_in_a_mid_run_evaluation_evaluates_that_step_when_resumed(t
     assert training["steps"] == 20 and [e["step"] for e in training["evaluations"]] == [10, 20]
 
 
+def test_a_budget_added_to_a_resume_keeps_the_runs_preset(tmp_path, data):
+    """A run of a fixed preset stopped by its epochs, resumed with --max-steps and no --preset (which
+    alone would mean --preset auto, the recipe): it resumes with its preset, model and schedule."""
+    out = tmp_path / "run"
+    args = [a for a in TINY if a not in ("--preset", "tiny")]
+    first = ["--train", str(data["train"]), "--dev", "none", "--out", str(out)]
+    ok(run_nmt("train", *TINY, *first, "--max-epochs", "1"))
+    before = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    steps = json.loads((out / "training.json").read_text(encoding="utf-8"))["steps"]
+    err = ok(run_nmt("train", *args, *first, "--max-steps", str(steps + 2)))
+    assert "a run of --preset tiny, resumed with it" in " ".join(err.split()) and "resuming from" in err
+    after = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert after["train"]["preset"] == "tiny" and after["model"] == before["model"]
+    assert after["train"]["lr"] == before["train"]["lr"] and not (out / "recipe.json").exists()
+    assert json.loads((out / "training.json").read_text(encoding="utf-8"))["steps"] == steps + 2
+
+
 def test_resume_refused_when_a_model_option_changes(run):
     out: Path = run["out"]
     before = (out / "config.json").read_bytes()
@@ -334,10 +351,11 @@ def test_resume_refused_when_a_model_option_changes(run):
 ])
 def test_resume_refused_when_the_tokenizer_the_data_order_or_the_directions_change(run, flags, change):
     out: Path = run["out"]
-    before = (out / "config.json").read_bytes()
+    before, caches = (out / "config.json").read_bytes(), sorted(p.name for p in (out / "cache").iterdir() if p.is_dir())
     msg = error_line(train(*run["args"], "--max-steps", "40", *flags), 1)
     assert msg == f"nmt: error: {out}: cannot resume, {change}; use a new --out"
     assert (out / "config.json").read_bytes() == before, "a refused run must not rewrite the config"
+    assert sorted(p.name for p in (out / "cache").iterdir() if p.is_dir()) == caches, "nor build a cache first"
 
 
 def test_a_resume_takes_the_same_data_at_another_path(run, data, tmp_path):
@@ -364,9 +382,11 @@ def test_resume_refused_when_the_data_changes(run, data):
         for f, text in zip(files, ("una línea más\n", "one more line\n")):
             with open(f, "a", encoding="utf-8") as handle:
                 handle.write(text)
+        caches = sorted(p.name for p in (out / "cache").iterdir() if p.is_dir())
         msg = error_line(train(*run["args"], "--max-steps", "40"), 1)
-        assert "data" in without_paths(msg)
+        assert "cannot resume, training data changed" in without_paths(msg)
         assert str(files[0]) in msg and str(files[1]) in msg
+        assert sorted(p.name for p in (out / "cache").iterdir() if p.is_dir()) == caches, "refused before a cache is built"
     finally:
         for f, b in zip(files, saved):
             f.write_bytes(b)

@@ -7,6 +7,7 @@ cases run the CLI, since signals and pipes are what they test."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -67,6 +68,72 @@ def test_out_directory_new_empty_or_an_interrupted_preparation_is_accepted(tmp_p
     (tmp_path / "cache").mkdir()
     (tmp_path / ".config.json.tmp-999999").write_text("")
     assert check_out_dir(tmp_path, False) is False  # what a run killed while preparing leaves
+
+
+def test_a_tokenizer_left_by_a_preparation_cut_short_is_reused_only_with_its_options(data, tmp_path):
+    """Killed after the tokenizer, before config.json: the next run reuses it with the same options
+    and refuses other ones, naming them; a tokenizer put there by hand (no record) is reused."""
+    train_config, model_config, tok_config = tiny(data["train"])
+    out = tmp_path / "run"
+    first = prepare(train_config, model_config, tok_config, out, build_cache=False).vocabs
+    again = prepare(train_config, model_config, tok_config, out, build_cache=False).vocabs
+    assert again.fingerprint() == first.fingerprint()
+    other = cfg.apply(tok_config, {"vocab_size": 300}, "tok")
+    with pytest.raises(NmtError, match=r"trained with vocab_size 400 \(this run: 300\); use a new --out, or delete"):
+        prepare(train_config, model_config, other, out, build_cache=False)
+    with pytest.raises(NmtError, match=r"trained with seed 1 \(this run: 7\)"):
+        prepare(replace(train_config, seed=7), model_config, tok_config, out, build_cache=False)
+    assert check_out_dir(out, False) is False  # the record is part of what a preparation leaves
+    record = out / train_mod.TOKENIZER_OPTIONS_FILE
+    options = json.loads(record.read_text())
+    record.write_text(json.dumps({k: v for k, v in options.items() if k != "lowercase"}))  # an older record
+    prepare(train_config, model_config, replace(tok_config, lowercase=True), out, build_cache=False)
+    record.write_text(json.dumps({**options, "tokenizer_sha256": "0" * 64}))  # a record of another tokenizer
+    prepare(train_config, model_config, other, out, build_cache=False)
+    record.unlink()  # a tokenizer put there by hand
+    assert prepare(train_config, model_config, other, out, build_cache=False).vocabs.fingerprint() == first.fingerprint()
+    record.write_text(json.dumps(options))
+    (out / "config.json").write_text("{}")  # a run stopped before its first checkpoint (or --force): checked
+    with pytest.raises(NmtError, match=r"trained with vocab_size 400 \(this run: 300\)"):
+        prepare(train_config, model_config, other, out, build_cache=False)
+    step = out / "checkpoints" / "step-00000002"  # with checkpoints, the resume check compares the run's config
+    step.mkdir(parents=True)
+    for name in ("state.pt", checkpoint.WEIGHTS):
+        (step / name).write_bytes(b"")
+    prepare(train_config, model_config, other, out, build_cache=False)
+
+
+def test_checkpoints_without_their_tokenizer_are_refused_not_given_a_new_one(data, tmp_path):
+    train_config, model_config, tok_config = tiny(data["train"])
+    out = tmp_path / "run"
+    prepare(train_config, model_config, tok_config, out, build_cache=False)
+    step = out / "checkpoints" / "step-00000002"
+    step.mkdir(parents=True)
+    for name in ("state.pt", checkpoint.WEIGHTS):
+        (step / name).write_bytes(b"")
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(NmtError, match=r"run: has checkpoints but not the tokenizer they were trained with \(restore "
+                                       r"tokenizer.json or tokenizer.src.json and tokenizer.tgt.json"):
+        prepare(train_config, model_config, tok_config, out, build_cache=False)
+    assert not (out / "tokenizer.json").exists()
+
+
+def test_a_resume_whose_process_count_is_not_recorded_goes_on_with_a_warning(data, prepared, tmp_path, caplog):
+    """A run from before config.json kept `processes`, with no training.json (or one without
+    world_size) to tell: resumed with a warning; one that tells another count is refused."""
+    p, train_config = prepared
+    *_, tok_config = tiny(data["train"], data["dev"])
+    described = train_mod.run_config(p, train_config, tok_config, 1)
+    checkpoint.write_config(tmp_path, {k: v for k, v in described.items() if k != "processes"})
+    for summary in (None, {"steps": 3}):
+        if summary is not None:
+            (tmp_path / "training.json").write_text(json.dumps(summary))
+        caplog.clear()
+        train_mod.check_resumable(tmp_path, described, has_checkpoints=True)
+        assert "cannot tell how many processes trained it: resuming with 1" in caplog.text
+    (tmp_path / "training.json").write_text(json.dumps({"world_size": 2}))
+    with pytest.raises(NmtError, match="it was trained by 2 processes and this command runs 1"):
+        train_mod.check_resumable(tmp_path, described, has_checkpoints=True)
 
 
 def test_out_directory_with_other_files_needs_force(tmp_path, monkeypatch):
@@ -199,6 +266,16 @@ def test_update_freq_larger_than_an_epoch_is_an_error_not_a_hang(prepared, tmp_p
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_the_batches_update_freq_leaves_out_of_each_epoch_are_said(prepared, tmp_path, caplog):
+    p, train_config = prepared
+    n = len(p.cache.plan(512, train_config.seed, 0, 0, 1, 0.0))
+    k = next(k for k in range(2, n + 1) if n % k)  # a group size that does not divide the epoch
+    trainer = trainer_in(prepared, tmp_path / "run", update_freq=k, max_steps=1, eval_every=1000)
+    with caplog.at_level(logging.INFO, logger="nmt.train"):
+        trainer.run()
+    assert f"--update-freq {k}: each epoch's last {n % k} of its {n} batches are left out" in caplog.text
 
 
 # -- 4. signals: SIGHUP like SIGTERM, a closed stderr, exit 128 + N --------------------------------

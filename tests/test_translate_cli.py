@@ -362,6 +362,15 @@ def test_missing_model_dir(tmp_path, one_line):
     assert str(missing) in msg
 
 
+def test_old_mac_line_endings_are_one_error_line_and_no_output(tiny_model_dir, tmp_path):
+    """Three verses with CR-only endings would be one line, translated into one output line."""
+    src = tmp_path / "old.es"
+    src.write_bytes(b"hola\rmundo\radios\r")
+    r = translate(tiny_model_dir, "-i", str(src), "--beam-size", "1")
+    msg = error_line(r, 1)
+    assert "has carriage returns but no line feeds" in msg and r.stdout == b""
+
+
 def test_dir_without_config(tmp_path, one_line):
     (tmp_path / "empty").mkdir()
     msg = error_line(translate(tmp_path / "empty", "-i", str(one_line), "--beam-size", "1"), 1)
@@ -434,6 +443,13 @@ def test_input_is_a_directory(model, tmp_path):
     (["--length-norm", "cubic"], "cubic"),
     (["--beam-size", "two"], "beam"),
     (["--no-such-option"], "no-such-option"),
+    (["--sampling-topk", "-1"], "--sampling-topk must be ≥ 0"),
+    (["--sampling-topp", "1.5"], "--sampling-topp must be in [0, 1]"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--max-length-a", "0", "--max-length-b", "0"], "not both 0"),
+    (["--min-length", "-1"], "--min-length must be ≥ 0"),
+    (["--length-penalty", "nan"], "length_penalty must be float, not NaN"),
+    (["--nbest", "2", "--temperature", "0.8"], "--nbest 2 needs beam search"),
 ])
 def test_usage_errors_exit_2(model, one_line, args, words):
     msg = error_line(translate(model, "-i", str(one_line), *args), 2)
