@@ -3,7 +3,7 @@
     DIR/config.json          format version, model/tokenizer/training configs, data fingerprints,
                              filter report, package versions
     DIR/tokenizer.json       (or tokenizer.src.json + tokenizer.tgt.json)
-    DIR/tokenizer.options.json  what `nmt train` trained the tokenizer with (checked when it is reused)
+    DIR/tokenizer.options.json  what `nmt train` trained the tokenizer with, options and files (checked when reused)
     DIR/model.safetensors    the weights translation uses (best dev BLEU, or the average)
     DIR/training.json        steps, tokens, time, device, dev scores with signatures
     DIR/metrics.jsonl        one JSON object per log/eval event

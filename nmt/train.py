@@ -20,7 +20,7 @@ import time
 from datetime import timedelta
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -93,14 +93,14 @@ def prepare_tokenizer(config: TrainConfig, tok_config: TokenizerConfig, out: Pat
             raise NmtError(f"{out}: holds a tokenizer that is not the one of --init-from {parent.directory} "
                            f"(use a new --out)")
         if parent is None and not trained:  # with checkpoints, check_resumable compares the run's config
-            _check_tokenizer_options(out, asked, vocabs)
+            _check_tokenizer_options(out, asked, vocabs, lambda: _training_data(config, out))
         return vocabs
     if parent is not None:
         log.info("tokenizer: the parent's, from %s", parent.directory)
         vocabs = Vocabs.load(parent.directory)
     else:
         vocabs = train_tokenizer(config, tok_config, tags or [])
-        record = {**asked, "tokenizer_sha256": vocabs.fingerprint()}
+        record = {**asked, "data": _training_data(config, out), "tokenizer_sha256": vocabs.fingerprint()}
         atomic.write_text(out / TOKENIZER_OPTIONS_FILE, json.dumps(record, indent=1) + "\n")
     vocabs.save(out)
     return vocabs
@@ -114,10 +114,22 @@ def _tokenizer_options(config: TrainConfig, tok_config: TokenizerConfig, tags: l
     return {**to_dict(tok_config), "seed": config.seed, "tags": list(tags or [])}
 
 
-def _check_tokenizer_options(out: Path, asked: dict[str, Any], vocabs: Vocabs) -> None:
+def _training_data(config: TrainConfig, out: Path) -> list[str]:
+    """The SHA-256 of each training file, sorted (the fingerprint memo spares a second hashing)."""
+    paths = [p for c in corpora_of(config) for p in (c.src_path, c.tgt_path)]
+    return sorted(fp.sha256 for fp in fingerprints(paths, cache_root(config, out) / MEMO_FILE))
+
+
+def cache_root(config: TrainConfig, out: Path) -> Path:
+    return Path(config.cache_dir) if config.cache_dir else out / "cache"
+
+
+def _check_tokenizer_options(out: Path, asked: dict[str, Any], vocabs: Vocabs,
+                             data: Callable[[], list[str]]) -> None:
     """A tokenizer that `nmt train` trained in `out`, and no checkpoint yet (a preparation or a run cut
-    short, or --force), is reused only with the options it was trained with; one put there by hand
-    (no record, or a record of another tokenizer) is reused as it is."""
+    short, or --force), is reused only with the options and training files (`data`: their SHA-256,
+    sorted) it was trained with; one put there by hand (no record, or a record of another tokenizer)
+    is reused as it is."""
     try:
         saved = json.loads((out / TOKENIZER_OPTIONS_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -132,6 +144,8 @@ def _check_tokenizer_options(out: Path, asked: dict[str, Any], vocabs: Vocabs) -
         return
     differ = [f"{key} {saved[key]!r} (this run: {value!r})" for key, value in asked.items()
               if key in saved and saved[key] != value]  # an option newer than the record: not compared
+    if not differ and "data" in saved and saved["data"] != data():
+        differ = ["other training data"]
     if differ:
         raise NmtError(f"{out}: its tokenizer was trained with {', '.join(differ)}; use a new --out, or delete "
                        f"the tokenizer files there to train it again")
@@ -166,8 +180,8 @@ def prepare(config: TrainConfig, model_config: ModelConfig, tok_config: Tokenize
                                   "tgt_vocab_size": vocabs.tgt.get_vocab_size(),
                                   "joint_vocab": model_config.joint_vocab if parent is not None else vocabs.joint})
     filters = Filters(config.max_length, config.max_ratio, config.dedupe)
-    cache_root = Path(config.cache_dir) if config.cache_dir else out / "cache"
-    cache = mixing.mixture(uses, config.weights, tag_ids, lambda corpora: load_or_build(corpora, vocabs, filters, cache_root)) \
+    cache = mixing.mixture(uses, config.weights, tag_ids,
+                           lambda corpora: load_or_build(corpora, vocabs, filters, cache_root(config, out))) \
         if build_cache else None
     return Prepared(out, vocabs, cache, model_config, devs[0].corpus if devs else None,  # type: ignore[arg-type]
                     run, devs, parent)
@@ -321,7 +335,7 @@ def check_resume_before_the_cache(out: Path, config: TrainConfig, parent: finetu
         if problem:
             raise NmtError(f"{out}: cannot resume, {problem}; use a new --out")
     corpora = mixing.group_corpora(mixing.corpus_uses(config.train, run))
-    memo = (Path(config.cache_dir) if config.cache_dir else out / "cache") / MEMO_FILE
+    memo = cache_root(config, out) / MEMO_FILE
     now = {fp.sha256 for fp in fingerprints([p for c in corpora for p in (c.src_path, c.tgt_path)], memo)}
     gone = [str(d.get("path")) for d in old.get("data") or [] if isinstance(d, dict) and d.get("sha256") not in now]
     if gone:  # a file it trained on is given no more: its record could not match

@@ -103,6 +103,19 @@ def test_a_tokenizer_left_by_a_preparation_cut_short_is_reused_only_with_its_opt
     prepare(train_config, model_config, other, out, build_cache=False)
 
 
+def test_a_tokenizer_left_for_other_training_data_is_not_reused(tmp_path):
+    """A preparation cut short, then the command again with --train corrected: a new tokenizer is
+    needed, and the error says so (the same data at another path is the same data)."""
+    first, other = write_slice(tmp_path / "a", "train", 100), write_slice(tmp_path / "b", "train", 100, start=300)
+    out = tmp_path / "run"
+    prepare(*tiny(first), out, build_cache=False)
+    with pytest.raises(NmtError, match=r"run: its tokenizer was trained with other training data; use a new --out"):
+        prepare(*tiny(other), out, build_cache=False)
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "a", moved)
+    prepare(*tiny(moved / "train"), out, build_cache=False)
+
+
 def test_checkpoints_without_their_tokenizer_are_refused_not_given_a_new_one(data, tmp_path):
     train_config, model_config, tok_config = tiny(data["train"])
     out = tmp_path / "run"
