@@ -238,6 +238,8 @@ def _fits(value: Any, hint: Any) -> bool:
         return isinstance(value, str)
     if origin is list:
         return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
     if origin is tuple:
         return isinstance(value, (list, tuple)) and len(value) == len(args) and all(map(_fits, value, args))
     return True

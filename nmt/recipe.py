@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable
 
-from nmt.config import limit_problem, shape_problem
+from nmt.config import limit_problem, shape_problem, type_problem
 from nmt.errors import NmtError, UsageError
 
 log = logging.getLogger(__name__)
@@ -311,16 +311,20 @@ def describe(recipe: Recipe) -> dict[str, Any]:
 def from_record(record: Any, where: str, fix: str = "use a new --out") -> Recipe:
     """The recipe a record (recipe.json, or config.json's copy) describes; a record of another
     shape is an error naming `where`."""
-    types = {"shape": str, "model": dict, "train": dict, "budget_tokens": (int, float), "epochs": (int, float),
-             "tokens_per_s": dict, "reason": str, "budget": dict}
+    names = [f.name for f in fields(Recipe)]
+    required = [f.name for f in fields(Recipe) if f.default is MISSING and f.default_factory is MISSING]
+    chosen = None
     if not isinstance(record, dict):
         problem = "not a JSON object"
+    elif missing := [k for k in required if k not in record]:
+        problem = f"no {', '.join(missing)}"
+    elif unknown := [k for k in record if k not in names]:
+        problem = f"unexpected {', '.join(unknown)}"
     else:
-        missing = [k for k in ("shape", "model", "train", "budget_tokens", "epochs") if k not in record]
-        wrong = [k for k, v in record.items() if k not in types or not isinstance(v, types[k]) or isinstance(v, bool)]
-        problem = f"no {', '.join(missing)}" if missing else f"unexpected {', '.join(wrong)}" if wrong else None
-    if problem:
+        chosen = Recipe(**record)
+        problem = type_problem(chosen)  # the field types, as a --config file's are checked
+    if problem is not None:
         raise NmtError(f"{where}: not a recipe record of this nmt ({problem}); {fix}")
-    return Recipe(**record)
+    return chosen  # type: ignore[return-value]
 
 

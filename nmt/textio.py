@@ -92,10 +92,16 @@ def decode_line(raw: bytes, name: str, lineno: int) -> str:
     return text.rstrip("\r\n")
 
 
+def _cr_only(data: bytes) -> bool:
+    """Carriage returns inside `data` and no line feed before its end: old Mac line endings."""
+    inside = data.rstrip(b"\r\n")
+    return b"\r" in inside and b"\n" not in inside
+
+
 def _check_line_feeds(first_line: bytes, name: str) -> None:
     """A file whose first line is the whole file (no line feed) yet holds carriage returns inside it
     has old Mac line endings (CR only), which are not line breaks here: an error, not one long line."""
-    if not first_line.endswith(b"\n") and b"\r" in first_line.rstrip(b"\r"):
+    if not first_line.endswith(b"\n") and _cr_only(first_line):
         raise NmtError(f"{name}: has carriage returns but no line feeds (old Mac line endings, CR only), so it "
                        f"would read as one line; convert it first, e.g. tr '\\r' '\\n' < FILE > FILE.unix")
 
@@ -105,10 +111,9 @@ def looks_cr_only(path: str | os.PathLike) -> bool:
     old Mac line endings, for the hint of a line-count error (a side read as one line)."""
     try:
         with open_binary(path) as stream:
-            head = stream.read(1 << 20).rstrip(b"\r\n")
+            return _cr_only(stream.read(1 << 20))
     except (NmtError, *READ_ERRORS):
         return False
-    return b"\r" in head and b"\n" not in head
 
 
 def read_lines(path: str | os.PathLike | None) -> Iterator[str]:

@@ -62,9 +62,9 @@ def run_directions(config: TrainConfig, parent: finetune.Parent | None = None) -
     return Directions(d.pairs, True) if parent is not None and parent.directions.tagged else d
 
 
-def corpora_of(config: TrainConfig) -> list[ParallelCorpus]:
+def corpora_of(config: TrainConfig, parent: finetune.Parent | None = None) -> list[ParallelCorpus]:
     """The distinct training corpora (a corpus serving two directions once: the tokenizer's sample)."""
-    uses = mixing.corpus_uses(config.train, run_directions(config))
+    uses = mixing.corpus_uses(config.train, run_directions(config, parent))
     return mixing.group_corpora(uses)
 
 
@@ -114,9 +114,9 @@ def _tokenizer_options(config: TrainConfig, tok_config: TokenizerConfig, tags: l
     return {**to_dict(tok_config), "seed": config.seed, "tags": list(tags or [])}
 
 
-def _training_data(config: TrainConfig, out: Path) -> list[str]:
+def _training_data(config: TrainConfig, out: Path, parent: finetune.Parent | None = None) -> list[str]:
     """The SHA-256 of each training file, sorted (the fingerprint memo spares a second hashing)."""
-    paths = [p for c in corpora_of(config) for p in (c.src_path, c.tgt_path)]
+    paths = [p for c in corpora_of(config, parent) for p in (c.src_path, c.tgt_path)]
     return sorted(fp.sha256 for fp in fingerprints(paths, cache_root(config, out) / MEMO_FILE))
 
 
@@ -334,9 +334,7 @@ def check_resume_before_the_cache(out: Path, config: TrainConfig, parent: finetu
                     _directions_changed(old, _directions_record(run))):
         if problem:
             raise NmtError(f"{out}: cannot resume, {problem}; use a new --out")
-    corpora = mixing.group_corpora(mixing.corpus_uses(config.train, run))
-    memo = cache_root(config, out) / MEMO_FILE
-    now = {fp.sha256 for fp in fingerprints([p for c in corpora for p in (c.src_path, c.tgt_path)], memo)}
+    now = set(_training_data(config, out, parent))
     gone = [str(d.get("path")) for d in old.get("data") or [] if isinstance(d, dict) and d.get("sha256") not in now]
     if gone:  # a file it trained on is given no more: its record could not match
         raise NmtError(f"{out}: cannot resume, training data changed ({', '.join(gone)}); use a new --out")

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import replace
@@ -181,14 +182,15 @@ def test_options_set_by_hand_are_kept(caplog):
 
 @pytest.mark.parametrize("record, problem", [
     ([], "not a JSON object"), ({"shape": "micro"}, "no model, train, budget_tokens, epochs"),
-    ({"shape": "micro", "model": {}, "train": {}, "budget_tokens": 1.0, "epochs": "2"}, "unexpected epochs"),
+    ({"shape": "micro", "model": {}, "train": {}, "budget_tokens": 1.0, "epochs": "2"}, 'epochs must be float, not "2"'),
+    ({"shape": "micro", "model": [], "train": {}, "budget_tokens": 1.0, "epochs": 2}, "model must be dict[str, Any], not []"),
     ({"shape": "micro", "model": {}, "train": {}, "budget_tokens": 1.0, "epochs": 2, "colour": 1}, "unexpected colour"),
 ])
 def test_a_recipe_record_of_another_shape_is_one_error_naming_the_file(tmp_path, record, problem):
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(record))
     fix = "delete it: a run restores it from its config.json, a preparation chooses again"
-    with pytest.raises(NmtError, match=rf"recipe.json: not a recipe record of this nmt \({problem}\); {fix}$"):
+    with pytest.raises(NmtError, match=rf"recipe.json: not a recipe record of this nmt \({re.escape(problem)}\); {fix}$"):
         train_mod._read_recipe(path)
     path.write_text("{ not json")
     with pytest.raises(NmtError, match=r"recipe.json: cannot be read as a recipe \("):
