@@ -88,6 +88,10 @@ def test_a_tokenizer_left_by_a_preparation_cut_short_is_reused_only_with_its_opt
     options = json.loads(record.read_text())
     record.write_text(json.dumps({k: v for k, v in options.items() if k != "lowercase"}))  # an older record
     prepare(train_config, model_config, replace(tok_config, lowercase=True), out, build_cache=False)
+    for damaged, problem in (("{ not json", "cannot be read"), ("[]", "is not a JSON object")):
+        record.write_text(damaged)
+        with pytest.raises(NmtError, match=rf"tokenizer.options.json: {problem}.*delete it and the tokenizer files"):
+            prepare(train_config, model_config, tok_config, out, build_cache=False)
     record.write_text(json.dumps({**options, "tokenizer_sha256": "0" * 64}))  # a record of another tokenizer
     prepare(train_config, model_config, other, out, build_cache=False)
     record.unlink()  # a tokenizer put there by hand
