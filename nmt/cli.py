@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 import sys
@@ -204,7 +205,7 @@ def train(
     batch_tokens: Annotated[Optional[str], typer.Option(help="Padded target tokens per batch, or 'auto': the largest that fits in GPU memory.")] = None,
     update_freq: Annotated[Optional[int], typer.Option(help="Batches accumulated per optimizer step.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
-    lr_schedule: Annotated[Optional[str], typer.Option(help="inverse-sqrt, or cosine or linear (to 0 at the end of --max-steps/--max-time).")] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option(help="inverse-sqrt, or cosine or linear (to 0 at the end of --max-steps/--max-time/--max-epochs, whichever comes first).")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option("--warmup", help="Warm-up steps.")] = None,
     label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing ε.")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Dropout rate.")] = None,
@@ -262,9 +263,13 @@ def train(
     if out is None:
         out = Path("runs") / ("bible-es-en" if train is None and not pair_list and init_from is None else
                               "+".join(pair_list) if pair_list else f"{train_config.src}-{train_config.tgt}")
-    if not preset_given and preset == "auto" and (resumed := _resumed_preset(out)) is not None:
-        log.info("%s: a run of --preset %s, resumed with it (the recipe, --preset auto, needs a new --out)", out,
-                 resumed)
+    if not preset_given and init_from is None and (resumed := _resumed_preset(out)) not in (None, preset):
+        if resumed == "auto":  # no budget given: the default would be small, another model
+            raise UsageError(f"{out} was trained with the recipe chosen for its budget (--preset auto): give "
+                             f"--max-time or --max-steps to resume it (its budget continues it, a larger one "
+                             f"extends it)")
+        log.info("%s: a run of --preset %s, resumed with it%s", out, resumed,
+                 " (the recipe, --preset auto, needs a new --out)" if preset == "auto" else "")
         preset = resumed
         model_config, tok_config, train_config = layered(preset)
     train_config = _first_pair(train_config, pair_list)
@@ -310,9 +315,9 @@ def train(
 
 
 def _resumed_preset(out: Path) -> str | None:
-    """The fixed preset (tiny, small, base, big) recorded by the run in `out` that has checkpoints to
-    resume from, else None: a budget added to a resume (which makes the default --preset auto) keeps
-    the run's preset."""
+    """The preset (tiny, small, base, big, or auto for the recipe) recorded by the run in `out` that
+    has checkpoints to resume from, else None: a resume with no --preset keeps the run's, whether a
+    budget was added (which alone makes the default --preset auto) or left out (the default small)."""
     from nmt import checkpoint
     from nmt.config import PRESETS
 
@@ -322,7 +327,7 @@ def _resumed_preset(out: Path) -> str | None:
         preset = checkpoint.config_section(checkpoint.read_config(out), "train").get("preset")
     except NmtError:
         return None  # not a run's config: the run itself says so
-    return preset if isinstance(preset, str) and preset in PRESETS else None
+    return preset if isinstance(preset, str) and (preset in PRESETS or preset == "auto") else None
 
 
 def _survive_closed_stderr() -> None:
@@ -357,9 +362,13 @@ def _check_train_values(c) -> None:
     for name in ("patience", "average_last"):
         if getattr(c, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be ≥ 0, 0 for off (got {getattr(c, name)})")
-    if c.lr_schedule in ("cosine", "linear") and not (c.max_steps or c.max_time):
+    if c.lr_schedule in ("cosine", "linear") and not (c.max_steps or c.max_time or c.max_epochs):
         raise UsageError(f"--lr-schedule {c.lr_schedule} decays to 0 at the end of the budget: "
-                         f"give --max-steps or --max-time")
+                         f"give --max-steps, --max-time or --max-epochs")
+    if not (isinstance(c.lr, (int, float)) and math.isfinite(c.lr) and c.lr > 0):
+        raise UsageError(f"--lr must be a finite number > 0 (got {c.lr})")
+    if c.warmup_steps < 0:
+        raise UsageError(f"--warmup must be ≥ 0 (got {c.warmup_steps})")
     if not 0 <= c.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1) (got {c.label_smoothing})")
     _choice(c.device if not c.device.startswith("cuda:") else "cuda", "--device", ("auto", "cpu", "cuda"))
@@ -535,6 +544,9 @@ def score(
     cfg.check_decode(decode)
     if src == "-" and tgt == "-":
         raise UsageError("--src and --tgt cannot both be stdin")
+    if "-" in (src, tgt) and sys.stdin is not None and sys.stdin.isatty():  # as `nmt evaluate`: refuse, don't wait
+        side = "--src" if src == "-" else "--tgt"
+        raise UsageError(f"{side} -: stdin is a terminal: pipe the text in or give {side} FILE")
     _check_inputs(src, tgt)  # a missing file fails before the model loads or an output is truncated
     translator = api.load(model, device=device, dtype=dtype, threads=threads).translator(tgt_lang, **dataclasses.asdict(decode))
     names = (display_name(src), display_name(tgt))

@@ -202,17 +202,31 @@ class CTranslate2:
             raise NmtError(f"{ct2_dir}: not an nmt CTranslate2 export (cannot read {EXPORT_META}: {e})") from None
         if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
             raise NmtError(f"{ct2_dir / EXPORT_META}: format is not {EXPORT_FORMAT!r}")
+        max_positions = meta.get("max_positions")
+        if not (isinstance(max_positions, int) and not isinstance(max_positions, bool) and max_positions >= 2):
+            raise NmtError(f"{ct2_dir / EXPORT_META}: max_positions is {str(max_positions)[:40]!r}, not a whole number "
+                           f"≥ 2 (export the model again)")
+        vocabs = Vocabs.load(ct2_dir)
+        if meta.get("vocab_fingerprint") != vocabs.fingerprint():  # ids would name other pieces: garbage or a crash
+            raise NmtError(f"{ct2_dir}: its tokenizer is not the one the model was exported with "
+                           f"({EXPORT_META} names another; export the model again)")
         try:
             translator = ct2.Translator(str(ct2_dir), device=device, compute_type=compute_type,
                                         inter_threads=1, intra_threads=threads or torch.get_num_threads())
         except (RuntimeError, ValueError) as e:
             raise NmtError(f"{ct2_dir}: CTranslate2 cannot load it ({str(e).splitlines()[0][:200]})") from None
+        # sampling: CTranslate2 seeds each thread's generator at its first use from this seed (by
+        # default from std::random_device), so a run is reproducible as with nmt's own engine
+        ct2.set_random_seed(config.seed)
         src = meta.get("src")  # written by exports since --split-sentences; older ones: None
-        return CTranslate2(translator, Vocabs.load(ct2_dir), int(meta["max_positions"]), config, exact_caps,
-                           src if isinstance(src, str) else None)
+        return CTranslate2(translator, vocabs, max_positions, config, exact_caps, src if isinstance(src, str) else None)
 
     def with_config(self, config: DecodeConfig) -> "CTranslate2":
-        """The same loaded translator under other decoding options (nothing is reloaded)."""
+        """The same loaded translator under other decoding options (nothing is reloaded; the
+        sampling seed is set again, for the threads that have not sampled yet)."""
+        from nmt.export import ctranslate2_module
+
+        ctranslate2_module().set_random_seed(config.seed)
         return CTranslate2(self.translator, self.vocabs, self.max_positions, config, self.exact_caps,
                            self.src_language)
 

@@ -407,15 +407,6 @@ def _print_single_text(system: dict, width: int) -> None:
         print(f"{label} = {value}")
 
 
-def _stdout_console():
-    from rich.console import Console
-
-    console = Console(file=sys.stdout, highlight=False)
-    if not console.is_terminal:  # a file or pipe: don't squeeze the table into 80 columns
-        console = Console(file=sys.stdout, highlight=False, width=200)
-    return console
-
-
 def _print_table_text(doc: dict, width: int) -> None:
     """Systems × metrics table with the paired test, a diagnostics table, then signatures."""
     from rich.markup import escape
@@ -430,7 +421,9 @@ def _print_table_text(doc: dict, width: int) -> None:
     for i, system in enumerate(doc["systems"]):
         cells = [_paired_cell(system["paired"][key], width) for key in first["scores"]]
         table.add_row(escape(system["name"]) + (" (baseline)" if i == 0 else ""), *cells)
-    console = _stdout_console()
+    from nmt.progress import stdout_console
+
+    console = stdout_console()
     console.print(table)
     console.print(_diagnostics_table(doc))
     kind = "bootstrap resampling" if test["test"] == "bs" else "approximate randomisation"

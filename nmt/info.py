@@ -15,10 +15,20 @@ from typing import Any
 from nmt import checkpoint
 from nmt.directions import of_model
 from nmt.errors import NmtError
-from nmt.textio import display_name
+from nmt.textio import display_name, read_small_file
 
 
 def describe(directory: Path) -> dict[str, Any]:
+    from nmt.export import EXPORT_META
+
+    export = Path(directory) / EXPORT_META
+    if export.is_file():  # CTranslate2's own config.json is not ours: say what the directory is
+        try:
+            source = json.loads(read_small_file(export, checkpoint.CONFIG_LIMIT, "an export record")).get("source_model")
+        except (NmtError, ValueError, AttributeError):
+            source = None
+        raise NmtError(f"{display_name(directory)} is a CTranslate2 export (`nmt export`): run `nmt info` on the model "
+                       f"it was exported from{f' ({source})' if isinstance(source, str) else ''}")
     config = checkpoint.read_config(directory)
     run = of_model(config, str(Path(directory) / "config.json"))
     facts: dict[str, Any] = {"directory": display_name(directory), "format_version": config["version"],
@@ -32,8 +42,8 @@ def describe(directory: Path) -> dict[str, Any]:
     for name in ("training", "averaging"):
         path = Path(directory) / f"{name}.json"
         if path.exists():
-            try:
-                facts[name] = json.loads(path.read_text(encoding="utf-8"))
+            try:  # untrusted like config.json: a FIFO or a link to /dev/zero must not hang or fill memory
+                facts[name] = json.loads(read_small_file(path, checkpoint.CONFIG_LIMIT, f"{name}.json"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise NmtError(f"{path}: not valid JSON ({e})") from None
     return facts
@@ -54,7 +64,8 @@ def _lineage(parent: Any) -> list[str]:
     while isinstance(parent, dict) and len(lines) < 16:
         bleu = parent.get("best_dev_bleu")
         lines.append(f"{parent.get('directory')} (weights sha256 {str(parent.get('weights_sha256'))[:16]}…"
-                     + (f", best dev BLEU {bleu:.2f} at step {parent.get('best_step')}" if isinstance(bleu, (int, float)) else "")
+                     + (f", best dev BLEU {bleu:.2f} at step {parent.get('best_step')}"
+                        if isinstance(bleu, (int, float)) and bleu >= 0 else "")  # -1: trained without a dev set
                      + ")")
         parent = parent.get("parent")
     return lines
@@ -71,11 +82,13 @@ def render(facts: dict[str, Any]) -> None:
 
 
 def _render(facts: dict[str, Any]) -> None:
-    from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    from nmt.progress import stdout_console
+
     m, t = facts["model"], facts.get("training", {})
-    table = Table(title=f"nmt model {facts['directory']}", show_header=False)
+    table = Table(title=escape(f"nmt model {facts['directory']}"), show_header=False)
     rows = [
         ("languages", facts["languages"] + (f" ({len(facts['directions'])} directions in one model; translate "
                                             f"with --tgt-lang {'/'.join(sorted({d.split('-')[1] for d in facts['directions']}))})"
@@ -102,7 +115,8 @@ def _render(facts: dict[str, Any]) -> None:
         rows += [("training", f"{t['steps']:,} steps, {t['target_tokens']:,} target tokens, {t['seconds'] / 60:.1f} min, "
                               f"{t['target_tokens_per_s']:,.0f} target tokens/s"),
                  ("device", f"{t['device']} × {t['world_size']}"),
-                 ("best dev BLEU", f"{t['best_dev_bleu']:.2f} at step {t['best_step']:,}")]
+                 ("best dev BLEU", f"{t['best_dev_bleu']:.2f} at step {t['best_step']:,}" if t["best_dev_bleu"] >= 0
+                  else "none (trained without a dev set)")]
         if t.get("evaluations"):
             rows.append(("signature", t["evaluations"][-1]["signature"]))
     if "averaging" in facts:
@@ -110,6 +124,6 @@ def _render(facts: dict[str, Any]) -> None:
         rows.append(("averaging", f"{len(a['checkpoints'])} checkpoints: dev BLEU {a['scores']['averaged']['dev_bleu']:.2f} "
                                   f"vs {a['scores']['current']['dev_bleu']:.2f}, kept {a['kept']}"))
     rows.append(("versions", ", ".join(f"{k} {v}" for k, v in (facts.get("versions") or {}).items())))
-    for key, value in rows:
-        table.add_row(key, value)
-    Console().print(table)
+    for key, value in rows:  # paths and signatures are text, not rich markup ("[v2]" is not a style)
+        table.add_row(key, escape(value))
+    stdout_console().print(table)

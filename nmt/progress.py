@@ -1,4 +1,5 @@
-"""Progress and log output on stderr: a rich console, and a live bar only when stderr is a terminal.
+"""Progress and log output on stderr: a rich console, and a live bar only when stderr is a terminal
+(and the one console for tables that are data, on stdout).
 
 Library modules report progress through `Progress`-like objects made here, so training and
 caching show a bar with loss, tokens/s and ETA on a terminal and plain lines in a log file.
@@ -18,6 +19,17 @@ log = logging.getLogger(__name__)
 @functools.cache
 def stderr_console() -> Console:
     return Console(stderr=True)
+
+
+def stdout_console() -> Console:
+    """For tables that are data (`nmt evaluate`, `nmt info`): on stdout, without highlighting, and
+    not squeezed into 80 columns when stdout is a file or a pipe."""
+    import sys
+
+    console = Console(file=sys.stdout, highlight=False)
+    if not console.is_terminal:
+        console = Console(file=sys.stdout, highlight=False, width=200)
+    return console
 
 
 class StepProgress:

@@ -23,6 +23,7 @@ and R ranks are taken to train R times as fast.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable
@@ -132,6 +133,7 @@ def steps_needed(shape: Shape) -> int:
 
 
 EVAL_SHARE = 0.05  # at most this share of the budget goes to dev evaluations
+CHECKPOINT_SECONDS = 3600  # a long budget evaluates (and saves) about this often, within EVAL_SHARE
 REAL_SHARE = 0.85  # real target tokens per padded batch token: 0.83-0.86 measured on the embedded corpus
 
 
@@ -191,15 +193,26 @@ def _next_larger(name: str, shapes: tuple[Shape, ...] = SHAPES) -> Shape | None:
 
 
 def worth_measuring_next(name: str, rate: float, max_time: float | None, batch_tokens: int,
-                         shapes: tuple[Shape, ...] = SHAPES, update_freq: int = 1) -> bool:
+                         shapes: tuple[Shape, ...] = SHAPES, update_freq: int = 1,
+                         step_cap: float | None = None) -> bool:
     """After timing `name` at `rate` tokens/s (one process): could the next, larger shape get the
     steps it needs? A larger shape is never faster, so if this one cannot, neither can it. (Ranks
-    cancel out: R of them see R times the tokens in R times the batches per step.)"""
+    cancel out: R of them see R times the tokens in R times the batches per step.) `step_cap`: the
+    steps --max-steps or --max-epochs allow whatever the speed (`step_cap_of`)."""
     larger = _next_larger(name, shapes)
-    if larger is None:
+    if larger is None or (step_cap is not None and step_cap < steps_needed(larger)):
         return False
     return max_time is None or \
         rate * max_time * (1 - EVAL_SHARE) >= steps_needed(larger) * REAL_SHARE * batch_tokens * update_freq
+
+
+def step_cap_of(max_steps: int | None, max_epochs: int | None, corpus_tokens: int, batch_tokens: int,
+                update_freq: int = 1, ranks: int = 1) -> float | None:
+    """The optimizer steps that --max-steps and --max-epochs allow (the smaller), None without either."""
+    caps = [float(max_steps)] if max_steps else []
+    if max_epochs:
+        caps.append(max_epochs * corpus_tokens / (REAL_SHARE * batch_tokens * update_freq * ranks))
+    return min(caps, default=None)
 
 
 def measure(shapes: tuple[Shape, ...], step: Callable[[Shape], Callable[[int], int]], seconds: float = 2.0,
@@ -212,21 +225,36 @@ def measure(shapes: tuple[Shape, ...], step: Callable[[Shape], Callable[[int], i
     measured with bf16 on an AMX Xeon, compact read 5,051 target tokens/s on new batches and 5,952
     on the same ones again, small (same width, timed after it) 4,459 and 4,508, and the 30-minute
     runs trained at 5,459 and 4,055. Stops early when `keep_going(name, rate)` says the larger
-    shapes cannot be chosen anyway."""
+    shapes cannot be chosen anyway, or when a shape's step raises `DoesNotFit` (out of memory: the
+    larger ones would too); the smallest not fitting is a one-line error."""
     rates: dict[str, float] = {}
     for shape in shapes:
-        run = step(shape)
-        n, t0 = 0, time.perf_counter()
-        while n < 2 or time.perf_counter() - t0 < seconds:
-            run(n)
-            n += 1
-        t0 = time.perf_counter()
-        tokens = sum(run(i) for i in range(n))
-        rates[shape.name] = tokens / (time.perf_counter() - t0)
+        try:
+            rates[shape.name] = _rate(step(shape), seconds)  # the shape's model is freed before the next is built
+        except DoesNotFit:
+            if not rates:
+                raise NmtError(f"the recipe's smallest model ({shape.name}) runs out of memory at this batch size: "
+                               f"lower --batch-tokens") from None
+            log.info("recipe: %s runs out of memory here; larger shapes are not timed", shape.name)
+            break
         log.info("recipe: %s trains at %s target tokens/s here", shape.name, f"{rates[shape.name]:,.0f}")
         if not keep_going(shape.name, rates[shape.name]):
             break
     return rates
+
+
+class DoesNotFit(Exception):
+    """Raised by a `measure` step function whose shape runs out of memory."""
+
+
+def _rate(run: Callable[[int], int], seconds: float) -> float:
+    n, t0 = 0, time.perf_counter()
+    while n < 2 or time.perf_counter() - t0 < seconds:
+        run(n)
+        n += 1
+    t0 = time.perf_counter()
+    tokens = sum(run(i) for i in range(n))
+    return tokens / (time.perf_counter() - t0)
 
 
 def choose(rates: dict[str, float], corpus_tokens: int, max_time: float | None, max_steps: int | None,
@@ -285,10 +313,16 @@ def choose(rates: dict[str, float], corpus_tokens: int, max_time: float | None, 
 
 def _evaluations(max_time: float | None, eval_seconds: float) -> int:
     """How many dev evaluations the budget affords within EVAL_SHARE (2 to 20; the last one comes
-    when the budget is spent, so at least one falls inside it: it also saves a checkpoint)."""
-    if not max_time or eval_seconds <= 0:
+    when the budget is spent, so at least one falls inside it: it also saves a checkpoint). A long
+    budget gets one about every CHECKPOINT_SECONDS, as long as they still fit in the share: each
+    saves a checkpoint, and a run killed without one (SIGKILL, a power cut) loses what came after
+    the last."""
+    if not max_time:
         return 10
-    return int(min(20, max(2, EVAL_SHARE * max_time / eval_seconds)))
+    hourly = math.ceil(max_time / CHECKPOINT_SECONDS)
+    if eval_seconds <= 0:
+        return max(10, hourly)
+    return int(min(max(20, hourly), max(2, EVAL_SHARE * max_time / eval_seconds)))
 
 
 def _why(shape: Shape, candidates: list[Shape], tokens_of, per_step: float, shapes: tuple[Shape, ...]) -> str:

@@ -398,6 +398,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = Transformer(p.model_config).to(runtime.device)
         self.optimizer = _optimizer(self.model, config, runtime)
+        if dist.rank > 0:  # the same weights (DDP copies rank 0's), each rank its own dropout masks
+            torch.manual_seed(config.seed + dist.rank)
         self.progress = Progress()
         self.stop_reason: str | None = None
         self.train_model = self.model
@@ -422,27 +424,54 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         progress = latest / PROGRESS_FILE
         self.progress = Progress(**json.loads(progress.read_text() if progress.exists() else state["progress"]))
-        torch.set_rng_state(state["rng_cpu"])
+        rank = self.dist.rank  # each rank's own stream (checkpoints before they were kept: rank 0's for all)
+        ranks_cpu, ranks_cuda = state.get("rng_cpu_ranks") or [], state.get("rng_cuda_ranks") or []
+        torch.set_rng_state(ranks_cpu[rank] if rank < len(ranks_cpu) else state["rng_cpu"])
         if self.runtime.device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], self.runtime.device)
+            torch.cuda.set_rng_state(ranks_cuda[rank] if rank < len(ranks_cuda) else state["rng_cuda"],
+                                     self.runtime.device)
+        self._beat_the_average()
         log.info("resuming from %s (step %d, epoch %d, batch %d)", latest.name, self.progress.step,
                  self.progress.epoch, self.progress.batch_in_epoch)
         return True
 
+    def _beat_the_average(self) -> None:
+        """An averaged model kept at the end of the run resumed here (`nmt.average`) scored above the
+        best checkpoint: it is the model to beat, or an extended run's next evaluation that beats
+        only the best checkpoint would replace a better model.safetensors."""
+        from nmt.textio import read_small_file
+
+        path = self.p.out / "averaging.json"
+        try:
+            record = json.loads(read_small_file(path, checkpoint.CONFIG_LIMIT, "averaging.json"))
+            averaged = float(record["scores"]["averaged"]["dev_bleu"]) if record["kept"] == "averaged" else None
+        except (OSError, NmtError, ValueError, TypeError, KeyError):
+            return  # none, or not one nmt wrote: the checkpoints' own best stands
+        if averaged is not None and averaged > self.progress.best_bleu:
+            log.info("the averaged model kept at the end of the last run (dev BLEU %.2f) is the one to beat", averaged)
+            self.progress.best_bleu = averaged
+
     def save(self) -> Path | None:
+        cpu = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state(self.runtime.device) if self.runtime.device.type == "cuda" else None
+        ranks = self.dist.gather((cpu, cuda)) if self.dist.world_size > 1 else []  # every rank's stream: an exact resume
         if not self.dist.is_writer:
             return None
         state = {"optimizer": self.optimizer.state_dict(), "progress": json.dumps(asdict(self.progress)),
-                 "rng_cpu": torch.get_rng_state()}
-        if self.runtime.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.runtime.device)
+                 "rng_cpu": cpu}
+        if cuda is not None:
+            state["rng_cuda"] = cuda
+        if ranks:
+            state["rng_cpu_ranks"] = [r[0] for r in ranks]
+            if cuda is not None:
+                state["rng_cuda_ranks"] = [r[1] for r in ranks]
         return checkpoint.save_checkpoint(self.p.out, self.progress.step, self.model, state, self.config.keep_last)
 
     # loop ------------------------------------------------------------------------------------
 
     def run(self) -> Progress:
         c = self.config
-        start = time.monotonic() - self.progress.seconds
+        start = self._start = time.monotonic() - self.progress.seconds
         total = c.max_steps if c.max_steps else (c.max_time or None)
         self._check_budget()  # a finished run re-run with the same budget trains no further
         if self._last_evaluation_missing() and (self.stop_reason or self.progress.step % c.eval_every == 0):
@@ -464,6 +493,7 @@ class Trainer:
                              "epoch, as the order is drawn anew)", c.update_freq, left_out, len(batches),
                              " on each rank" if self.dist.world_size > 1 else "")
                     self._left_out_said = True
+                self._epoch_batches = len(batches)  # the epoch share of the budget (`budget_used`)
                 trim_heap()  # the plan's temporaries: memory stays flat as the corpus grows
                 self.p.cache.drop_pages()  # and so do the pages of the lengths it read
                 self._epoch(batches, start, bar)
@@ -524,7 +554,8 @@ class Trainer:
             pr.batch_in_epoch = 0
             if done := self._epochs_done():
                 self.stop_reason = done
-                self.evaluate_and_save()
+                if self._saved_step != pr.step:  # not when the epoch's last step was just evaluated
+                    self.evaluate_and_save()
 
     def _no_batches(self, budget: int) -> None:
         """Why an epoch holds no batch for this process: none fits the budget, or there are fewer
@@ -572,18 +603,23 @@ class Trainer:
 
     def learning_rate(self, step: int) -> float:
         c = self.config
-        if c.lr_schedule == "cosine" and (c.max_steps or c.max_time):
+        budgeted = c.max_steps or c.max_time or c.max_epochs
+        if c.lr_schedule == "cosine" and budgeted:
             return cosine_lr(step, c.lr, c.warmup_steps, self.budget_used(step))
-        if c.lr_schedule == "linear" and (c.max_steps or c.max_time):
+        if c.lr_schedule == "linear" and budgeted:
             return linear_lr(step, c.lr, c.warmup_steps, self.budget_used(step))
         return inverse_sqrt_lr(step, c.lr, c.warmup_steps)
 
     def budget_used(self, step: int) -> float:
-        """The larger share of the step or time budget spent (time makes the schedule wall-clock based)."""
-        c = self.config
-        shares = [step / c.max_steps] if c.max_steps else []
+        """The share of the budget spent before optimizer step `step`: the largest of the step, time
+        and epoch shares (whichever ends the run first; time makes the schedule wall-clock based).
+        Step 1 starts at 0 and the last step of `--max-steps N` at (N-1)/N, so it still learns."""
+        c, pr = self.config, self.progress
+        shares = [(step - 1) / c.max_steps] if c.max_steps else []
         if c.max_time:
-            shares.append(self.progress.seconds / c.max_time)
+            shares.append(pr.seconds / c.max_time)
+        if c.max_epochs and self._epoch_batches:
+            shares.append((pr.epoch + pr.batch_in_epoch / self._epoch_batches) / c.max_epochs)
         return max(shares, default=0.0)
 
     def _accumulate(self, group: list[np.ndarray], n_tokens: int) -> float:
@@ -607,6 +643,8 @@ class Trainer:
 
     def _check_budget(self) -> None:
         c, pr = self.config, self.progress
+        # one clock for all ranks (the slowest's): the time budget's learning rate and stop agree
+        pr.seconds = self.dist.max_float(pr.seconds)
         reason = None
         if c.max_steps and pr.step >= c.max_steps:
             reason = f"{c.max_steps} steps done"
@@ -632,6 +670,9 @@ class Trainer:
     _signal: str | None = None
     _signum: int = 0
     _left_out_said = False  # the batches --update-freq leaves out of each epoch, logged once
+    _epoch_batches = 0  # batches in the current epoch (its share of a --max-epochs budget)
+    _saved_step = -1  # the step evaluate_and_save last saved
+    _start = 0.0  # time.monotonic() when the run would have started, had it never stopped
 
     # evaluation ------------------------------------------------------------------------------
 
@@ -641,10 +682,12 @@ class Trainer:
         pr = self.progress
         if self.dist.is_writer and self.p.dev is None:  # no dev set: the newest model is the one to use
             checkpoint.save_weights(self.model, self.p.out / checkpoint.WEIGHTS)
+        self._saved_step = pr.step
         saved = self.save()
         if self.dist.is_writer and self.p.dev is not None and not self._signal:
             self._evaluate()
             if saved is not None:
+                pr.seconds = time.monotonic() - self._start  # a resume counts the evaluation, as this run does
                 atomic.write_text(saved / PROGRESS_FILE, json.dumps(asdict(pr)))
         self.dist.share_stop(self)
         self.dist.barrier()
@@ -661,8 +704,10 @@ class Trainer:
         if self.dist.is_writer:
             log.info("step %d was saved but not evaluated: evaluating it now", self.progress.step)
             self._evaluate()
+            self.progress.seconds = time.monotonic() - self._start
             latest = checkpoint.list_checkpoints(self.p.out)[-1]
             atomic.write_text(latest / PROGRESS_FILE, json.dumps(asdict(self.progress)))
+        self.dist.share_stop(self)  # its patience may end the run: on every rank, or the others wait in a step
         self.dist.barrier()
 
     def _evaluate(self) -> None:
@@ -795,6 +840,23 @@ class Distributed:
         import torch.distributed as dist
 
         return self._all_reduce(value, dist.ReduceOp.SUM if self.world_size > 1 else None)
+
+    def max_float(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        return self._all_reduce(value, dist.ReduceOp.MAX)
+
+    def gather(self, value: Any) -> list[Any]:
+        """`value` of every rank, in rank order, on every rank (any picklable object)."""
+        if self.world_size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
 
     def any_flag(self, flag: bool) -> bool:
         import torch.distributed as dist
@@ -935,17 +997,19 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, exist
     batch_tokens = int(config.batch_tokens) if "train.batch_tokens" in config.fixed and config.batch_tokens != "auto" \
         else recipe.batch_tokens_for(runtime.device.type)
     corpus_tokens = int(p.cache.tgt_len.sum()) + len(p.cache.tgt_len)  # EOS included
-    cap = config.eval_max_sentences  # 0: the whole dev set
-    dev_pairs = sum(min(n, cap) if cap else n for n in (d.corpus.check_line_counts() for d in p.devs))  # each direction's
+    most = config.eval_max_sentences  # 0: the whole dev set
+    dev_pairs = sum(min(n, most) if most else n for n in (d.corpus.check_line_counts() for d in p.devs))  # each direction's
     mean_tgt = corpus_tokens / max(len(p.cache.tgt_len), 1)
     # shape options set by hand narrow the candidates, so the rest of the recipe fits the shape that trains
     shapes = recipe.candidates(by_hand)
     rates, eval_seconds = {}, 0.0
     if config.max_time:  # a step budget needs no speed: it fixes the tokens seen
+        cap = recipe.step_cap_of(config.max_steps, config.max_epochs, corpus_tokens, batch_tokens, config.update_freq,
+                                 ranks)  # shapes needing more steps than that are not timed
         rates = recipe.measure(shapes, _shape_trial(p, config, runtime, batch_tokens),
                                keep_going=lambda name, rate: recipe.worth_measuring_next(name, rate, config.max_time,
                                                                                          batch_tokens, shapes,
-                                                                                         config.update_freq))
+                                                                                         config.update_freq, cap))
         # a dev evaluation decodes every dev target (about as fast per token as training) and scores its loss
         eval_seconds = 1.4 * dev_pairs * mean_tgt / max(min(rates.values()), 1.0)
     chosen = replace(recipe.choose(rates, corpus_tokens, config.max_time, config.max_steps, batch_tokens, eval_seconds,
@@ -986,17 +1050,29 @@ def _shape_trial(p: Prepared, config: TrainConfig, runtime: Runtime, batch_token
     step on real batch i of the cache (the same batches for every shape)."""
     batches = plan_epoch(p.cache.src_len, p.cache.tgt_len, batch_tokens, config.seed, 0)
 
+    def out_of_memory() -> recipe.DoesNotFit:
+        if runtime.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return recipe.DoesNotFit()
+
     def build(shape: recipe.Shape):
-        model = Transformer(replace(p.model_config, **shape.model_fields())).to(runtime.device)
-        optimizer = _optimizer(model, config, runtime)
+        try:
+            model = Transformer(replace(p.model_config, **shape.model_fields())).to(runtime.device)
+            optimizer = _optimizer(model, config, runtime)
+        except torch.OutOfMemoryError:
+            raise out_of_memory() from None
 
         def step(i: int) -> int:
             batch = collate(p.cache, batches[i % len(batches)]).to(runtime.device)
-            with runtime.autocast(), runtime.kernels():
-                keep = batch.tgt_out != PAD_ID
-                loss = model(batch.src, batch.tgt_in, keep, batch.tgt_out[keep], config.label_smoothing)
-            loss.backward()
-            optimizer.step()
+            try:
+                with runtime.autocast(), runtime.kernels():
+                    keep = batch.tgt_out != PAD_ID
+                    loss = model(batch.src, batch.tgt_in, keep, batch.tgt_out[keep], config.label_smoothing)
+                loss.backward()
+                optimizer.step()
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                raise out_of_memory() from None
             optimizer.zero_grad(set_to_none=True)
             if runtime.device.type == "cuda":
                 torch.cuda.synchronize(runtime.device)

@@ -300,9 +300,10 @@ class Translator:
         results = [Score(s, t) for s, t in pairs]
         todo = []
         for i, (s, t) in enumerate(pairs):
-            if bool(s.strip()) != bool(t.strip()):
-                empty, other = (0, 1) if not s.strip() else (1, 0)
-                raise NmtError(f"{names[empty]}: line {first_line + i} is empty but its pair in {names[other]} is not")
+            # an empty target of a source is a translation the search can end with (EOS first): scored as
+            # EOS alone; an empty source translates to an empty line, never to a target
+            if not s.strip() and t.strip():
+                raise NmtError(f"{names[0]}: line {first_line + i} is empty but its pair in {names[1]} is not")
             results[i].empty_input = not s.strip()
             if s.strip():
                 todo.append(i)

@@ -73,12 +73,23 @@ def test_score_records_and_empty_pairs(model):
     first = records[0]
     assert first.logprob == pytest.approx(sum(first.token_logprobs)) and first.score > first.logprob
     assert model.score(["Y fue la luz.", ""], ["And there was light.", ""]) == [first.score, None]
-    with pytest.raises(NmtError, match="^targets: line 2 is empty but its pair in sources is not$"):
-        model.score(["a", "b"], ["a", " "])
+    with pytest.raises(NmtError, match="^sources: line 2 is empty but its pair in targets is not$"):
+        model.score(["a", " "], ["a", "b"])
     with pytest.raises(NmtError, match="^line counts differ: targets has 1 lines, sources has more$"):
         model.score(["a", "b"], ["a"])
     with pytest.raises(NmtError, match="^line counts differ: sources has 1 lines, targets has more$"):
         model.score(["a"], ["a", "b"])
+
+
+def test_an_empty_target_of_a_source_is_scored_as_eos_alone_as_the_search_scores_it(model):
+    """The search can end with EOS first (here forced: a length cap of 1 leaves room for EOS alone),
+    printing an empty line: `nmt score` gives that hypothesis's log-probability back."""
+    [found] = model.translations(["Y fue la luz."], beam_size=1, max_length_a=0.0, max_length_b=1, guard=False)
+    [hyp] = found.hypotheses
+    assert hyp.tokens == [] and hyp.logprob < 0
+    [scored] = model.scores(["Y fue la luz."], [""], normalize=False)
+    assert not scored.empty_input and len(scored.token_logprobs) == 1
+    assert scored.logprob == pytest.approx(hyp.logprob, abs=1e-4)
 
 
 def test_unknown_or_impossible_options_are_usage_errors_naming_them(model):
@@ -144,7 +155,7 @@ def test_nmt_score_text_and_errors(model, tiny_model_dir, tmp_path, monkeypatch,
     src.write_text("Y fue la luz.\n\nY dijo Dios.\n", encoding="utf-8")
     tgt.write_text("And there was light.\n\nAnd God said.\n", encoding="utf-8")
     short.write_text("And there was light.\n\n", encoding="utf-8")
-    gap.write_text("And there was light.\n\n\n", encoding="utf-8")
+    gap.write_text("Y fue la luz.\n\n\n", encoding="utf-8")  # a source line 3 empty, its target not
     m = ["-m", str(tiny_model_dir), "--dtype", "float32", "--threads", "1"]
     code, out, _ = _cli(monkeypatch, capsys, "score", *m, "--src", str(src), "--tgt", str(tgt), "--no-normalize")
     expected = model.score(["Y fue la luz.", "", "Y dijo Dios."], ["And there was light.", "", "And God said."],
@@ -159,7 +170,26 @@ def test_nmt_score_text_and_errors(model, tiny_model_dir, tmp_path, monkeypatch,
     assert code == 1 and err.count("\n") == 1
     assert err.startswith("nmt: error: line counts differ:") and "has 3 lines" in err and "has 2" in err
     assert out == ""  # the mismatch shows while the first window is read
-    code, out, err = _cli(monkeypatch, capsys, "score", *m, "--src", str(src), "--tgt", str(gap))
-    assert code == 1 and err == f"nmt: error: {gap}: line 3 is empty but its pair in {src} is not\n"
+    code, out, err = _cli(monkeypatch, capsys, "score", *m, "--src", str(gap), "--tgt", str(tgt))
+    assert code == 1 and err == f"nmt: error: {gap}: line 3 is empty but its pair in {tgt} is not\n"
     code, _, err = _cli(monkeypatch, capsys, "score", *m, "--src", str(src), "--tgt", str(tmp_path / "none.en"))
     assert code == 1 and err.startswith("nmt: error: ") and "no such file" in err
+
+
+def test_nmt_score_with_stdin_on_a_terminal_is_an_error_not_a_wait(tiny_model_dir, tmp_path):
+    import os
+    import pty
+
+    from conftest import ROOT
+
+    src = tmp_path / "a.es"
+    src.write_text("Y fue la luz.\n", encoding="utf-8")
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run([sys.executable, "-m", "nmt", "score", "-m", str(tiny_model_dir), "--src", str(src),
+                               "--tgt", "-"], cwd=ROOT, stdin=follower, capture_output=True, timeout=120)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert done.returncode == 2
+    assert done.stderr.decode().strip() == "nmt: error: --tgt -: stdin is a terminal: pipe the text in or give --tgt FILE"

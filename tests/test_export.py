@@ -325,3 +325,50 @@ def test_emitted_line_break_bytes_stay_on_one_line(tiny_model_dir, tmp_path):
     assert len(results) == 3
     for r in results:
         assert "\n" not in r.text and r.text.strip() == ""  # three line breaks, each now a space
+
+
+def test_sampling_on_an_export_follows_the_seed_across_runs(tiny_export, tmp_path):
+    """CTranslate2 seeds its generator from std::random_device unless told: `--seed` must reach it,
+    so two runs with one seed print the same samples, as nmt's own engine does."""
+    from conftest import run_nmt
+
+    src = tmp_path / "in.es"
+    src.write_text("\n".join(LINES[:6]) + "\n", encoding="utf-8")
+
+    def sample(seed: int) -> bytes:
+        r = run_nmt("translate", "-m", str(tiny_export), "-i", str(src), "--sampling-topk", "50", "--seed", str(seed),
+                    "--threads", "1", "--no-guard")
+        assert r.returncode == 0, r.stderr.decode()
+        return r.stdout
+
+    first = sample(1)
+    assert sample(1) == first and len(first.splitlines()) == 6
+    assert sample(2) != first
+
+
+def test_an_export_with_a_damaged_record_or_another_tokenizer_is_one_error(tiny_export, tmp_path):
+    from tokenizers import Tokenizer
+
+    broken = tmp_path / "ct2"
+    shutil.copytree(tiny_export, broken)
+    meta = json.loads((broken / export.EXPORT_META).read_text())
+    (broken / export.EXPORT_META).write_text(json.dumps({**meta, "max_positions": "many"}))
+    with pytest.raises(NmtError, match=r"nmt_export.json: max_positions is 'many', not a whole number ≥ 2"):
+        engines.CTranslate2.load(broken, DecodeConfig())
+    (broken / export.EXPORT_META).write_text(json.dumps(meta))
+    tok = json.loads((broken / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tok["model"]["vocab"]
+    a, b = [t for t, i in vocab.items() if i > 3 and len(t) > 2][:2]  # not the specials at ids 0-3
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # another tokenizer of the same size: two ids name each other's piece
+    (broken / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
+    Tokenizer.from_file(str(broken / "tokenizer.json"))  # still a valid tokenizer
+    with pytest.raises(NmtError, match="its tokenizer is not the one the model was exported with"):
+        engines.CTranslate2.load(broken, DecodeConfig())
+
+
+def test_info_on_an_export_names_the_model_it_came_from(tiny_model_dir, tiny_export):
+    from conftest import error_line, run_nmt
+
+    msg = error_line(run_nmt("info", str(tiny_export)), 1)
+    assert msg == (f"nmt: error: {tiny_export} is a CTranslate2 export (`nmt export`): run `nmt info` on the model "
+                   f"it was exported from ({tiny_model_dir.resolve()})")

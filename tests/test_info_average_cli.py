@@ -110,6 +110,34 @@ def test_info_on_json_files_of_the_wrong_shape(tmp_path, run):
     assert json.loads(ok(run_nmt("info", str(target), "--format", "json")))["preset"] is None
 
 
+def test_info_text_is_plain_text_on_a_pipe_and_says_when_there_was_no_dev_set(tmp_path, run):
+    """A path with brackets is text, not rich markup; a pipe gets lines wider than 80 columns (the
+    signature whole); a model trained without a dev set has no best dev BLEU (not -1.00)."""
+    import shutil
+
+    target = tmp_path / "es-en[v2]"
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("checkpoints", "cache"))
+    training = json.loads((target / "training.json").read_text(encoding="utf-8"))
+    signature = training["evaluations"][-1]["signature"]
+    text = ok(run_nmt("info", str(target)))
+    assert f"nmt model {target}" in text and any(signature in line for line in text.splitlines())
+    (target / "training.json").write_text(json.dumps({**training, "best_dev_bleu": -1.0, "best_step": 0,
+                                                      "evaluations": []}), encoding="utf-8")
+    text = ok(run_nmt("info", str(target)))
+    assert "none (trained without a dev set)" in text and "-1.00" not in text
+
+
+def test_info_does_not_wait_on_a_fifo_for_a_summary(tmp_path, run):
+    import shutil
+
+    target = tmp_path / "x"
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("checkpoints", "cache"))
+    (target / "training.json").unlink()
+    os.mkfifo(target / "training.json")
+    msg = error_line(run_nmt("info", str(target), timeout=60), 1)
+    assert "training.json" in msg and "not a regular file" in msg
+
+
 # -- average ------------------------------------------------------------------------------------
 
 

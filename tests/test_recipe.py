@@ -109,6 +109,20 @@ def test_an_epoch_cap_caps_the_tokens_and_the_shape():
     assert capped.train["eval_every"] == int(1.1 * int(steps)) // evals  # spread over the capped steps
 
 
+def test_shapes_that_a_step_or_epoch_cap_rules_out_are_not_timed():
+    """--max-epochs 3 with an hour: the choice is capped at ~1,950 steps (micro, above), so after
+    micro nothing larger is timed, however fast; without the cap mini would be."""
+    cap = recipe.step_cap_of(None, 3, EPOCH, 1500)
+    assert cap == pytest.approx(3 * EPOCH / (recipe.REAL_SHARE * 1500))
+    assert recipe.step_cap_of(500, 3, EPOCH, 1500) == 500 and recipe.step_cap_of(None, None, EPOCH, 1500) is None
+    assert recipe.step_cap_of(None, 3, EPOCH, 1500, update_freq=2, ranks=2) == pytest.approx(cap / 4)
+    assert recipe.worth_measuring_next("micro", RATES["micro"], 3600, 1500)
+    assert not recipe.worth_measuring_next("micro", RATES["micro"], 3600, 1500, step_cap=cap)
+    assert recipe.worth_measuring_next("micro", RATES["micro"], 3600, 1500, step_cap=recipe.MIN_STEPS)
+    capped = recipe.choose(RATES, EPOCH, 3600, None, 1500, 30.0, max_epochs=3)
+    assert capped.shape == "micro"  # what the cap lets the recipe choose: the shape timed alone
+
+
 def test_a_short_run_warms_up_for_at_most_half_its_steps():
     for steps, warmup in ((1, 0), (10, 5), (150, 75), (300, 100), (1000, 250), (10_000, 400)):
         assert recipe.choose({}, EPOCH, None, steps, 1500, 0.0).train["warmup_steps"] == warmup, steps
@@ -143,6 +157,39 @@ def test_warmup_and_evaluations_are_shares_of_the_budget():
     during = math.ceil(steps / r.train["eval_every"]) - 1  # evaluations inside the budget (one more ends it)
     assert 1 <= during and during * 30.0 <= max(recipe.EVAL_SHARE * 600, 30.0)  # within the share, or one
     assert r.train["lr_schedule"] == "cosine"
+
+
+def test_a_long_budget_evaluates_and_saves_about_hourly_within_the_share():
+    week = 7 * 86400
+    for eval_seconds in (30.0, 0.0):  # a dev set, or none (each "evaluation" then only saves)
+        r = recipe.choose(RATES, EPOCH, week, None, 1500, eval_seconds)
+        steps = r.budget_tokens / (recipe.REAL_SHARE * 1500)
+        interval = week * r.train["eval_every"] / steps  # seconds between checkpoints at the measured speed
+        assert 3600 <= interval <= 1.1 * 3600 + 1, eval_seconds
+    # a dev set whose evaluation costs 10 minutes: hourly would spend 17%, so the share decides
+    r = recipe.choose(RATES, EPOCH, week, None, 1500, 600.0)
+    steps = r.budget_tokens / (recipe.REAL_SHARE * 1500)
+    during = math.ceil(steps / r.train["eval_every"]) - 1
+    assert during * 600.0 <= recipe.EVAL_SHARE * week
+    # a 30-minute budget is unchanged by the rule: up to 20 in its share
+    assert recipe._evaluations(1800, 1.0) == 20 and recipe._evaluations(1800, 30.0) == 3
+
+
+def test_measure_stops_at_a_shape_that_runs_out_of_memory_and_names_the_batch_when_the_smallest_does():
+    def step_failing_at(name):
+        def step(shape):
+            def run(i):
+                if shape.name == name:
+                    raise recipe.DoesNotFit()
+                return 1000
+            return run
+        return step
+
+    rates = recipe.measure(recipe.SHAPES, step_failing_at("compact"), seconds=0.01)
+    assert set(rates) == {"micro", "mini"}
+    with pytest.raises(NmtError, match=r"^the recipe's smallest model \(micro\) runs out of memory at this batch "
+                                       r"size: lower --batch-tokens$"):
+        recipe.measure(recipe.SHAPES, step_failing_at("micro"), seconds=0.01)
 
 
 def test_measure_times_each_shape_and_stops_when_larger_ones_cannot_be_chosen():
@@ -324,6 +371,21 @@ def test_train_fits_the_recipe_to_the_layers_set_by_hand_and_refuses_a_shape_not
     r = run_nmt(*args, "--max-steps", "2", "--out", str(tmp_path / "run7"), "--config", str(heads))
     assert error_line(r, 2) == "nmt: error: n_heads = 7 divides none of the recipe's widths (128, 192, 256, 512): set d_model too"
     assert not (tmp_path / "run7").exists()  # refused before any work
+
+
+def test_a_recipe_run_resumed_with_no_budget_is_told_to_give_one(tmp_path):
+    """No --max-time/--max-steps would mean --preset small, another model than the recipe's: the
+    resume is refused with what to give, before anything is touched."""
+    train = write_slice(tmp_path / "d", "train", 200)
+    out = tmp_path / "run"
+    args = ("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--dtype", "float32",
+            "--vocab-size", "300", "--batch-tokens", "400", "--out", str(out))
+    assert run_nmt(*args, "--max-steps", "2").returncode == 0
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    msg = error_line(run_nmt(*args, "--max-epochs", "3"), 2)
+    assert msg == (f"nmt: error: {out} was trained with the recipe chosen for its budget (--preset auto): give "
+                   f"--max-time or --max-steps to resume it (its budget continues it, a larger one extends it)")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
 def test_a_recipe_left_for_another_budget_before_any_checkpoint_is_chosen_again(tmp_path):

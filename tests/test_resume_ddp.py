@@ -191,3 +191,53 @@ def test_an_out_of_memory_batch_is_retried_in_halves_with_the_same_gradient(data
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for name in w_a:
         torch.testing.assert_close(w_a[name], w_b[name], rtol=1e-4, atol=1e-5)  # Adam: tiny grads, sign-like steps
+
+
+def _torchrun(port: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(port), "-m", "nmt", "train", *args], cwd=ROOT, capture_output=True, timeout=300, env=env)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_resume_exactly_with_dropout(data, tmp_path):
+    """Each rank keeps its own random stream (its dropout masks) in the checkpoint: 6 steps, then a
+    resume to 12, equals 12 in one go under torchrun, as it does in one process."""
+    opts = [*COMMON, "--train", str(data), "--dropout", "0.1", "--keep-last", "5"]
+    one, split = tmp_path / "one", tmp_path / "split"
+    r = _torchrun(29521, *opts, "--out", str(one), "--max-steps", "12")
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    split.mkdir()
+    shutil.copy(one / "tokenizer.json", split / "tokenizer.json")
+    r = _torchrun(29522, *opts, "--out", str(split), "--max-steps", "6")
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    r = _torchrun(29523, *opts, "--out", str(split), "--max-steps", "12")
+    assert r.returncode == 0 and "resuming from step-00000006" in r.stderr.decode(), r.stderr.decode()[-3000:]
+    a, b = weights(one, 12), weights(split, 12)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert train_losses(one)[6:] == train_losses(split)[6:]
+
+
+@pytest.mark.slow
+def test_a_catch_up_evaluation_that_spends_the_patience_stops_every_rank(data, tmp_path):
+    """Killed in its last evaluation, resumed under torchrun: the evaluation done on resume gains
+    nothing (a best score no model reaches is planted), so patience ends the run, on both ranks
+    (rank 1 used to go on into a step and wait there for rank 0)."""
+    dev = write_slice(tmp_path / "dev", "dev", 5, split="dev")
+    out = tmp_path / "run"
+    opts = [*COMMON, "--train", str(data), "--dev", str(dev), "--eval-every", "2", "--patience", "1", "--out", str(out)]
+    r = _torchrun(29524, *opts, "--max-steps", "4")
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    last = out / "checkpoints" / "step-00000004"
+    (last / "progress.json").unlink()  # as if killed while evaluating step 4: saved, not evaluated
+    state = torch.load(last / "state.pt", weights_only=True)
+    progress = json.loads(state["progress"])
+    state["progress"] = json.dumps({**progress, "best_bleu": 1000.0, "evals_without_gain": 0})
+    torch.save(state, last / "state.pt")
+    r = _torchrun(29525, *opts, "--max-steps", "8")
+    err = r.stderr.decode()
+    assert r.returncode == 0, err[-3000:]
+    assert "step 4 was saved but not evaluated: evaluating it now" in err
+    training = json.loads((out / "training.json").read_text())
+    assert training["steps"] == 4 and training["stop_reason"] == "no dev BLEU gain in 1 evaluations"

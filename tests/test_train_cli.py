@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -158,6 +159,10 @@ def test_separate_vocabularies_of_equal_size_train_two_embedding_matrices(tmp_pa
     (["--max-ratio", "nan"], "--max-ratio must be ≥ 1"),
     (["--max-ratio", "0.5"], "--max-ratio must be ≥ 1"),
     (["--tokenizer-sample", "0"], "--tokenizer-sample must be ≥ 1 pair (got 0)"),
+    (["--lr", "-1e-3"], "--lr must be a finite number > 0 (got -0.001)"),
+    (["--lr", "nan"], "--lr must be a finite number > 0 (got nan)"),
+    (["--lr", "0"], "--lr must be a finite number > 0 (got 0.0)"),
+    (["--warmup", "-5"], "--warmup must be ≥ 0 (got -5)"),
 ])
 def test_usage_errors_exit_2(tmp_path, data, args, words):
     msg = error_line(train("--train", str(data["train"]), "--dev", "none", "--out", str(tmp_path / "run"),
@@ -168,10 +173,44 @@ def test_usage_errors_exit_2(tmp_path, data, args, words):
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_a_schedule_to_zero_at_the_budgets_end_needs_a_budget(tmp_path, data, schedule):
     msg = error_line(train("--train", str(data["train"]), "--dev", "none", "--out", str(tmp_path / "run"),
-                           "--max-epochs", "1", "--lr-schedule", schedule), 2)
+                           "--lr-schedule", schedule), 2)
     assert msg == (f"nmt: error: --lr-schedule {schedule} decays to 0 at the end of the budget: "
-                   f"give --max-steps or --max-time")
+                   f"give --max-steps, --max-time or --max-epochs")
     assert not (tmp_path / "run").exists()
+
+
+def _logged_rates(out: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # --log-every 1: every step
+    return rows
+
+
+def test_the_cosine_ends_with_the_epochs_when_max_epochs_is_the_budget(tmp_path, data):
+    """--max-epochs is a budget too: the rate of each step is the cosine at the share of the epochs
+    done before it (computed here from the logged epochs), so the last step trains near 0."""
+    out = tmp_path / "run"
+    ok(train("--train", str(data["train"]), "--dev", "none", "--out", str(out), "--max-epochs", "2",
+             "--lr-schedule", "cosine", "--warmup", "1", "--log-every", "1"))
+    rows = _logged_rates(out)
+    peak = json.loads((out / "config.json").read_text())["train"]["lr"]
+    per_epoch = [sum(r["epoch"] == e for r in rows) for e in (0, 1)]  # each epoch's batches (update-freq 1)
+    assert min(per_epoch) > 3 and len(rows) == sum(per_epoch)
+    for i, r in enumerate(rows):
+        done = i - per_epoch[0] * r["epoch"]  # batches of this epoch before this step
+        share = (r["epoch"] + done / per_epoch[r["epoch"]]) / 2
+        assert r["lr"] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * share)), rel=1e-6)
+    assert rows[-1]["lr"] < 0.01 * peak and rows[0]["lr"] == pytest.approx(peak)
+
+
+def test_the_last_step_of_a_step_budget_still_learns(tmp_path, data):
+    """--max-steps N: step k trains at the cosine of (k-1)/N, so step N is not at 0 (and
+    --max-steps 1 trains at the peak, not at 0)."""
+    out = tmp_path / "run"
+    ok(train("--train", str(data["train"]), "--dev", "none", "--out", str(out), "--max-steps", "4",
+             "--lr-schedule", "cosine", "--warmup", "1", "--log-every", "1"))
+    peak = json.loads((out / "config.json").read_text())["train"]["lr"]
+    assert [r["lr"] for r in _logged_rates(out)] == pytest.approx(
+        [peak * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)], rel=1e-6)
 
 
 def test_config_file_not_json(tmp_path, data):
@@ -317,6 +356,38 @@ def test_a_run_killed_in_a_mid_run_evaluation_evaluates_that_step_when_resumed(t
     assert training["steps"] == 20 and [e["step"] for e in training["evaluations"]] == [10, 20]
 
 
+def test_an_epoch_ending_on_an_evaluation_step_is_evaluated_once_and_a_resume_counts_its_time(tmp_path, data):
+    one = tmp_path / "one"
+    ok(train("--train", str(data["train"]), "--dev", "none", "--out", str(one), "--max-epochs", "1"))
+    per_epoch = json.loads((one / "training.json").read_text(encoding="utf-8"))["steps"]
+    out = tmp_path / "run"
+    ok(train("--train", str(data["train"]), "--dev", str(data["dev"]), "--out", str(out), "--max-epochs", "1",
+             "--eval-every", str(per_epoch)))
+    training = json.loads((out / "training.json").read_text(encoding="utf-8"))
+    assert [e["step"] for e in training["evaluations"]] == [per_epoch]  # not twice
+    # the checkpoint was saved before its evaluation; progress.json, written after it, counts it
+    last = out / "checkpoints" / f"step-{per_epoch:08d}"
+    before = json.loads(torch.load(last / "state.pt", weights_only=True)["progress"])["seconds"]
+    after = json.loads((last / "progress.json").read_text())["seconds"]
+    assert after > before and after == pytest.approx(training["seconds"], abs=1.0)
+
+
+def test_an_extended_run_keeps_an_averaged_model_no_evaluation_beats(tmp_path, data):
+    """The average kept at the end scored above every checkpoint (planted here: 99): extended, the
+    run must beat that score, not its best checkpoint's, to replace model.safetensors."""
+    out = tmp_path / "run"
+    args = ["--train", str(data["train"]), "--dev", str(data["dev"]), "--out", str(out), "--eval-every", "4"]
+    ok(train(*args, "--max-steps", "8"))
+    (out / "averaging.json").write_text(json.dumps({"checkpoints": ["step-00000004", "step-00000008"], "kept": "averaged",
+                                                    "scores": {"averaged": {"dev_bleu": 99.0},
+                                                               "current": {"dev_bleu": 0.5}}}))
+    kept = (out / "model.safetensors").read_bytes()
+    err = " ".join(ok(train(*args, "--max-steps", "16")).split())
+    assert "the averaged model kept at the end of the last run (dev BLEU 99.00) is the one to beat" in err
+    assert (out / "model.safetensors").read_bytes() == kept
+    assert "(best so far, saved)" not in err
+
+
 def test_a_budget_added_to_a_resume_keeps_the_runs_preset(tmp_path, data):
     """A run of a fixed preset stopped by its epochs, resumed with --max-steps and no --preset (which
     alone would mean --preset auto, the recipe): it resumes with its preset, model and schedule."""
@@ -332,6 +403,11 @@ def test_a_budget_added_to_a_resume_keeps_the_runs_preset(tmp_path, data):
     assert after["train"]["preset"] == "tiny" and after["model"] == before["model"]
     assert after["train"]["lr"] == before["train"]["lr"] and not (out / "recipe.json").exists()
     assert json.loads((out / "training.json").read_text(encoding="utf-8"))["steps"] == steps + 2
+    # and with no budget and no --preset (which alone would mean --preset small): still tiny's run
+    err = " ".join(ok(run_nmt("train", *args, *first, "--max-epochs", "2")).split())
+    assert "a run of --preset tiny, resumed with it" in err and "(the recipe" not in err
+    training = json.loads((out / "training.json").read_text(encoding="utf-8"))
+    assert training["epochs"] == 2 and training["steps"] > steps + 2
 
 
 def test_resume_refused_when_a_model_option_changes(run):
