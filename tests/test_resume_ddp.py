@@ -205,13 +205,13 @@ def test_two_gloo_processes_resume_exactly_with_dropout(data, tmp_path):
     resume to 12, equals 12 in one go under torchrun, as it does in one process."""
     opts = [*COMMON, "--train", str(data), "--dropout", "0.1", "--keep-last", "5"]
     one, split = tmp_path / "one", tmp_path / "split"
-    r = _torchrun(29521, *opts, "--out", str(one), "--max-steps", "12")
+    r = _torchrun(29531, *opts, "--out", str(one), "--max-steps", "12")
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     split.mkdir()
     shutil.copy(one / "tokenizer.json", split / "tokenizer.json")
-    r = _torchrun(29522, *opts, "--out", str(split), "--max-steps", "6")
+    r = _torchrun(29532, *opts, "--out", str(split), "--max-steps", "6")
     assert r.returncode == 0, r.stderr.decode()[-3000:]
-    r = _torchrun(29523, *opts, "--out", str(split), "--max-steps", "12")
+    r = _torchrun(29533, *opts, "--out", str(split), "--max-steps", "12")
     assert r.returncode == 0 and "resuming from step-00000006" in r.stderr.decode(), r.stderr.decode()[-3000:]
     a, b = weights(one, 12), weights(split, 12)
     for name in a:
@@ -227,7 +227,7 @@ def test_a_catch_up_evaluation_that_spends_the_patience_stops_every_rank(data, t
     dev = write_slice(tmp_path / "dev", "dev", 5, split="dev")
     out = tmp_path / "run"
     opts = [*COMMON, "--train", str(data), "--dev", str(dev), "--eval-every", "2", "--patience", "1", "--out", str(out)]
-    r = _torchrun(29524, *opts, "--max-steps", "4")
+    r = _torchrun(29534, *opts, "--max-steps", "4")
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     last = out / "checkpoints" / "step-00000004"
     (last / "progress.json").unlink()  # as if killed while evaluating step 4: saved, not evaluated
@@ -235,7 +235,7 @@ def test_a_catch_up_evaluation_that_spends_the_patience_stops_every_rank(data, t
     progress = json.loads(state["progress"])
     state["progress"] = json.dumps({**progress, "best_bleu": 1000.0, "evals_without_gain": 0})
     torch.save(state, last / "state.pt")
-    r = _torchrun(29525, *opts, "--max-steps", "8")
+    r = _torchrun(29535, *opts, "--max-steps", "8")
     err = r.stderr.decode()
     assert r.returncode == 0, err[-3000:]
     assert "step 4 was saved but not evaluated: evaluating it now" in err
