@@ -19,10 +19,11 @@ from nmt.textio import display_name, read_small_file
 
 
 def describe(directory: Path) -> dict[str, Any]:
+    from nmt.engines import is_ctranslate2_dir
     from nmt.export import EXPORT_META
 
-    export = Path(directory) / EXPORT_META
-    if export.is_file():  # CTranslate2's own config.json is not ours: say what the directory is
+    if is_ctranslate2_dir(directory):  # CTranslate2's own config.json is not ours: say what the directory is
+        export = Path(directory) / EXPORT_META
         try:
             source = json.loads(read_small_file(export, checkpoint.CONFIG_LIMIT, "an export record")).get("source_model")
         except (NmtError, ValueError, AttributeError):
