@@ -19,6 +19,8 @@ from nmt.errors import NmtError
 from nmt.model import Transformer
 from nmt.runtime import Runtime
 
+RECORD = "averaging.json"  # what was averaged, both dev scores, which model was kept
+
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +66,19 @@ def average(directory: Path, last: int, runtime: Runtime, dev_prefix: str | None
     if kept == "averaged":
         checkpoint.save_weights(averaged, directory / checkpoint.WEIGHTS)
     record = {"checkpoints": [c.name for c in checkpoints], "scores": scores, "kept": kept}
-    atomic.write_text(directory / "averaging.json", json.dumps(record, indent=2))
+    atomic.write_text(directory / RECORD, json.dumps(record, indent=2))
     log.info("averaged %d checkpoints: dev BLEU %.2f vs current %.2f: kept the %s model", len(checkpoints),
              scores["averaged"]["dev_bleu"], scores["current"]["dev_bleu"], kept)
     return record
+
+
+def kept_average_bleu(directory: Path) -> float | None:
+    """The dev BLEU of the averaged model `average` kept as `directory`'s model.safetensors: None when
+    the current model was kept, or there is no record, or not one nmt wrote."""
+    try:
+        record = checkpoint.read_record(directory, RECORD)
+        if record is None or record["kept"] != "averaged":
+            return None
+        return float(record["scores"]["averaged"]["dev_bleu"])
+    except (OSError, NmtError, ValueError, TypeError, KeyError):
+        return None

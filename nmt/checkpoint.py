@@ -91,6 +91,49 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+RUN_LOCK = ".train.lock"  # flock-ed by the `nmt train` writing a run directory (`lock_run`)
+
+
+def lock_run(directory: Path) -> int | None:
+    """Hold `directory`'s run lock for this process's life: a second `nmt train` on the same --out is
+    refused at once, instead of both writing checkpoints, config and weights over each other. The
+    kernel drops a flock when its process ends, killed or not, so no stale lock is ever left to
+    clear. Returns the descriptor to close at the end; None where there is no flock (Windows, or
+    a file system without it), where the run goes on unguarded as before."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = Path(directory) / RUN_LOCK
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:  # another user's lock file: a flock needs only reading
+            fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise NmtError(f"{directory}: cannot create the run's lock file {RUN_LOCK} ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        except OSError:
+            holder = ""
+        os.close(fd)
+        raise NmtError(f"{directory}: another `nmt train`{f' (pid {holder})' if holder.isdigit() else ''} is "
+                       f"writing this run: wait for it to end, or use another --out") from None
+    except OSError:
+        os.close(fd)
+        return None
+    try:  # the holder's pid, for the message above (the lock itself is the flock)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:
+        pass
+    return fd
+
+
 def _as_os_error(write):
     """safetensors and torch report a failed write (a full disk) as SafetensorError or
     RuntimeError ("unexpected pos 576 vs 534"), not OSError: turn those into OSError, so that
@@ -166,6 +209,19 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise NmtError(f"{path}: format version {data.get('version')} is not supported (this nmt reads "
                        f"version {FORMAT_VERSION})")
     return data
+
+
+def read_record(directory: Path, name: str) -> dict[str, Any] | None:
+    """A JSON record of a model directory (`training.json`, `averaging.json`), read as untrusted as
+    config.json (a FIFO or a link to /dev/zero must not hang or fill memory): None when there is
+    none, a one-line error when it is not JSON. What it must hold is its reader's to check."""
+    path = Path(directory) / name
+    try:
+        return json.loads(read_small_file(path, CONFIG_LIMIT, name))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NmtError(f"{path}: not valid JSON ({e})") from None
 
 
 def config_section(config: dict[str, Any], name: str) -> dict[str, Any]:

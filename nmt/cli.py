@@ -536,7 +536,7 @@ def score(
     from nmt import api
     from nmt import config as cfg
     from nmt.corpus import ParallelCorpus
-    from nmt.textio import display_name, in_step, json_line, read_lines
+    from nmt.textio import display_name, in_step, json_line, read_lines, refuse_terminal_stdin
     from nmt.translate import score_json, score_text
 
     _choice(format, "--format", ("text", "jsonl"))
@@ -544,9 +544,8 @@ def score(
     cfg.check_decode(decode)
     if src == "-" and tgt == "-":
         raise UsageError("--src and --tgt cannot both be stdin")
-    if "-" in (src, tgt) and sys.stdin is not None and sys.stdin.isatty():  # as `nmt evaluate`: refuse, don't wait
-        side = "--src" if src == "-" else "--tgt"
-        raise UsageError(f"{side} -: stdin is a terminal: pipe the text in or give {side} FILE")
+    refuse_terminal_stdin("--src", [src])
+    refuse_terminal_stdin("--tgt", [tgt])
     _check_inputs(src, tgt)  # a missing file fails before the model loads or an output is truncated
     translator = api.load(model, device=device, dtype=dtype, threads=threads).translator(tgt_lang, **dataclasses.asdict(decode))
     names = (display_name(src), display_name(tgt))

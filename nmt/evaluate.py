@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Annotated, List, Optional
 
@@ -21,7 +20,7 @@ import typer
 
 from nmt.errors import NmtError, UsageError
 from nmt.metrics import DEFAULT_SEED, MetricOptions, parse_metric_names
-from nmt.textio import STDIN, display_name, json_line, one_line, read_lines, same_file
+from nmt.textio import STDIN, display_name, json_line, one_line, read_lines, refuse_terminal_stdin, same_file
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +194,8 @@ def _check_paths(inputs, refs, src, baseline, jsonls) -> None:
     every = [p for _, paths in named for p in paths]
     if sum(1 for p in every if p == STDIN) > 1:
         raise UsageError("stdin (-) can be read only once")
-    if sys.stdin is not None and sys.stdin.isatty():
-        for option, paths in named:
-            if STDIN in paths:
-                what = "no hypotheses" if option == "-i" else f"{option} -"
-                raise UsageError(f"{what}: stdin is a terminal: pipe the text in or give {option} FILE")
+    for option, paths in named:
+        refuse_terminal_stdin(option, paths, "no hypotheses" if option == "-i" else None)
     for option, paths in (("-i", inputs), ("-r", refs)):
         again = _repeated(paths)
         if again is not None:

@@ -41,12 +41,9 @@ def describe(directory: Path) -> dict[str, Any]:
                              "data": config.get("data"), "filters": config.get("filters"),
                              "versions": config.get("versions")}
     for name in ("training", "averaging"):
-        path = Path(directory) / f"{name}.json"
-        if path.exists():
-            try:  # untrusted like config.json: a FIFO or a link to /dev/zero must not hang or fill memory
-                facts[name] = json.loads(read_small_file(path, checkpoint.CONFIG_LIMIT, f"{name}.json"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise NmtError(f"{path}: not valid JSON ({e})") from None
+        record = checkpoint.read_record(directory, f"{name}.json")
+        if record is not None:
+            facts[name] = record
     return facts
 
 

@@ -146,7 +146,8 @@ class Recipe:
     epochs: float  # the same, in passes over the training data
     tokens_per_s: dict[str, float] = field(default_factory=dict)  # measured, per shape
     reason: str = ""
-    budget: dict[str, Any] = field(default_factory=dict)  # max_time, max_steps, max_epochs it was chosen for
+    budget: dict[str, Any] = field(default_factory=dict)  # what it was chosen for: max_time, max_steps,
+    # max_epochs, and the size of a step (update_freq, processes)
 
 
 def vocabulary(corpus_pairs: int) -> int:

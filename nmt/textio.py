@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
-from nmt.errors import NmtError
+from nmt.errors import NmtError, UsageError
 
 STDIN = "-"
 BOM = "\ufeff"  # a byte order mark, which some editors put at the start of a UTF-8 file: not text
@@ -98,9 +98,15 @@ def _cr_only(data: bytes) -> bool:
     return b"\r" in inside and b"\n" not in inside
 
 
+CR_CHECK_BYTES = 1 << 20  # a first line this long with carriage returns and no line feed is taken as CR-only
+
+
 def _check_line_feeds(first_line: bytes, name: str) -> None:
     """A file whose first line is the whole file (no line feed) yet holds carriage returns inside it
-    has old Mac line endings (CR only), which are not line breaks here: an error, not one long line."""
+    has old Mac line endings (CR only), which are not line breaks here: an error, not one long line.
+    Also given the first `CR_CHECK_BYTES` of a first line not yet ended, so a giant CR-only file is
+    refused from its first MiB instead of read whole into memory first (a real first line that long
+    holding a carriage return is refused too: no training or translation keeps such a line)."""
     if not first_line.endswith(b"\n") and _cr_only(first_line):
         raise NmtError(f"{name}: has carriage returns but no line feeds (old Mac line endings, CR only), so it "
                        f"would read as one line; convert it first, e.g. tr '\\r' '\\n' < FILE > FILE.unix")
@@ -114,6 +120,14 @@ def looks_cr_only(path: str | os.PathLike) -> bool:
             return _cr_only(stream.read(1 << 20))
     except (NmtError, *READ_ERRORS):
         return False
+
+
+def refuse_terminal_stdin(option: str, paths: Iterable[str | None], what: str | None = None) -> None:
+    """A command about to read stdin (`-` among `paths`) that is a terminal refuses at once, naming
+    `option`, rather than wait for text typed by hand (`nmt evaluate`, `nmt score`). `nmt translate`
+    reads a terminal line by line on purpose and does not call this."""
+    if STDIN in paths and sys.stdin is not None and sys.stdin.isatty():
+        raise UsageError(f"{what or option + ' -'}: stdin is a terminal: pipe the text in or give {option} FILE")
 
 
 def read_lines(path: str | os.PathLike | None) -> Iterator[str]:
@@ -135,6 +149,7 @@ def read_line_blocks(path: str | os.PathLike, block_bytes: int = 1 << 22) -> Ite
     name = display_name(path)
     stream = open_binary(path)
     lineno, pending = 0, []  # the reads since the last newline: a long line is joined once, not per read
+    checked = False  # the CR-only check of a long first line, made once
     try:
         while True:
             try:
@@ -146,9 +161,15 @@ def read_line_blocks(path: str | os.PathLike, block_bytes: int = 1 << 22) -> Ite
             cut = data.rfind(b"\n") + 1
             if not cut:
                 pending.append(data)
+                if lineno == 0 and not checked and sum(map(len, pending)) >= CR_CHECK_BYTES:
+                    checked = True  # a first line this long may be the whole file: not read whole first
+                    _check_line_feeds(b"".join(pending)[:CR_CHECK_BYTES], name)
                 continue
             block = b"".join([*pending, data[:cut]])
             pending = [data[cut:]]
+            if lineno == 0 and not checked and block.find(b"\n") >= CR_CHECK_BYTES:
+                checked = True  # a first line as long as `read_lines` checks: the same check, the same error
+                _check_line_feeds(block[:CR_CHECK_BYTES], name)
             yield _decode_block(block[:-1], name, lineno)
             lineno += block.count(b"\n")
         rest = b"".join(pending)
@@ -180,11 +201,14 @@ def _iter_raw_lines(stream: BinaryIO, name: str) -> Iterator[bytes]:
     try:
         # readline (not iteration over a buffered reader) so stdin lines are handed on as
         # soon as they arrive: `head -3 file | nmt translate` must not wait for more.
-        while True:
-            line = stream.readline()
-            if not line:
-                return
+        first = stream.readline(CR_CHECK_BYTES)
+        if first and not first.endswith(b"\n") and len(first) == CR_CHECK_BYTES:
+            _check_line_feeds(first, name)  # before the rest of a first line that may be the whole file
+            first += stream.readline()
+        line = first
+        while line:
             yield line
+            line = stream.readline()
     except READ_ERRORS as e:
         raise NmtError(f"{name}: read error ({e})") from None
 

@@ -214,7 +214,7 @@ def check_max_length(config: TrainConfig, model_config: ModelConfig, tagged: boo
 
 
 PREPARATION_FILES = {"tokenizer.json", "tokenizer.src.json", "tokenizer.tgt.json", TOKENIZER_OPTIONS_FILE, "cache",
-                     "recipe.json"}
+                     "recipe.json", checkpoint.RUN_LOCK}
 
 
 def check_out_dir(out: Path, force: bool) -> bool:
@@ -439,14 +439,9 @@ class Trainer:
         """An averaged model kept at the end of the run resumed here (`nmt.average`) scored above the
         best checkpoint: it is the model to beat, or an extended run's next evaluation that beats
         only the best checkpoint would replace a better model.safetensors."""
-        from nmt.textio import read_small_file
+        from nmt.average import kept_average_bleu
 
-        path = self.p.out / "averaging.json"
-        try:
-            record = json.loads(read_small_file(path, checkpoint.CONFIG_LIMIT, "averaging.json"))
-            averaged = float(record["scores"]["averaged"]["dev_bleu"]) if record["kept"] == "averaged" else None
-        except (OSError, NmtError, ValueError, TypeError, KeyError):
-            return  # none, or not one nmt wrote: the checkpoints' own best stands
+        averaged = kept_average_bleu(self.p.out)  # None: the checkpoints' own best stands
         if averaged is not None and averaged > self.progress.best_bleu:
             log.info("the averaged model kept at the end of the last run (dev BLEU %.2f) is the one to beat", averaged)
             self.progress.best_bleu = averaged
@@ -977,18 +972,21 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, exist
         record = checkpoint.read_config(out).get("recipe")
         if record:  # written with the run's config, so it is this run's
             atomic.write_text(stored, json.dumps(record, indent=2))
-    budget = {"max_time": config.max_time, "max_steps": config.max_steps, "max_epochs": config.max_epochs}
+    # what the recipe was chosen for: the budget, and the target tokens of a step (batches per step, processes)
+    budget = {"max_time": config.max_time, "max_steps": config.max_steps, "max_epochs": config.max_epochs,
+              "update_freq": config.update_freq, "processes": ranks}
     if stored.exists():
         chosen = _read_recipe(stored)
         # a run's own recipe stays (a resume with changed options is refused later; one that stopped before
         # its first checkpoint is told of another budget); a preparation cut short chooses again for another
-        # budget (a record from before the budget was kept: as if the same) or other shape options
-        same_budget = chosen.budget in ({}, budget)
+        # budget (a record from before the budget was kept: as if the same; one from before the step's size
+        # was kept: as if one batch on one process) or other shape options
+        same_budget = not chosen.budget or {"update_freq": 1, "processes": 1, **chosen.budget} == budget
         if existing_run or (same_budget and all(chosen.model.get(k) == v for k, v in by_hand.items())):
             log.info("recipe (stored): %s", chosen.reason)
             if not same_budget and not checkpoint.list_checkpoints(out):
                 log.warning("%s: its recipe was chosen for another budget (%s) and no checkpoint is saved yet: a "
-                            "new --out chooses one for this budget", out, _budget_text(chosen.budget))
+                            "new --out chooses one for this budget", out, _budget_text(chosen.budget, budget))
             return chosen
         log.info("recipe: the stored one (%s) %s; choosing again", chosen.shape, "does not fit the shape options set "
                  "by hand" if same_budget else "was chosen for another budget")
@@ -1020,9 +1018,14 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, exist
     return chosen
 
 
-def _budget_text(budget: dict[str, Any]) -> str:
-    names = {"max_time": "--max-time {:g}s", "max_steps": "--max-steps {}", "max_epochs": "--max-epochs {}"}
-    return ", ".join(names[k].format(v) for k, v in budget.items() if k in names and v is not None) or "none"
+def _budget_text(budget: dict[str, Any], now: dict[str, Any]) -> str:
+    """The budget a recipe was chosen for, as options; the step's size where it is not one batch on one
+    process or differs from `now`'s (records from before it was kept have none)."""
+    names = {"max_time": "--max-time {:g}s", "max_steps": "--max-steps {}", "max_epochs": "--max-epochs {}",
+             "update_freq": "--update-freq {}", "processes": "{} processes"}
+    shown = [names[k].format(v) for k, v in budget.items() if k in names and v is not None
+             and not (k in ("update_freq", "processes") and v == 1 and now.get(k) == 1)]
+    return ", ".join(shown) or "none"
 
 
 def _shape_by_hand(config: TrainConfig, model_config: ModelConfig) -> dict[str, int]:
@@ -1100,6 +1103,7 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
             raise UsageError("--preset auto chooses the recipe from a budget: give --max-time or --max-steps")
         recipe.candidates(_shape_by_hand(config, model_config))
     dist = Distributed(config.device)
+    lock = None
     try:
         # rank 0 alone looks: the others start after it has written there
         existing_run = check_out_dir(out, force) if dist.is_writer else False
@@ -1107,6 +1111,8 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         chosen = None
         if config.preset == "auto":
             tok_config = _recipe_vocabulary(config, tok_config, out)
+        # one trainer per run directory, from its first write on (an error before it leaves no directory)
+        lock = checkpoint.lock_run(out) if dist.is_writer else None
         if dist.is_writer:
             if existing_run and checkpoint.list_checkpoints(out):
                 check_resume_before_the_cache(out, config, parent)
@@ -1162,6 +1168,8 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
     finally:
         trainer = None  # its DDP wrapper holds the process group (Distributed.close)
         dist.close()
+        if lock is not None:
+            os.close(lock)
 
 
 def _mixing_record(trainer: Trainer) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -135,6 +136,55 @@ def test_old_mac_line_endings_are_an_error_not_one_long_line(tmp_path, reader):
     for data, lines in ((b"uno\r\ndos\r\n", ["uno", "dos"]), (b"uno\r", ["uno"]), (b"u\rno\ndos", ["u\rno", "dos"])):
         path.write_bytes(data)
         assert reader(path) == lines
+
+
+@pytest.mark.parametrize("reader", [lambda p: list(read_lines(p)), lambda p: [x for b in read_line_blocks(p) for x in b]])
+def test_a_giant_old_mac_file_is_refused_from_its_start_not_read_whole_first(tmp_path, reader):
+    """6 MiB of CR-only lines through a FIFO whose writer then holds it open: the error comes from
+    the first MiB, before the end of the file, which a reader of the whole first line would wait for."""
+    import threading
+
+    fifo = tmp_path / "old.es"
+    os.mkfifo(fifo)
+    release, closed = threading.Event(), threading.Event()
+
+    def write():
+        try:
+            with open(fifo, "wb") as f:
+                f.write(b"uno\r" * (6 << 18))
+                f.flush()
+                release.wait(20)
+                closed.set()  # then the end of the file: what a reader of the whole first line waits for
+        except BrokenPipeError:  # the reader gave up first, as it should
+            pass
+
+    # the writer meets a closed pipe: an error to catch, not SIGPIPE, which a test that ran `cli.main`
+    # in this process may have set back to its default (it ends the process: the worker crashed)
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        with pytest.raises(NmtError, match=r"old.es: has carriage returns but no line feeds"):
+            reader(fifo)
+        assert not closed.is_set()  # refused while the file was still being written
+    finally:
+        release.set()
+        writer.join(10)
+        signal.signal(signal.SIGPIPE, previous)
+
+
+@pytest.mark.parametrize("reader", [lambda p: list(read_lines(p)), lambda p: [x for b in read_line_blocks(p) for x in b]])
+def test_both_readers_judge_a_long_first_line_alike(tmp_path, reader):
+    """A first line longer than the check's MiB, with a carriage return in it and no line feed there,
+    is refused by both readers; a shorter one with a carriage return inside is a line like any other."""
+    from nmt.textio import CR_CHECK_BYTES
+
+    path = tmp_path / "long.es"
+    path.write_bytes(b"a\rb" + b"x" * CR_CHECK_BYTES + b"\ndos\n")
+    with pytest.raises(NmtError, match=r"long.es: has carriage returns but no line feeds"):
+        reader(path)
+    path.write_bytes(b"a\rb" + b"x" * 1000 + b"\ndos\n")
+    assert reader(path) == ["a\rb" + "x" * 1000, "dos"]
 
 
 def test_a_line_count_error_from_one_side_of_old_mac_line_endings_says_so(tmp_path):

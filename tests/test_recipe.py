@@ -192,6 +192,36 @@ def test_measure_stops_at_a_shape_that_runs_out_of_memory_and_names_the_batch_wh
         recipe.measure(recipe.SHAPES, step_failing_at("micro"), seconds=0.01)
 
 
+def test_a_shape_out_of_memory_in_its_trial_step_stops_the_probe_there(tmp_path, monkeypatch):
+    """`torch.OutOfMemoryError` in a real trial step (`train._shape_trial`) is the probe's
+    `DoesNotFit`: the shapes before it keep their rates; the smallest not fitting names the batch."""
+    from nmt import config as cfg
+    from nmt.model import Transformer
+    from nmt.runtime import setup
+
+    model_config, tok_config, preset = cfg.preset("tiny")
+    config = TrainConfig(preset="tiny", train=[str(write_slice(tmp_path / "d", "train", 40))], dev=None,
+                         dtype="float32", device="cpu", threads=1, **{**preset, "batch_tokens": 512})
+    p = train_mod.prepare(config, model_config, cfg.apply(tok_config, {"vocab_size": 300}, "tok"), tmp_path / "run")
+    runtime = setup("cpu", "float32", 1)
+    forward = Transformer.forward
+
+    def forward_out_of_memory_from(width):
+        def patched(self, *args, **kwargs):
+            if self.config.d_model >= width:
+                raise torch.OutOfMemoryError("simulated")
+            return forward(self, *args, **kwargs)
+        return patched
+
+    monkeypatch.setattr(Transformer, "forward", forward_out_of_memory_from(192))  # mini and larger
+    rates = recipe.measure(recipe.SHAPES, train_mod._shape_trial(p, config, runtime, 512), seconds=0.01)
+    assert list(rates) == ["micro"] and rates["micro"] > 0
+    monkeypatch.setattr(Transformer, "forward", forward_out_of_memory_from(0))
+    with pytest.raises(NmtError, match=r"^the recipe's smallest model \(micro\) runs out of memory at this batch "
+                                       r"size: lower --batch-tokens$"):
+        recipe.measure(recipe.SHAPES, train_mod._shape_trial(p, config, runtime, 512), seconds=0.01)
+
+
 def test_measure_times_each_shape_and_stops_when_larger_ones_cannot_be_chosen():
     built = []
 
@@ -413,6 +443,30 @@ def test_a_recipe_left_for_another_budget_before_any_checkpoint_is_chosen_again(
     err = " ".join(r.stderr.decode().split())
     assert r.returncode == 0 and "recipe (stored)" in err, err
     assert "its recipe was chosen for another budget (--max-steps 2) and no checkpoint is saved yet" in err
+
+
+def test_a_recipe_left_for_another_step_size_before_any_run_is_chosen_again(tmp_path):
+    """The recipe counts the target tokens of a step: one left by a preparation cut short is reused
+    for the same budget and step (a record from before steps were recorded: one batch, one process),
+    and chosen again when --update-freq makes each step twice as large."""
+    train = write_slice(tmp_path / "d", "train", 200)
+    out = tmp_path / "run"
+    out.mkdir()
+    old = replace(recipe.choose({}, EPOCH, None, 2, 400, 0.0), budget={"max_time": None, "max_steps": 2, "max_epochs": None})
+    (out / "recipe.json").write_text(json.dumps(recipe.describe(old)))
+    args = ["train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--dtype", "float32",
+            "--vocab-size", "300", "--batch-tokens", "400", "--out", str(out), "--max-steps", "2"]
+    r = run_nmt(*args, "--update-freq", "2")
+    err = " ".join(r.stderr.decode().split())
+    assert r.returncode == 0, err
+    assert f"the stored one ({old.shape}) was chosen for another budget; choosing again" in err
+    assert json.loads((out / "recipe.json").read_text())["budget"] == {
+        "max_time": None, "max_steps": 2, "max_epochs": None, "update_freq": 2, "processes": 1}
+    shutil.rmtree(out)
+    out.mkdir()
+    (out / "recipe.json").write_text(json.dumps(recipe.describe(old)))
+    r = run_nmt(*args)
+    assert r.returncode == 0 and "recipe (stored)" in r.stderr.decode()
 
 
 def test_a_missing_test_set_fails_before_training(tmp_path):

@@ -241,3 +241,37 @@ def test_a_catch_up_evaluation_that_spends_the_patience_stops_every_rank(data, t
     assert "step 4 was saved but not evaluated: evaluating it now" in err
     training = json.loads((out / "training.json").read_text())
     assert training["steps"] == 4 and training["stop_reason"] == "no dev BLEU gain in 1 evaluations"
+
+
+ONE_CLOCK = """
+import json
+import sys
+from pathlib import Path
+
+from nmt.config import TrainConfig
+from nmt.train import Distributed, Progress, Trainer
+
+dist = Distributed("cpu")
+trainer = Trainer.__new__(Trainer)  # the budget check alone: no model, no data
+trainer.config, trainer.dist, trainer.stop_reason, trainer._signal = TrainConfig(max_time=10.0), dist, None, None
+trainer.progress = Progress(step=3, seconds=[5.0, 12.0][dist.rank])  # rank 1's clock is past the budget
+trainer._check_budget()
+(Path(sys.argv[1]) / f"rank{dist.rank}.json").write_text(  # a file each: the ranks' stdout lines interleave
+    json.dumps({"seconds": trainer.progress.seconds, "stop": trainer.stop_reason}))
+trainer = None
+dist.close()
+"""
+
+
+@pytest.mark.slow
+def test_ranks_share_one_clock_so_the_time_budget_stops_both_for_the_same_reason(tmp_path):
+    """Each rank times its own steps; the budget is checked against the slowest's seconds on every
+    rank, so the time-based learning rate and the stop agree (rank 0 alone would say 5 s of 10)."""
+    script = tmp_path / "one_clock.py"
+    script.write_text(ONE_CLOCK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        "29536", str(script), str(tmp_path)], cwd=ROOT, capture_output=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks == [{"seconds": 12.0, "stop": "time budget of 10 s used"}] * 2

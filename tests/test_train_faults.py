@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, write_slice
+from conftest import ROOT, error_line, run_nmt, write_slice
 from nmt import checkpoint, validate
 from nmt import config as cfg
 from nmt import train as train_mod
@@ -68,6 +68,35 @@ def test_out_directory_new_empty_or_an_interrupted_preparation_is_accepted(tmp_p
     (tmp_path / "cache").mkdir()
     (tmp_path / ".config.json.tmp-999999").write_text("")
     assert check_out_dir(tmp_path, False) is False  # what a run killed while preparing leaves
+
+
+def test_one_trainer_per_run_directory_and_a_dead_ones_lock_is_no_obstacle(tmp_path):
+    held = checkpoint.lock_run(tmp_path / "run")
+    assert held is not None
+    try:
+        with pytest.raises(NmtError) as refused:
+            checkpoint.lock_run(tmp_path / "run")  # a second open of the file: flock refuses it, even here
+        assert str(refused.value) == (f"{tmp_path / 'run'}: another `nmt train` (pid {os.getpid()}) is writing this "
+                                      f"run: wait for it to end, or use another --out")
+    finally:
+        os.close(held)
+    again = checkpoint.lock_run(tmp_path / "run")  # the lock file stays; the lock went with the descriptor
+    os.close(again)
+    assert check_out_dir(tmp_path / "run", False) is False  # a run killed while preparing leaves the file
+
+
+def test_train_on_a_run_directory_another_trainer_holds_stops_before_writing(data, tmp_path):
+    out = tmp_path / "run"
+    held = checkpoint.lock_run(out)  # as a running `nmt train` holds it
+    try:
+        r = run_nmt("train", "--preset", "tiny", "--train", str(data["train"]), "--src", "es", "--tgt", "en",
+                    "--dev", "none", "--max-steps", "2", "--out", str(out))
+    finally:
+        os.close(held)
+    msg = error_line(r, 1)
+    assert msg.endswith(f"another `nmt train` (pid {os.getpid()}) is writing this run: wait for it to end, or use "
+                        f"another --out")
+    assert sorted(p.name for p in out.iterdir()) == [checkpoint.RUN_LOCK]  # nothing prepared, nothing written
 
 
 def test_a_tokenizer_left_by_a_preparation_cut_short_is_reused_only_with_its_options(data, tmp_path):
