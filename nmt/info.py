@@ -8,14 +8,13 @@ on several (and their target-language tags), a fine-tune's lineage, a weighted m
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from nmt import checkpoint
 from nmt.directions import of_model
 from nmt.errors import NmtError
-from nmt.textio import display_name, read_small_file
+from nmt.textio import display_name
 
 
 def describe(directory: Path) -> dict[str, Any]:
@@ -23,10 +22,9 @@ def describe(directory: Path) -> dict[str, Any]:
     from nmt.export import EXPORT_META
 
     if is_ctranslate2_dir(directory):  # CTranslate2's own config.json is not ours: say what the directory is
-        export = Path(directory) / EXPORT_META
         try:
-            source = json.loads(read_small_file(export, checkpoint.CONFIG_LIMIT, "an export record")).get("source_model")
-        except (NmtError, ValueError, AttributeError):
+            source = (checkpoint.read_record(directory, EXPORT_META) or {}).get("source_model")
+        except (NmtError, AttributeError):  # an unreadable record only loses the model's name
             source = None
         raise NmtError(f"{display_name(directory)} is a CTranslate2 export (`nmt export`): run `nmt info` on the model "
                        f"it was exported from{f' ({source})' if isinstance(source, str) else ''}")

@@ -149,7 +149,7 @@ def read_line_blocks(path: str | os.PathLike, block_bytes: int = 1 << 22) -> Ite
     name = display_name(path)
     stream = open_binary(path)
     lineno, pending = 0, []  # the reads since the last newline: a long line is joined once, not per read
-    checked = False  # the CR-only check of a long first line, made once
+    head = b""  # the file's first CR_CHECK_BYTES: checked for CR-only endings once there are that many
     try:
         while True:
             try:
@@ -158,18 +158,16 @@ def read_line_blocks(path: str | os.PathLike, block_bytes: int = 1 << 22) -> Ite
                 raise NmtError(f"{name}: read error ({e})") from None
             if not data:
                 break
+            if len(head) < CR_CHECK_BYTES:  # as `read_lines` checks a first line that long: the same error
+                head += data[:CR_CHECK_BYTES - len(head)]
+                if len(head) == CR_CHECK_BYTES:
+                    _check_line_feeds(head, name)  # a line feed in it, or at its end, passes
             cut = data.rfind(b"\n") + 1
             if not cut:
                 pending.append(data)
-                if lineno == 0 and not checked and sum(map(len, pending)) >= CR_CHECK_BYTES:
-                    checked = True  # a first line this long may be the whole file: not read whole first
-                    _check_line_feeds(b"".join(pending)[:CR_CHECK_BYTES], name)
                 continue
             block = b"".join([*pending, data[:cut]])
             pending = [data[cut:]]
-            if lineno == 0 and not checked and block.find(b"\n") >= CR_CHECK_BYTES:
-                checked = True  # a first line as long as `read_lines` checks: the same check, the same error
-                _check_line_feeds(block[:CR_CHECK_BYTES], name)
             yield _decode_block(block[:-1], name, lineno)
             lineno += block.count(b"\n")
         rest = b"".join(pending)
