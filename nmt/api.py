@@ -161,9 +161,6 @@ def load(directory: str | Path, *, device: str = "auto", dtype: str = "auto", th
 
 def _export_directions(directory: Path):
     """The directions an export's metadata records (an export from before they were: untagged)."""
-    import json
+    from nmt.export import EXPORT_META, read_export_record
 
-    from nmt.export import EXPORT_META
-
-    meta = json.loads((directory / EXPORT_META).read_text(encoding="utf-8"))
-    return of_model(meta if isinstance(meta, dict) else {}, str(directory / EXPORT_META))
+    return of_model(read_export_record(directory), str(directory / EXPORT_META))

@@ -46,7 +46,7 @@ ARRAYS = ("src_start", "src_len", "tgt_start", "tgt_len")
 HASH_BUCKET_BITS = 4
 HASH_BUCKETS = 1 << HASH_BUCKET_BITS  # de-duplication works on 1/16 of the pair hashes at a time
 CHUNK_RECORDS = 1 << 18  # per-pair records (32 bytes each) read back per chunk when writing the index
-MEMO_FILE = "fingerprints.json"  # size, mtime and inode → SHA-256 of the training files seen
+MEMO_FILE = "fingerprints.json"  # size, mtime and inode → SHA-256 of the training and cache files seen
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def load_or_build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filter
             raise NmtError(corpus.mismatch((src_lines, tgt_lines)))
     directory = root / key
     if directory.exists():
-        problem = verify(directory, key)
+        problem = verify(directory, key, root / MEMO_FILE)
         if problem is None:
             cache = open_cache(directory)
             problem = check_contents(cache, vocabs, filters)
@@ -166,8 +166,10 @@ def load_or_build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filter
     return open_cache(directory)
 
 
-def verify(directory: Path, key: str) -> str | None:
-    """None when the cache is complete and intact, else what is wrong with it."""
+def verify(directory: Path, key: str, memo_file: Path | None = None) -> str | None:
+    """None when the cache is complete and intact, else what is wrong with it. With `memo_file`
+    (the training files' memo), a file whose stat matches what the memo recorded when it last
+    hashed is not hashed again, so a warm start on a large cache does not read all of it twice."""
     try:
         meta = json.loads((directory / "meta.json").read_text())
     except (OSError, ValueError):
@@ -183,7 +185,9 @@ def verify(directory: Path, key: str) -> str | None:
             return f"{name} missing"
         if path.stat().st_size != expected["size"]:
             return f"{name} is {path.stat().st_size} bytes, expected {expected['size']} (cut short?)"
-        if _sha256(path) != expected["sha256"]:
+    names = list(meta["files"])
+    for name, found in zip(names, fingerprints([directory / name for name in names], memo_file)):
+        if found.sha256 != meta["files"][name]["sha256"]:
             return f"{name} is corrupted (checksum differs)"
     return None
 

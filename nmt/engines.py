@@ -27,7 +27,6 @@ The engines:
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -192,15 +191,12 @@ class CTranslate2:
         """Open an exported directory: the translator (`threads` = CTranslate2's intra_threads; 0:
         as many as torch uses, all cores, as for nmt's own engine, where CTranslate2's own default
         would be 4), the tokenizer(s) and max_positions saved beside it."""
-        from nmt.export import EXPORT_FORMAT, EXPORT_META, ctranslate2_module
+        from nmt.export import EXPORT_FORMAT, EXPORT_META, ctranslate2_module, read_export_record
 
         ct2 = ctranslate2_module()
         ct2_dir = Path(ct2_dir)
-        try:
-            meta = json.loads((ct2_dir / EXPORT_META).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise NmtError(f"{ct2_dir}: not an nmt CTranslate2 export (cannot read {EXPORT_META}: {e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        meta = read_export_record(ct2_dir)
+        if meta.get("format") != EXPORT_FORMAT:
             raise NmtError(f"{ct2_dir / EXPORT_META}: format is not {EXPORT_FORMAT!r}")
         max_positions = meta.get("max_positions")
         if not (isinstance(max_positions, int) and not isinstance(max_positions, bool) and max_positions >= 2):

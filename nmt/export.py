@@ -50,6 +50,20 @@ def ctranslate2_module():
     return ctranslate2
 
 
+def read_export_record(directory: Path) -> dict[str, Any]:
+    """The record `nmt export` writes beside the model (format, max_positions, the tokenizer's
+    fingerprint, directions), read as untrusted as config.json: a one-line error when it is
+    missing or not a JSON object. What its fields must hold is the loader's to check."""
+    from nmt import checkpoint
+
+    record = checkpoint.read_record(directory, EXPORT_META)
+    if record is None:
+        raise NmtError(f"{directory}: not an nmt CTranslate2 export (no {EXPORT_META})")
+    if not isinstance(record, dict):
+        raise NmtError(f"{Path(directory) / EXPORT_META}: not a JSON object (export the model again)")
+    return record
+
+
 # -- export -------------------------------------------------------------------------------------
 
 

@@ -19,12 +19,12 @@ from nmt.textio import display_name
 
 def describe(directory: Path) -> dict[str, Any]:
     from nmt.engines import is_ctranslate2_dir
-    from nmt.export import EXPORT_META
+    from nmt.export import read_export_record
 
     if is_ctranslate2_dir(directory):  # CTranslate2's own config.json is not ours: say what the directory is
         try:
-            source = (checkpoint.read_record(directory, EXPORT_META) or {}).get("source_model")
-        except (NmtError, AttributeError):  # an unreadable record only loses the model's name
+            source = read_export_record(directory).get("source_model")
+        except NmtError:  # an unreadable record only loses the model's name
             source = None
         raise NmtError(f"{display_name(directory)} is a CTranslate2 export (`nmt export`): run `nmt info` on the model "
                        f"it was exported from{f' ({source})' if isinstance(source, str) else ''}")

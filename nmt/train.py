@@ -544,6 +544,7 @@ class Trainer:
             if pr.step % c.eval_every == 0 or self.stop_reason is not None:
                 self.evaluate_and_save()
                 window_tokens, window_start = 0, time.monotonic()  # the next rate is of training alone
+                self._end_if_the_evaluation_spent_the_budget(start)
         if self.stop_reason is None:
             pr.epoch += 1
             pr.batch_in_epoch = 0
@@ -551,6 +552,17 @@ class Trainer:
                 self.stop_reason = done
                 if self._saved_step != pr.step:  # not when the epoch's last step was just evaluated
                     self.evaluate_and_save()
+
+    def _end_if_the_evaluation_spent_the_budget(self, start: float) -> None:
+        """A save and evaluation that spent the time budget's last seconds end the run at the step
+        they saved and scored, not one step later with a second save and evaluation. The checkpoint
+        is told the time now, so that a resume with the same budget trains no further."""
+        if self.stop_reason is not None or not self.config.max_time:
+            return
+        self.progress.seconds = time.monotonic() - start
+        self._check_budget()
+        if self.stop_reason is not None and self._saved_dir is not None:
+            atomic.write_text(self._saved_dir / PROGRESS_FILE, json.dumps(asdict(self.progress)))
 
     def _no_batches(self, budget: int) -> None:
         """Why an epoch holds no batch for this process: none fits the budget, or there are fewer
@@ -667,6 +679,7 @@ class Trainer:
     _left_out_said = False  # the batches --update-freq leaves out of each epoch, logged once
     _epoch_batches = 0  # batches in the current epoch (its share of a --max-epochs budget)
     _saved_step = -1  # the step evaluate_and_save last saved
+    _saved_dir: Path | None = None  # and its checkpoint directory (the writer's; None on other ranks)
     _start = 0.0  # time.monotonic() when the run would have started, had it never stopped
 
     # evaluation ------------------------------------------------------------------------------
@@ -678,7 +691,7 @@ class Trainer:
         if self.dist.is_writer and self.p.dev is None:  # no dev set: the newest model is the one to use
             checkpoint.save_weights(self.model, self.p.out / checkpoint.WEIGHTS)
         self._saved_step = pr.step
-        saved = self.save()
+        saved = self._saved_dir = self.save()
         if self.dist.is_writer and self.p.dev is not None and not self._signal:
             self._evaluate()
             if saved is not None:

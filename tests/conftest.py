@@ -1,6 +1,6 @@
 """Shared test helpers: the CLI in a subprocess and its error lines (with paths removed, so an
 assertion cannot be satisfied by the pytest temporary path), slices of the embedded corpus, a
-tiny in-process Transformer and a tiny model directory from `nmt train`."""
+tiny in-process Transformer, the tiny preset's configs and a tiny model directory from `nmt train`."""
 
 from __future__ import annotations
 
@@ -68,6 +68,19 @@ def tiny_transformer(vocab: int = 24, seed: int = 0, d_model: int = 32, **option
     c = ModelConfig(**{"d_model": d_model, "n_heads": 4, "d_ff": 64, "encoder_layers": 2, "decoder_layers": 2,
                        "dropout": 0.0, "src_vocab_size": vocab, "tgt_vocab_size": vocab, **options})
     return Transformer(c).eval()
+
+
+def tiny_configs(train, dev=None, vocab_size: int = 400, **train_fields):
+    """(train, model, tokenizer) configs of the `tiny` preset for in-process runs: CPU, one thread,
+    float32, batches of 512 tokens, a tokenizer of `vocab_size`; `train_fields` override the rest."""
+    from nmt import config as cfg
+
+    model_config, tok_config, preset = cfg.preset("tiny")
+    tok_config = cfg.apply(tok_config, {"vocab_size": vocab_size}, "tok")
+    fields = {**preset, "batch_tokens": 512, "eval_every": 1000, "log_every": 1, **train_fields}
+    train_config = cfg.TrainConfig(preset="tiny", train=[str(train)], dev=str(dev) if dev else None, dtype="float32",
+                                   device="cpu", threads=1, **fields)
+    return train_config, model_config, tok_config
 
 
 def write_slice(directory: Path, name: str, n: int, start: int = 0, split: str = "train") -> Path:

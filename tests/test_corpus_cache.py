@@ -631,6 +631,28 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, bible, vocabs, damage, 
     assert cached_pairs(rebuilt) == _expected(vocabs, bible[0][:300], bible[1][:300])
 
 
+def test_a_warm_start_hashes_no_unchanged_cache_file_and_a_changed_one_again(tmp_path, bible, vocabs, monkeypatch):
+    import nmt.corpus as corpus_mod
+
+    corpus = write_corpus(tmp_path, "c", bible[0][:300], bible[1][:300])
+    root = tmp_path / "cache"
+    directory = load_or_build([corpus], vocabs, PERMISSIVE, root).directory
+    key, _ = cache_key([corpus], vocabs, PERMISSIVE)
+    memo = root / cache_mod.MEMO_FILE
+    monkeypatch.setattr(corpus_mod, "SETTLED_NS", 0)  # the files just written count as settled
+    assert verify(directory, key, memo) is None  # hashed, and their stamps recorded
+    hashed, real = [], corpus_mod.fingerprint
+    monkeypatch.setattr(corpus_mod, "fingerprint", lambda path: hashed.append(Path(path).name) or real(path))
+    assert verify(directory, key, memo) is None and hashed == []
+    tgt = directory / "tgt.bin"
+    before = tgt.stat()
+    _flip_byte(tgt)
+    os.utime(tgt, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # a new stamp even within one clock tick
+    assert tgt.stat().st_size == before.st_size
+    assert verify(directory, key, memo) == "tgt.bin is corrupted (checksum differs)"
+    assert hashed == ["tgt.bin"]
+
+
 def test_build_pauses_the_garbage_collector_and_restores_it(tmp_path, bible, vocabs, monkeypatch):
     corpus = write_corpus(tmp_path, "c", bible[0][:120], bible[1][:120])
     monkeypatch.setattr(cache_mod, "CHUNK_LINES", 50)

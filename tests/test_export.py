@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -354,6 +355,19 @@ def test_an_export_with_a_damaged_record_or_another_tokenizer_is_one_error(tiny_
     meta = json.loads((broken / export.EXPORT_META).read_text())
     (broken / export.EXPORT_META).write_text(json.dumps({**meta, "max_positions": "many"}))
     with pytest.raises(NmtError, match=r"nmt_export.json: max_positions is 'many', not a whole number ≥ 2"):
+        engines.CTranslate2.load(broken, DecodeConfig())
+    (broken / export.EXPORT_META).write_text("{not json")
+    with pytest.raises(NmtError, match=r"nmt_export.json: not valid JSON"):
+        engines.CTranslate2.load(broken, DecodeConfig())
+    (broken / export.EXPORT_META).write_text(json.dumps([meta]))
+    with pytest.raises(NmtError, match=r"nmt_export.json: not a JSON object \(export the model again\)"):
+        engines.CTranslate2.load(broken, DecodeConfig())
+    (broken / export.EXPORT_META).unlink()
+    os.mkfifo(broken / export.EXPORT_META)  # a FIFO with no writer: refused, not waited on
+    with pytest.raises(NmtError, match=r"nmt_export.json: not a regular file"):
+        engines.CTranslate2.load(broken, DecodeConfig())
+    (broken / export.EXPORT_META).unlink()
+    with pytest.raises(NmtError, match=r": not an nmt CTranslate2 export \(no nmt_export\.json\)$"):
         engines.CTranslate2.load(broken, DecodeConfig())
     (broken / export.EXPORT_META).write_text(json.dumps(meta))
     tok = json.loads((broken / "tokenizer.json").read_text(encoding="utf-8"))

@@ -17,7 +17,7 @@ import pytest
 import sacrebleu
 import torch
 
-from conftest import error_line, run_nmt, without_paths, write_slice
+from conftest import error_line, run_nmt, tiny_configs, without_paths, write_slice
 from nmt import recipe
 from nmt import train as train_mod
 from nmt.config import ModelConfig, TrainConfig
@@ -195,14 +195,11 @@ def test_measure_stops_at_a_shape_that_runs_out_of_memory_and_names_the_batch_wh
 def test_a_shape_out_of_memory_in_its_trial_step_stops_the_probe_there(tmp_path, monkeypatch):
     """`torch.OutOfMemoryError` in a real trial step (`train._shape_trial`) is the probe's
     `DoesNotFit`: the shapes before it keep their rates; the smallest not fitting names the batch."""
-    from nmt import config as cfg
     from nmt.model import Transformer
     from nmt.runtime import setup
 
-    model_config, tok_config, preset = cfg.preset("tiny")
-    config = TrainConfig(preset="tiny", train=[str(write_slice(tmp_path / "d", "train", 40))], dev=None,
-                         dtype="float32", device="cpu", threads=1, **{**preset, "batch_tokens": 512})
-    p = train_mod.prepare(config, model_config, cfg.apply(tok_config, {"vocab_size": 300}, "tok"), tmp_path / "run")
+    config, model_config, tok_config = tiny_configs(write_slice(tmp_path / "d", "train", 40), vocab_size=300)
+    p = train_mod.prepare(config, model_config, tok_config, tmp_path / "run")
     runtime = setup("cpu", "float32", 1)
     forward = Transformer.forward
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, error_line, run_nmt, without_paths, write_slice
+from conftest import ROOT, error_line, run_nmt, tiny_configs, without_paths, write_slice
 
 COMMON = ["--preset", "tiny", "--src", "es", "--tgt", "en", "--dev", "none", "--dtype", "float32",
           "--batch-tokens", "1000", "--eval-every", "1000", "--log-every", "1", "--vocab-size", "500",
@@ -158,15 +158,11 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(data, tmp_path)
 
 def test_an_out_of_memory_batch_is_retried_in_halves_with_the_same_gradient(data, tmp_path):
     """A batch that runs out of memory is split in two; the step's gradient is the same."""
-    from nmt import config as cfg
     from nmt.batching import plan_epoch
     from nmt.runtime import setup
     from nmt.train import Distributed, Trainer, prepare
 
-    model_config, tok_config, preset = cfg.preset("tiny")
-    tok_config = cfg.apply(tok_config, {"vocab_size": 500}, "tok")
-    train_config = cfg.TrainConfig(preset="tiny", train=[str(data)], dev=None, dtype="float32",
-                                   **{**preset, "batch_tokens": 1000})
+    train_config, model_config, tok_config = tiny_configs(data, vocab_size=500, batch_tokens=1000)
     p = prepare(train_config, model_config, tok_config, tmp_path / "run")
     runtime = setup("cpu", "float32", 1)
     batch = plan_epoch(p.cache.src_len, p.cache.tgt_len, 1000, 1, 0)[0]

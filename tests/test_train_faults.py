@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, error_line, run_nmt, write_slice
+from conftest import ROOT, error_line, run_nmt, tiny_configs, write_slice
 from nmt import checkpoint, validate
 from nmt import config as cfg
 from nmt import train as train_mod
@@ -28,15 +28,6 @@ from nmt.corpus import ParallelCorpus
 from nmt.errors import Interrupted, NmtError, UsageError
 from nmt.runtime import setup
 from nmt.train import Distributed, Trainer, check_dev, check_out_dir, prepare
-
-
-def tiny(train, dev=None, **train_fields):
-    model_config, tok_config, preset = cfg.preset("tiny")
-    tok_config = cfg.apply(tok_config, {"vocab_size": 400}, "tok")
-    fields = {**preset, "batch_tokens": 512, "eval_every": 1000, "log_every": 1, **train_fields}
-    train_config = cfg.TrainConfig(preset="tiny", train=[str(train)], dev=str(dev) if dev else None, dtype="float32",
-                                   device="cpu", threads=1, **fields)
-    return train_config, model_config, tok_config
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +38,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prepared(data, tmp_path_factory):
-    train_config, model_config, tok_config = tiny(data["train"], data["dev"])
+    train_config, model_config, tok_config = tiny_configs(data["train"], data["dev"])
     p = prepare(train_config, model_config, tok_config, tmp_path_factory.mktemp("faults-run") / "run")
     return p, train_config
 
@@ -102,7 +93,7 @@ def test_train_on_a_run_directory_another_trainer_holds_stops_before_writing(dat
 def test_a_tokenizer_left_by_a_preparation_cut_short_is_reused_only_with_its_options(data, tmp_path):
     """Killed after the tokenizer, before config.json: the next run reuses it with the same options
     and refuses other ones, naming them; a tokenizer put there by hand (no record) is reused."""
-    train_config, model_config, tok_config = tiny(data["train"])
+    train_config, model_config, tok_config = tiny_configs(data["train"])
     out = tmp_path / "run"
     first = prepare(train_config, model_config, tok_config, out, build_cache=False).vocabs
     again = prepare(train_config, model_config, tok_config, out, build_cache=False).vocabs
@@ -141,16 +132,16 @@ def test_a_tokenizer_left_for_other_training_data_is_not_reused(tmp_path):
     needed, and the error says so (the same data at another path is the same data)."""
     first, other = write_slice(tmp_path / "a", "train", 100), write_slice(tmp_path / "b", "train", 100, start=300)
     out = tmp_path / "run"
-    prepare(*tiny(first), out, build_cache=False)
+    prepare(*tiny_configs(first), out, build_cache=False)
     with pytest.raises(NmtError, match=r"run: its tokenizer was trained with other training data; use a new --out"):
-        prepare(*tiny(other), out, build_cache=False)
+        prepare(*tiny_configs(other), out, build_cache=False)
     moved = tmp_path / "moved"
     shutil.copytree(tmp_path / "a", moved)
-    prepare(*tiny(moved / "train"), out, build_cache=False)
+    prepare(*tiny_configs(moved / "train"), out, build_cache=False)
 
 
 def test_checkpoints_without_their_tokenizer_are_refused_not_given_a_new_one(data, tmp_path):
-    train_config, model_config, tok_config = tiny(data["train"])
+    train_config, model_config, tok_config = tiny_configs(data["train"])
     out = tmp_path / "run"
     prepare(train_config, model_config, tok_config, out, build_cache=False)
     step = out / "checkpoints" / "step-00000002"
@@ -168,7 +159,7 @@ def test_a_resume_whose_process_count_is_not_recorded_goes_on_with_a_warning(dat
     """A run from before config.json kept `processes`, with no training.json (or one without
     world_size) to tell: resumed with a warning; one that tells another count is refused."""
     p, train_config = prepared
-    *_, tok_config = tiny(data["train"], data["dev"])
+    *_, tok_config = tiny_configs(data["train"], data["dev"])
     described = train_mod.run_config(p, train_config, tok_config, 1)
     checkpoint.write_config(tmp_path, {k: v for k, v in described.items() if k != "processes"})
     for summary in (None, {"steps": 3}):
@@ -202,7 +193,7 @@ def test_out_directory_with_a_foreign_config_json_needs_force(tmp_path):
 
 
 def test_a_finished_model_without_checkpoints_is_not_replaced_by_another_configuration(data, tmp_path):
-    train_config, model_config, tok_config = tiny(data["train"], max_steps=2)
+    train_config, model_config, tok_config = tiny_configs(data["train"], max_steps=2)
     first = tmp_path / "first"
     train_mod.train(train_config, model_config, tok_config, first)
     copy = tmp_path / "copy"
@@ -248,7 +239,7 @@ def test_dev_set_with_invalid_utf8_fails_before_the_tokenizer_is_trained(data, t
     lines = [f"línea {i}".encode() for i in range(30)]
     lines[20] = b"ma\xf1ana"
     dev = dev_with(tmp_path, lines, [f"line {i}".encode() for i in range(30)])
-    train_config, model_config, tok_config = tiny(data["train"], tmp_path / "dev")
+    train_config, model_config, tok_config = tiny_configs(data["train"], tmp_path / "dev")
     with pytest.raises(NmtError, match=r"dev\.es.*line 21.*UTF-8"):
         prepare(train_config, model_config, tok_config, tmp_path / "run")
     assert not (tmp_path / "run" / "tokenizer.json").exists()
@@ -294,6 +285,45 @@ def test_a_run_killed_in_its_final_evaluation_evaluates_on_the_rerun(prepared, t
     assert (tmp_path / "run" / checkpoint.WEIGHTS).exists()
     third = trainer_in(prepared, tmp_path / "run", max_steps=5)
     assert third.resume() and [r["step"] for r in third.progress.history] == [5]  # kept, not redone
+
+
+def test_an_evaluation_that_spends_the_time_budget_ends_the_run_at_the_step_it_scored(prepared, tmp_path, monkeypatch):
+    def slow(*args, **kwargs):  # the budget's last seconds go by in this evaluation
+        time.sleep(2.5)
+        return 6.0, "sig", 3.0
+
+    monkeypatch.setattr(validate, "evaluate_dev", slow)
+    trainer = trainer_in(prepared, tmp_path / "run", max_time=2.0, eval_every=2)
+    trainer.run()
+    assert trainer.stop_reason == "time budget of 2 s used"
+    assert trainer.progress.step == 2  # not a third step saved and scored again
+    assert [r["step"] for r in trainer.progress.history if r.get("event") == "eval"] == [2]
+    assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "run")] == ["step-00000002"]
+    again = trainer_in(prepared, tmp_path / "run", max_time=2.0, eval_every=2)
+    assert again.resume()
+    again.run()  # a finished run re-run with its budget trains and scores no further
+    assert again.progress.step == 2 and [r["step"] for r in again.progress.history] == [2]
+
+
+def test_a_save_that_spends_the_time_budget_ends_the_run_and_its_checkpoint_knows(prepared, tmp_path, monkeypatch):
+    save = checkpoint.save_checkpoint
+
+    def slow(*args, **kwargs):  # no dev set: the save itself spends the budget, after the step's time was taken
+        time.sleep(2.5)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", slow)
+    p, train_config = prepared
+    no_dev = (replace(p, dev=None, devs=[]), train_config)
+    trainer = trainer_in(no_dev, tmp_path / "run", max_time=2.0, eval_every=2)
+    trainer.run()
+    assert trainer.stop_reason == "time budget of 2 s used" and trainer.progress.step == 2
+    assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "run")] == ["step-00000002"]
+    again = trainer_in(no_dev, tmp_path / "run", max_time=2.0, eval_every=2)
+    assert again.resume() and again.progress.seconds >= 2.0
+    again.run()  # the checkpoint holds the time its save spent: nothing more to train
+    assert again.progress.step == 2
+    assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "run")] == ["step-00000002"]
 
 
 # -- 3. --update-freq beyond the batches of an epoch ----------------------------------------------
@@ -397,7 +427,7 @@ def test_sighup_after_the_log_reader_went_away_still_saves(data, tmp_path):
 
 
 def test_max_length_above_the_model_positions_is_a_usage_error_at_start(data, tmp_path):
-    train_config, model_config, tok_config = tiny(data["train"], max_length=5000)
+    train_config, model_config, tok_config = tiny_configs(data["train"], max_length=5000)
     with pytest.raises(UsageError, match=r"--max-length 5000 .*max_positions 1024"):
         train_mod.train(train_config, model_config, tok_config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
