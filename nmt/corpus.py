@@ -159,6 +159,7 @@ def fingerprints(paths: list[Path], memo_file: Path | None = None) -> list[Finge
             memo[key] = {"stamp": stamp, "lines": fp.lines, "sha256": fp.sha256}
             changed = True
     if memo_file is not None and changed:
+        memo = {k: v for k, v in memo.items() if os.path.exists(k)}  # not the files since removed (a rebuilt cache's)
         try:
             atomic.write_text(memo_file, json.dumps(memo, indent=1))
         except NmtError:  # only an optimisation: the next run hashes again (a full disk leaves no temporary)

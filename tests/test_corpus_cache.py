@@ -326,6 +326,25 @@ def test_fingerprint_missing_file(tmp_path):
     assert str(tmp_path / "nope") in str(err.value)
 
 
+def test_the_fingerprint_memo_forgets_files_since_removed(tmp_path, monkeypatch):
+    """A removed file's entry (a rebuilt cache's files) leaves the memo the next time it is
+    written; the entries of files still there stay."""
+    import nmt.corpus as corpus_mod
+
+    fingerprints = corpus_mod.fingerprints
+    monkeypatch.setattr(corpus_mod, "SETTLED_NS", -10**12)  # remember even just-written files
+    memo, kept, gone = tmp_path / "memo.json", tmp_path / "kept.txt", tmp_path / "gone.txt"
+    for path in (kept, gone):
+        path.write_bytes(b"uno\n")
+    fingerprints([kept, gone], memo)
+    assert set(json.loads(memo.read_text())) == {str(kept.resolve()), str(gone.resolve())}
+    gone.unlink()
+    other = tmp_path / "other.txt"
+    other.write_bytes(b"dos\n")
+    fingerprints([other], memo)  # a new entry: the memo is written again
+    assert set(json.loads(memo.read_text())) == {str(kept.resolve()), str(other.resolve())}
+
+
 def test_fingerprint_memo_skips_only_settled_unchanged_files(tmp_path, monkeypatch):
     """A file whose size, mtime, ctime and inode match the memo is not read again; a changed or a
     just-written file is (also one rewritten with its mtime put back), and every answer equals a
