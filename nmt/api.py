@@ -137,13 +137,15 @@ def load(directory: str | Path, *, device: str = "auto", dtype: str = "auto", th
     if engines.is_ctranslate2_dir(directory):
         if device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device: unknown value {device!r} (choose from auto, cpu, cuda)")
-        from nmt.export import ctranslate2_module
+        from nmt.export import EXPORT_META, ctranslate2_module
 
         if device == "auto":
             device = "cuda" if ctranslate2_module().get_cuda_device_count() > 0 else "cpu"
         compute_type = {"auto": "default"}.get(dtype, dtype)
         base = engines.CTranslate2.load(directory, defaults, compute_type=compute_type, threads=threads, device=device)
-        return Model(base.with_config, base.vocabs, defaults, directory, base.src_language, _export_directions(directory))
+        # the directions its record names (an export from before they were: untagged)
+        return Model(base.with_config, base.vocabs, defaults, directory, base.src_language,
+                     of_model(base.record, str(directory / EXPORT_META)))
     import torch
 
     from nmt import checkpoint, runtime
@@ -157,10 +159,3 @@ def load(directory: str | Path, *, device: str = "auto", dtype: str = "auto", th
     src = config.get("src")
     return Model(lambda c: engines.for_model(model, rt, c), vocabs, defaults, directory,
                  src if isinstance(src, str) else None, of_model(config, str(directory / "config.json")))
-
-
-def _export_directions(directory: Path):
-    """The directions an export's metadata records (an export from before they were: untagged)."""
-    from nmt.export import EXPORT_META, read_export_record
-
-    return of_model(read_export_record(directory), str(directory / EXPORT_META))

@@ -176,11 +176,12 @@ class CTranslate2:
     """
 
     def __init__(self, translator: Any, vocabs: Vocabs, max_positions: int, config: DecodeConfig,
-                 exact_caps: bool = True, src_language: str | None = None):
+                 exact_caps: bool = True, record: dict[str, Any] | None = None):
         from nmt.export import vocab_tokens
 
         self.translator, self.vocabs, self.max_positions = translator, vocabs, max_positions
-        self.config, self.exact_caps, self.src_language = config, exact_caps, src_language
+        self.config, self.exact_caps = config, exact_caps
+        self.record = record or {}  # the export's nmt_export.json, as `load` read and checked it
         self.src_tokens = vocab_tokens(vocabs.src)
         self.tgt_tokens = vocab_tokens(vocabs.tgt)
         self.tgt_ids = {t: i for i, t in enumerate(self.tgt_tokens)}
@@ -214,8 +215,12 @@ class CTranslate2:
         # sampling: CTranslate2 seeds each thread's generator at its first use from this seed (by
         # default from std::random_device), so a run is reproducible as with nmt's own engine
         ct2.set_random_seed(config.seed)
-        src = meta.get("src")  # written by exports since --split-sentences; older ones: None
-        return CTranslate2(translator, vocabs, max_positions, config, exact_caps, src if isinstance(src, str) else None)
+        return CTranslate2(translator, vocabs, max_positions, config, exact_caps, meta)
+
+    @property
+    def src_language(self) -> str | None:
+        src = self.record.get("src")  # written by exports since --split-sentences; older ones: None
+        return src if isinstance(src, str) else None
 
     def with_config(self, config: DecodeConfig) -> "CTranslate2":
         """The same loaded translator under other decoding options (nothing is reloaded; the
@@ -223,8 +228,7 @@ class CTranslate2:
         from nmt.export import ctranslate2_module
 
         ctranslate2_module().set_random_seed(config.seed)
-        return CTranslate2(self.translator, self.vocabs, self.max_positions, config, self.exact_caps,
-                           self.src_language)
+        return CTranslate2(self.translator, self.vocabs, self.max_positions, config, self.exact_caps, self.record)
 
     def score(self, sources: list[list[int]], targets: list[list[int]]) -> list[list[float]]:
         """`score_batch`: CTranslate2 starts the target with the decoder start token (our BOS)

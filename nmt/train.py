@@ -562,7 +562,7 @@ class Trainer:
         self.progress.seconds = time.monotonic() - start
         self._check_budget()
         if self.stop_reason is not None and self._saved_dir is not None:
-            atomic.write_text(self._saved_dir / PROGRESS_FILE, json.dumps(asdict(self.progress)))
+            self._write_progress(self._saved_dir)
 
     def _no_batches(self, budget: int) -> None:
         """Why an epoch holds no batch for this process: none fits the budget, or there are fewer
@@ -696,9 +696,14 @@ class Trainer:
             self._evaluate()
             if saved is not None:
                 pr.seconds = time.monotonic() - self._start  # a resume counts the evaluation, as this run does
-                atomic.write_text(saved / PROGRESS_FILE, json.dumps(asdict(pr)))
+                self._write_progress(saved)
         self.dist.share_stop(self)
         self.dist.barrier()
+
+    def _write_progress(self, saved: Path) -> None:
+        """The progress beside a saved checkpoint, after its evaluation: what a resume continues from
+        (its state file holds the progress as it was before the evaluation)."""
+        atomic.write_text(saved / PROGRESS_FILE, json.dumps(asdict(self.progress)))
 
     def _last_evaluation_missing(self) -> bool:
         pr = self.progress
@@ -713,8 +718,7 @@ class Trainer:
             log.info("step %d was saved but not evaluated: evaluating it now", self.progress.step)
             self._evaluate()
             self.progress.seconds = time.monotonic() - self._start
-            latest = checkpoint.list_checkpoints(self.p.out)[-1]
-            atomic.write_text(latest / PROGRESS_FILE, json.dumps(asdict(self.progress)))
+            self._write_progress(checkpoint.list_checkpoints(self.p.out)[-1])
         self.dist.share_stop(self)  # its patience may end the run: on every rank, or the others wait in a step
         self.dist.barrier()
 
