@@ -2,7 +2,8 @@
 
 On CPU, `--dtype auto` picks bfloat16 where the CPU lists bf16 units (amx_bf16 or avx512_bf16) and
 float32 where an x86 CPU lists neither (bf16 is emulated there, slowly); only where the flags can't be
-read (no /proc/cpuinfo, other architectures) does a short matmul race decide.
+read (no /proc/cpuinfo, other architectures) does a short matmul race decide, and a run keeps the
+race's first answer (`setup`'s `raced_before`), so that its resume trains in the same dtype.
 Denormal floats are flushed to zero: on x86 they slow the backward pass by an order of magnitude.
 """
 
@@ -28,6 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.fl
 class Runtime:
     device: torch.device
     dtype: torch.dtype  # the autocast dtype for matrix products (float32: no autocast)
+    raced: bool = False  # `--dtype auto` decided by the bf16/fp32 race (or its earlier answer), not by flags
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -47,10 +49,12 @@ class Runtime:
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else _cpu_name()
         threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
-        return f"{self.device.type} ({name}{threads}), {str(self.dtype).removeprefix('torch.')}"
+        return f"{self.device.type} ({name}{threads}), {dtype_name(self.dtype)}"
 
 
-def setup(device: str = "auto", dtype: str = "auto", threads: int = 0) -> Runtime:
+def setup(device: str = "auto", dtype: str = "auto", threads: int = 0, raced_before: str | None = None) -> Runtime:
+    """`raced_before`: the dtype an earlier race chose for this run (its config.json), taken where
+    `--dtype auto` would race again: the race is noisy, and a run's dtype should not change on resume."""
     torch.set_flush_denormal(True)
     if threads < 0:
         raise UsageError(f"--threads must be ≥ 0 (got {threads})")
@@ -60,7 +64,12 @@ def setup(device: str = "auto", dtype: str = "auto", threads: int = 0) -> Runtim
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(dev, _dtype(dtype, dev))
+    return Runtime(dev, *_dtype(dtype, dev, raced_before))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' or 'bfloat16': the name `setup` takes back."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _device(name: str) -> torch.device:
@@ -73,18 +82,19 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _dtype(name: str, device: torch.device) -> torch.dtype:
+def _dtype(name: str, device: torch.device, raced_before: str | None) -> tuple[torch.dtype, bool]:
+    """The dtype, and whether the bf16/fp32 race chose it."""
     if name != "auto":
         if name not in DTYPES:
             raise UsageError(f"unknown dtype {name!r} (auto, float32 or bfloat16)")
-        return DTYPES[name]
+        return DTYPES[name], False
     if device.type == "cuda":
         # bf16 units only: an older GPU (T4, V100) emulates bf16, slowly
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
-    return _cpu_dtype()
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32), False
+    return _cpu_dtype(raced_before)
 
 
-def _cpu_dtype() -> torch.dtype:
+def _cpu_dtype(raced_before: str | None = None) -> tuple[torch.dtype, bool]:
     """bf16 autocast where the CPU has bf16 units, float32 where it has none, a race elsewhere.
 
     The flags decide because the race alone misread the machines it was written for: on a 2-core
@@ -92,16 +102,20 @@ def _cpu_dtype() -> torch.dtype:
     tokens/s), yet 12 races in 12 processes read speed-ups from 1.29 to 4.37, since that VM's AMX
     unit ran whole processes at about 40% of its speed, and one race in an earlier session fell
     under the 1.2 bar and chose float32. The flags agree with every race on the other two CPUs
-    measured (Zen 4 with avx512_bf16: bf16; Zen 3 with neither: float32)."""
+    measured (Zen 4 with avx512_bf16: bf16; Zen 3 with neither: float32).
+    Returns the dtype and whether a race chose it (this one, or the earlier one `raced_before` names)."""
     if not os.environ.get("NMT_CPU_BF16_SPEEDUP"):  # tests and benchmarks pin the race's outcome with it
         units = cpu_bf16_units()
         if units == "none":
             log.debug("float32: this CPU lists no bf16 units")
-            return torch.float32
+            return torch.float32, False
         if units != "unknown":
             log.debug("bfloat16 autocast: this CPU has %s", units)
-            return torch.bfloat16
-    return torch.bfloat16 if cpu_bf16_speedup() > 1.2 else torch.float32
+            return torch.bfloat16, False
+    if raced_before in ("float32", "bfloat16"):
+        log.debug("%s: the run's first bf16/fp32 race chose it", raced_before)
+        return DTYPES[raced_before], True
+    return (torch.bfloat16 if cpu_bf16_speedup() > 1.2 else torch.float32), True
 
 
 @functools.cache

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from nmt import atomic, checkpoint, directions, finetune, mixing, recipe, validate
-from nmt.batching import Batch, Plan, collate, padded, plan_epoch, target_tokens
+from nmt.batching import Batch, Plan, collate, padded, plan_epoch, target_tokens, training_pad_multiple
 from nmt.cache import MEMO_FILE, Filters, load_or_build
 from nmt.config import PRESET_TRAINING, ModelConfig, TokenizerConfig, TrainConfig, to_dict
 from nmt.corpus import ParallelCorpus, fingerprints, sample_corpora
@@ -34,7 +34,7 @@ from nmt.directions import Directions
 from nmt.errors import Interrupted, NmtError, UsageError
 from nmt.model import Transformer, count_parameters
 from nmt.progress import StepProgress
-from nmt.runtime import Runtime, keep_freed_memory, setup, trim_heap
+from nmt.runtime import Runtime, dtype_name, keep_freed_memory, setup, trim_heap
 from nmt.textio import count_lines
 from nmt.tokenizer import JOINT_FILE, PAD_ID, SEPARATE_FILES, Vocabs, train_vocabs_streamed
 
@@ -393,6 +393,7 @@ def linear_lr(step: int, peak: float, warmup: int, budget_used: float) -> float:
 class Trainer:
     def __init__(self, p: Prepared, config: TrainConfig, runtime: Runtime, dist: "Distributed"):
         self.p, self.config, self.runtime, self.dist = p, config, runtime, dist
+        self._pad_multiple = training_pad_multiple(runtime.device, runtime.dtype)
         if runtime.device.type == "cpu":
             keep_freed_memory()  # the same large temporaries every step: reuse, don't re-fault
         torch.manual_seed(config.seed)
@@ -634,7 +635,7 @@ class Trainer:
         pin = self.runtime.device.type == "cuda"
         total_loss = 0.0
         for i, idx in enumerate(group):
-            batch = collate(self.p.cache, idx, pin=pin).to(self.runtime.device)
+            batch = collate(self.p.cache, idx, pin, self._pad_multiple).to(self.runtime.device)
             total_loss += self._forward_backward(batch, n_tokens, sync=i == len(group) - 1)
         return total_loss
 
@@ -1069,6 +1070,7 @@ def _shape_trial(p: Prepared, config: TrainConfig, runtime: Runtime, batch_token
     """For recipe.measure: build a shape with its optimizer; return a function that runs one optimizer
     step on real batch i of the cache (the same batches for every shape)."""
     batches = plan_epoch(p.cache.src_len, p.cache.tgt_len, batch_tokens, config.seed, 0)
+    multiple = training_pad_multiple(runtime.device, runtime.dtype)  # as the training steps will pad them
 
     def out_of_memory() -> recipe.DoesNotFit:
         if runtime.device.type == "cuda":
@@ -1083,7 +1085,7 @@ def _shape_trial(p: Prepared, config: TrainConfig, runtime: Runtime, batch_token
             raise out_of_memory() from None
 
         def step(i: int) -> int:
-            batch = collate(p.cache, batches[i % len(batches)]).to(runtime.device)
+            batch = collate(p.cache, batches[i % len(batches)], multiple=multiple).to(runtime.device)
             try:
                 with runtime.autocast(), runtime.kernels():
                     keep = batch.tgt_out != PAD_ID
@@ -1124,7 +1126,7 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
     try:
         # rank 0 alone looks: the others start after it has written there
         existing_run = check_out_dir(out, force) if dist.is_writer else False
-        runtime = setup(dist.device_name(config.device), config.dtype, config.threads)
+        runtime = _runtime(config, dist, out, existing_run)
         chosen = None
         if config.preset == "auto":
             tok_config = _recipe_vocabulary(config, tok_config, out)
@@ -1146,6 +1148,8 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         described = run_config(p, config, tok_config, dist.world_size)
         if chosen is not None:
             described["recipe"] = recipe.describe(chosen)
+        if runtime.raced:
+            described[RACED_DTYPE] = dtype_name(runtime.dtype)
         has_checkpoints = bool(checkpoint.list_checkpoints(out))
         if (existing_run and not (force and not has_checkpoints)) or \
                 (not dist.is_writer and (out / "config.json").exists() and has_checkpoints):
@@ -1187,6 +1191,23 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         dist.close()
         if lock is not None:
             os.close(lock)
+
+
+RACED_DTYPE = "dtype_raced"  # config.json: the dtype `--dtype auto`'s bf16/fp32 race chose for the run
+
+
+def _runtime(config: TrainConfig, dist: Distributed, out: Path, existing_run: bool) -> Runtime:
+    """Device, dtype and threads of this process. Where `--dtype auto` is decided by the bf16/fp32
+    race (a CPU whose flags can't be read), the run keeps the race's first answer: a resume takes it
+    from config.json, and under torchrun every rank takes rank 0's (a race on each could differ, and
+    the ranks would then train in two dtypes at two speeds)."""
+    device = dist.device_name(config.device)
+    raced = checkpoint.read_config(out).get(RACED_DTYPE) if existing_run and config.dtype == "auto" else None
+    if dist.world_size == 1 or config.dtype != "auto":
+        return setup(device, config.dtype, config.threads, raced_before=raced)
+    runtime = setup(device, "auto", config.threads, raced_before=raced) if dist.is_writer else None
+    first = dist.gather(dtype_name(runtime.dtype) if runtime else None)[0]
+    return runtime or setup(device, first, config.threads)
 
 
 def _mixing_record(trainer: Trainer) -> dict[str, Any]:

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from conftest import head_lines
-from nmt.batching import _cut, collate, plan_epoch
+from nmt.batching import _cut, collate, plan_epoch, training_pad_multiple
 from nmt.cache import Filters, load_or_build
-from nmt.config import TokenizerConfig
+from nmt.config import ModelConfig, TokenizerConfig
 from nmt.corpus import ParallelCorpus
+from nmt.model import Transformer
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_vocabs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,17 +192,17 @@ def test_plan_five_million_pairs_is_fast():
 # --- collate --------------------------------------------------------------------------------
 
 
-def expected_tensors(cache, indices) -> tuple[list[list[int]], list[list[int]], list[list[int]], int]:
+def expected_tensors(cache, indices, multiple: int = 8) -> tuple[list[list[int]], list[list[int]], list[list[int]], int]:
     """The batch built by hand from the flat arrays: src = ids+EOS, tgt_in = BOS+ids,
-    tgt_out = ids+EOS, each padded with PAD_ID to its longest row rounded up to a multiple of 8."""
+    tgt_out = ids+EOS, each padded with PAD_ID to its longest row rounded up to `multiple`."""
     srcs, tgts = [], []
     for i in indices:
         s0, sn = int(cache.src_start[i]), int(cache.src_len[i])
         t0, tn = int(cache.tgt_start[i]), int(cache.tgt_len[i])
         srcs.append([int(x) for x in cache.src[s0:s0 + sn]])
         tgts.append([int(x) for x in cache.tgt[t0:t0 + tn]])
-    width_s = math.ceil((max(len(s) for s in srcs) + 1) / 8) * 8  # lengths padded to a multiple of 8
-    width_t = math.ceil((max(len(t) for t in tgts) + 1) / 8) * 8
+    width_s = math.ceil((max(len(s) for s in srcs) + 1) / multiple) * multiple
+    width_t = math.ceil((max(len(t) for t in tgts) + 1) / multiple) * multiple
 
     def pad(row, width):
         return row + [PAD_ID] * (width - len(row))
@@ -212,9 +213,9 @@ def expected_tensors(cache, indices) -> tuple[list[list[int]], list[list[int]], 
     return src, tgt_in, tgt_out, sum(len(t) + 1 for t in tgts)
 
 
-def _check_collate(cache, indices):
-    batch = collate(cache, np.asarray(indices))
-    src, tgt_in, tgt_out, n_tgt = expected_tensors(cache, indices)
+def _check_collate(cache, indices, multiple: int = 8):
+    batch = collate(cache, np.asarray(indices), multiple=multiple)
+    src, tgt_in, tgt_out, n_tgt = expected_tensors(cache, indices, multiple)
     for tensor in (batch.src, batch.tgt_in, batch.tgt_out):
         assert tensor.dtype == torch.long
     assert batch.src.tolist() == src
@@ -234,10 +235,43 @@ def test_collate_matches_hand_built_tensors(cache):
     _check_collate(cache, [3, 3])  # the same pair twice
 
 
-def test_collate_every_batch_of_a_plan(cache):
+@pytest.mark.parametrize("multiple", [8, 1])
+def test_collate_every_batch_of_a_plan(cache, multiple):
     batches = plan_epoch(cache.src_len, cache.tgt_len, 800, seed=2, epoch=0)
     for b in batches:
-        _check_collate(cache, b)
+        _check_collate(cache, b, multiple)
+
+
+def test_training_batches_keep_exact_lengths_only_on_cpu_in_float32():
+    """Padding to 8 is for bf16 (oneDNN keeps a kernel per shape) and GPUs; in fp32 on CPU it is
+    only wasted work."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert training_pad_multiple(cpu, torch.float32) == 1
+    assert training_pad_multiple(cpu, torch.bfloat16) == 8
+    assert training_pad_multiple(cuda, torch.float32) == training_pad_multiple(cuda, torch.bfloat16) == 8
+
+
+def test_exact_lengths_train_like_lengths_padded_to_8(cache):
+    """The same pairs collated at exact lengths and padded to 8 give the training loss and every
+    gradient alike: padding is masked out of attention and skipped by the loss."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=32, n_heads=4, d_ff=64, encoder_layers=2, decoder_layers=2, dropout=0.0,
+                                    src_vocab_size=600, tgt_vocab_size=600)).train()
+    batch_of = plan_epoch(cache.src_len, cache.tgt_len, 800, seed=3, epoch=0)
+    indices = max(batch_of, key=len)  # many rows of different lengths
+    results = []
+    for multiple in (8, 1):
+        batch = collate(cache, indices, multiple=multiple)
+        model.zero_grad()
+        keep = batch.tgt_out != PAD_ID
+        loss = model(batch.src, batch.tgt_in, keep, batch.tgt_out[keep], 0.1)
+        loss.backward()
+        results.append((batch.src.shape, loss.item(), [q.grad.clone() for q in model.parameters()]))
+    (shape8, loss8, grads8), (shape1, loss1, grads1) = results
+    assert shape1[1] < shape8[1], "the batch should have padding to drop"
+    assert loss1 == pytest.approx(loss8, rel=1e-6)
+    for g8, g1 in zip(grads8, grads1):
+        torch.testing.assert_close(g1, g8, rtol=1e-4, atol=1e-6)
 
 
 def test_batch_to_keeps_everything(cache):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -241,6 +242,7 @@ def test_a_catch_up_evaluation_that_spends_the_patience_stops_every_rank(data, t
 
 ONE_CLOCK = """
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -271,3 +273,54 @@ def test_ranks_share_one_clock_so_the_time_budget_stops_both_for_the_same_reason
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks == [{"seconds": 12.0, "stop": "time budget of 10 s used"}] * 2
+
+
+AUTO = [*COMMON[:COMMON.index("--dtype")], "--dtype", "auto", *COMMON[COMMON.index("--dtype") + 2:]]
+
+
+def announced_dtypes(stderr: bytes) -> list[str]:
+    """The dtype each process announced in its 'model: …' line (one line per rank)."""
+    return re.findall(r"model: [^\n]*\), (float32|bfloat16)\b", stderr.decode())
+
+
+def test_a_resume_trains_in_the_dtype_the_runs_first_race_chose(data, tmp_path):
+    """Where --dtype auto races bf16 against fp32 (a CPU whose flags can't be read; here the race's
+    outcome is pinned by NMT_CPU_BF16_SPEEDUP), config.json keeps the first race's answer and a resume
+    trains in it instead of racing again (a noisy race could answer otherwise)."""
+    out = tmp_path / "run"
+    opts = [*AUTO, "--train", str(data), "--out", str(out)]
+    r = run_nmt("train", *opts, "--max-steps", "2", env={"NMT_CPU_BF16_SPEEDUP": "3.0"})
+    assert r.returncode == 0, r.stderr.decode()
+    assert announced_dtypes(r.stderr) == ["bfloat16"]
+    assert json.loads((out / "config.json").read_text())["dtype_raced"] == "bfloat16"
+    r = run_nmt("train", *opts, "--max-steps", "4", env={"NMT_CPU_BF16_SPEEDUP": "1.0"})  # this race says float32
+    assert r.returncode == 0, r.stderr.decode()
+    assert "resuming from step-00000002" in r.stderr.decode()
+    assert announced_dtypes(r.stderr) == ["bfloat16"]
+    assert json.loads((out / "training.json").read_text())["device"].endswith(", bfloat16")
+    assert json.loads((out / "config.json").read_text())["dtype_raced"] == "bfloat16"
+
+
+RANKS_RACE_APART = """
+import os
+import sys
+
+os.environ["NMT_CPU_BF16_SPEEDUP"] = "3.0" if os.environ["RANK"] == "0" else "1.0"  # rank 0's race: bf16; rank 1's: fp32
+from nmt.cli import main
+
+sys.argv[0] = "nmt"
+main()
+"""
+
+
+def test_every_rank_trains_in_the_dtype_rank_0_chose(data, tmp_path):
+    """Under torchrun, `--dtype auto`'s race runs on rank 0 alone and the others take its answer:
+    two ranks whose races disagree still train in one dtype (rank 0's)."""
+    script = tmp_path / "ranks_race_apart.py"
+    script.write_text(RANKS_RACE_APART)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29537",
+                        str(script), "train", *AUTO, "--train", str(data), "--out", str(tmp_path / "run"),
+                        "--max-steps", "2"], cwd=ROOT, capture_output=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert announced_dtypes(r.stderr) == ["bfloat16", "bfloat16"]

@@ -53,3 +53,19 @@ def test_a_pinned_speedup_still_overrides_the_flags(monkeypatch):
 def test_the_bf16_units_come_from_whole_flags(monkeypatch, flags, expected):
     monkeypatch.setattr(runtime, "_cpuinfo", lambda field: flags if field == "flags" else None)
     assert cpu_bf16_units() == expected
+
+
+@pytest.mark.parametrize("units, raced_before, expected, raced", [
+    ("unknown", "bfloat16", torch.bfloat16, True),  # the run's first race answered bf16: no new race (it says fp32)
+    ("unknown", "float32", torch.float32, True),
+    ("unknown", "int8", torch.float32, True),       # not a dtype a race answers: race again
+    ("avx512_bf16", "float32", torch.bfloat16, False),  # the flags, where they can be read, decide as before
+    ("none", "bfloat16", torch.float32, False),
+])
+def test_a_runs_earlier_race_answer_replaces_a_new_race_only(monkeypatch, units, raced_before, expected, raced):
+    monkeypatch.delenv("NMT_CPU_BF16_SPEEDUP", raising=False)
+    monkeypatch.setattr(runtime, "cpu_bf16_units", lambda: units)
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 1.0)
+    rt = runtime.setup(device="cpu", dtype="auto", raced_before=raced_before)
+    assert (rt.dtype, rt.raced) == (expected, raced)
+    assert runtime.setup(device="cpu", dtype="float32", raced_before="bfloat16").dtype == torch.float32
