@@ -1126,7 +1126,10 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
     try:
         # rank 0 alone looks: the others start after it has written there
         existing_run = check_out_dir(out, force) if dist.is_writer else False
-        runtime = _runtime(config, dist, out, existing_run)
+        # the dtype a race chose for this run before (not for a run that --force replaces)
+        raced_before = checkpoint.read_config(out).get(RACED_DTYPE) if existing_run and (
+            not force or checkpoint.list_checkpoints(out)) else None
+        runtime = _runtime(config, dist, raced_before)
         chosen = None
         if config.preset == "auto":
             tok_config = _recipe_vocabulary(config, tok_config, out)
@@ -1148,8 +1151,8 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         described = run_config(p, config, tok_config, dist.world_size)
         if chosen is not None:
             described["recipe"] = recipe.describe(chosen)
-        if runtime.raced:
-            described[RACED_DTYPE] = dtype_name(runtime.dtype)
+        if runtime.raced or raced_before in ("float32", "bfloat16"):  # kept through a resume with --dtype set
+            described[RACED_DTYPE] = dtype_name(runtime.dtype) if runtime.raced else raced_before
         has_checkpoints = bool(checkpoint.list_checkpoints(out))
         if (existing_run and not (force and not has_checkpoints)) or \
                 (not dist.is_writer and (out / "config.json").exists() and has_checkpoints):
@@ -1196,17 +1199,24 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
 RACED_DTYPE = "dtype_raced"  # config.json: the dtype `--dtype auto`'s bf16/fp32 race chose for the run
 
 
-def _runtime(config: TrainConfig, dist: Distributed, out: Path, existing_run: bool) -> Runtime:
+def _runtime(config: TrainConfig, dist: Distributed, raced_before: str | None) -> Runtime:
     """Device, dtype and threads of this process. Where `--dtype auto` is decided by the bf16/fp32
-    race (a CPU whose flags can't be read), the run keeps the race's first answer: a resume takes it
-    from config.json, and under torchrun every rank takes rank 0's (a race on each could differ, and
-    the ranks would then train in two dtypes at two speeds)."""
+    race (a CPU whose flags can't be read), the run keeps the race's first answer: a resume passes
+    it in (`raced_before`, rank 0's config.json), and under torchrun every rank takes rank 0's (a race
+    on each could differ, and the ranks would then train in two dtypes at two speeds)."""
     device = dist.device_name(config.device)
-    raced = checkpoint.read_config(out).get(RACED_DTYPE) if existing_run and config.dtype == "auto" else None
     if dist.world_size == 1 or config.dtype != "auto":
-        return setup(device, config.dtype, config.threads, raced_before=raced)
-    runtime = setup(device, "auto", config.threads, raced_before=raced) if dist.is_writer else None
-    first = dist.gather(dtype_name(runtime.dtype) if runtime else None)[0]
+        return setup(device, config.dtype, config.threads, raced_before=raced_before)
+    runtime, answer = None, None
+    if dist.is_writer:
+        try:
+            runtime = setup(device, "auto", config.threads, raced_before=raced_before)
+            answer = dtype_name(runtime.dtype)
+        except NmtError as e:  # told to the others, which wait for the answer in the gather below
+            answer = e
+    first = dist.gather(answer)[0]
+    if isinstance(first, NmtError):
+        raise first
     return runtime or setup(device, first, config.threads)
 
 

@@ -77,9 +77,9 @@ def tiny_configs(train, dev=None, vocab_size: int = 400, **train_fields):
 
     model_config, tok_config, preset = cfg.preset("tiny")
     tok_config = cfg.apply(tok_config, {"vocab_size": vocab_size}, "tok")
-    fields = {**preset, "batch_tokens": 512, "eval_every": 1000, "log_every": 1, **train_fields}
-    train_config = cfg.TrainConfig(preset="tiny", train=[str(train)], dev=str(dev) if dev else None, dtype="float32",
-                                   device="cpu", threads=1, **fields)
+    fields = {**preset, "batch_tokens": 512, "eval_every": 1000, "log_every": 1, "dtype": "float32", **train_fields}
+    train_config = cfg.TrainConfig(preset="tiny", train=[str(train)], dev=str(dev) if dev else None, device="cpu",
+                                   threads=1, **fields)
     return train_config, model_config, tok_config
 
 

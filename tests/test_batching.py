@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import head_lines
+from conftest import head_lines, tiny_configs, write_slice
 from nmt.batching import _cut, collate, plan_epoch, training_pad_multiple
 from nmt.cache import Filters, load_or_build
 from nmt.config import ModelConfig, TokenizerConfig
@@ -296,3 +296,31 @@ def test_curriculum_serves_short_batches_first_in_the_first_epoch_only():
     assert abs(shuffled[:fifth].mean() - shuffled[-fifth:].mean()) < 0.2 * shuffled.mean()
     later = plan_epoch(src, tgt, 2000, seed=1, epoch=1, curriculum=1.0)
     assert [list(b) for b in later] == [list(b) for b in plan_epoch(src, tgt, 2000, seed=1, epoch=1)]
+
+
+@pytest.mark.parametrize("dtype, multiple", [("float32", 1), ("bfloat16", 8)])
+def test_the_trainer_pads_its_batches_as_its_runtime_wants(tmp_path, monkeypatch, dtype, multiple):
+    """Training steps on CPU collate to exact lengths in float32 and to multiples of 8 in bf16."""
+    import nmt.train
+    from nmt.runtime import setup
+    from nmt.train import Distributed, Trainer, prepare
+
+    train_config, model_config, tok_config = tiny_configs(write_slice(tmp_path, "train", 60), dtype=dtype)
+    p = prepare(train_config, model_config, tok_config, tmp_path / "run")
+    trainer = Trainer(p, train_config, setup("cpu", dtype, 1), Distributed("cpu"))
+    widths = []
+
+    def spy(cache, indices, *args, **kwargs):
+        batch = collate(cache, indices, *args, **kwargs)
+        longest = max(int(cache.src_len[indices].max()), int(cache.tgt_len[indices].max())) + 1
+        widths.append((batch.src.shape[1], batch.tgt_in.shape[1], longest))
+        return batch
+
+    monkeypatch.setattr(nmt.train, "collate", spy)
+    batches = plan_epoch(p.cache.src_len, p.cache.tgt_len, train_config.batch_tokens, 1, 0)
+    for b in batches[:3]:
+        trainer.train_step([b])
+    assert len(widths) == 3
+    for src_width, tgt_width, longest in widths:
+        assert src_width % multiple == 0 and tgt_width % multiple == 0
+        assert max(src_width, tgt_width) == -(-longest // multiple) * multiple

@@ -293,9 +293,13 @@ def test_a_resume_trains_in_the_dtype_the_runs_first_race_chose(data, tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     assert announced_dtypes(r.stderr) == ["bfloat16"]
     assert json.loads((out / "config.json").read_text())["dtype_raced"] == "bfloat16"
-    r = run_nmt("train", *opts, "--max-steps", "4", env={"NMT_CPU_BF16_SPEEDUP": "1.0"})  # this race says float32
+    # a resume with --dtype set trains in it, and keeps the record for the next one
+    r = run_nmt("train", *COMMON, "--train", str(data), "--out", str(out), "--max-steps", "4")
     assert r.returncode == 0, r.stderr.decode()
-    assert "resuming from step-00000002" in r.stderr.decode()
+    assert announced_dtypes(r.stderr) == ["float32"]
+    r = run_nmt("train", *opts, "--max-steps", "6", env={"NMT_CPU_BF16_SPEEDUP": "1.0"})  # this race says float32
+    assert r.returncode == 0, r.stderr.decode()
+    assert "resuming from step-00000004" in r.stderr.decode()
     assert announced_dtypes(r.stderr) == ["bfloat16"]
     assert json.loads((out / "training.json").read_text())["device"].endswith(", bfloat16")
     assert json.loads((out / "config.json").read_text())["dtype_raced"] == "bfloat16"
@@ -324,3 +328,9 @@ def test_every_rank_trains_in_the_dtype_rank_0_chose(data, tmp_path):
                         "--max-steps", "2"], cwd=ROOT, capture_output=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     assert announced_dtypes(r.stderr) == ["bfloat16", "bfloat16"]
+    # rank 0's setup refuses the options: every rank ends with its error, none waits for the answer
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29538",
+                        str(script), "train", *AUTO, "--threads", "-1", "--train", str(data), "--out",
+                        str(tmp_path / "refused"), "--max-steps", "2"], cwd=ROOT, capture_output=True, timeout=120, env=env)
+    assert r.returncode != 0
+    assert r.stderr.decode().count("--threads must be ≥ 0 (got -1)") == 2, r.stderr.decode()[-3000:]
