@@ -22,10 +22,11 @@ from nmt.cpu_kernels import dropout, dropout_add, linear_cross_entropy
 
 
 def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
-    """PE(pos, 2i) = sin(pos / 10000^(2i/D)), PE(pos, 2i+1) = cos(…)  (section 3.5)."""
-    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]  # [P, 1]
-    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
-    pe = torch.zeros(n_positions, d_model)
+    """PE(pos, 2i) = sin(pos / 10000^(2i/D)), PE(pos, 2i+1) = cos(…)  (section 3.5). Computed on CPU
+    whatever the default device (`Transformer.to` moves it)."""
+    pos = torch.arange(n_positions, dtype=torch.float32, device="cpu")[:, None]  # [P, 1]
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32, device="cpu") * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(n_positions, d_model, device="cpu")
     pe[:, 0::2] = torch.sin(pos * inv_freq)
     pe[:, 1::2] = torch.cos(pos * inv_freq)
     return pe  # [P, D]
@@ -255,17 +256,28 @@ class DecoderCache:
         self.reorder(rows, sentences)
 
 
+def _embedding(n: int, d: int, pad_id: int) -> nn.Embedding:
+    """An embedding table (`Transformer._init_weights` sets its values). nn.Embedding's own N(0, 1)
+    draw is made here only off the meta device: on it, the draw runs torch's Python reference kernels,
+    whose first use imports torch._dynamo, 1.3 s of every command that loads a model. Elsewhere it is
+    kept, so that a seed gives the same model as before."""
+    weight = torch.empty(n, d)
+    if not weight.is_meta:
+        weight.normal_()
+    return nn.Embedding.from_pretrained(weight, freeze=False, padding_idx=pad_id)
+
+
 class Transformer(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         if c.d_model % c.n_heads:
             raise ValueError(f"d_model {c.d_model} is not divisible by n_heads {c.n_heads}")
         self.config = c
-        self.src_embed = nn.Embedding(c.src_vocab_size, c.d_model, padding_idx=c.pad_id)
+        self.src_embed = _embedding(c.src_vocab_size, c.d_model, c.pad_id)
         if c.tie_embeddings and c.joint_vocab and c.src_vocab_size == c.tgt_vocab_size:
             self.tgt_embed = self.src_embed  # one joint vocabulary: one matrix (separate ones of equal size: two)
         else:
-            self.tgt_embed = nn.Embedding(c.tgt_vocab_size, c.d_model, padding_idx=c.pad_id)
+            self.tgt_embed = _embedding(c.tgt_vocab_size, c.d_model, c.pad_id)
         self.register_buffer("positions", sinusoidal_positions(c.max_positions, c.d_model), persistent=False)
         self.embed_dropout = Dropout(c.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(c) for _ in range(c.encoder_layers))
@@ -279,6 +291,8 @@ class Transformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        if self.output.weight.is_meta:  # shapes only (`checkpoint.check_weights`): no values to set
+            return
         for name, p in self.named_parameters():
             if p.dim() > 1 and "embed" not in name:
                 nn.init.xavier_uniform_(p)

@@ -271,7 +271,7 @@ def test_exact_lengths_train_like_lengths_padded_to_8(cache):
     assert shape1[1] < shape8[1], "the batch should have padding to drop"
     assert loss1 == pytest.approx(loss8, rel=1e-6)
     for g8, g1 in zip(grads8, grads1):
-        torch.testing.assert_close(g1, g8, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g1, g8, rtol=1e-4, atol=1e-5)  # sums over other row counts: rounding
 
 
 def test_batch_to_keeps_everything(cache):

@@ -1,9 +1,16 @@
 """Properties of the Transformer that hold for any weights: causality, padding, and learning."""
 
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_model
 
+from conftest import ROOT
 from nmt.config import ModelConfig
 from nmt.model import Transformer, sinusoidal_positions
 
@@ -92,3 +99,37 @@ def test_tiny_model_learns_the_copy_task_to_exact_match():
     src = torch.cat([seq, torch.full((50, 1), eos)], 1)
     results = greedy(model, src, DecodeConfig(beam_size=1, max_length_a=1.0, max_length_b=3))
     assert [r.hypotheses[0].tokens for r in results] == seq.tolist()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_embeddings_start_at_the_scale_of_the_model_with_the_padding_row_zero(tie):
+    """N(0, d_model^-1/2) (the tables are scaled by √d_model when used), the padding id's row zero,
+    and trainable: set by `_init_weights`, not left to nn.Embedding's N(0, 1)."""
+    torch.manual_seed(0)
+    c = ModelConfig(d_model=64, n_heads=4, d_ff=128, encoder_layers=1, decoder_layers=1, src_vocab_size=3000,
+                    tgt_vocab_size=3000 if tie else 2000, tie_embeddings=tie)
+    model = Transformer(c)
+    for table in (model.src_embed, model.tgt_embed):
+        w = table.weight
+        assert w.requires_grad and table.padding_idx == c.pad_id
+        assert torch.count_nonzero(w[c.pad_id]) == 0
+        assert w[1:].std().item() == pytest.approx(64**-0.5, rel=0.05)
+        assert w[1:].mean().abs().item() < 0.01
+    assert (model.src_embed is model.tgt_embed) == tie
+
+
+def test_checking_a_weights_file_against_its_config_builds_nothing_slow(tmp_path):
+    """`check_weights` builds the model on the meta device for its shapes; computing values there
+    (nn.Embedding's normal draw, the position table) ran torch's Python reference kernels, whose first
+    use imports torch._dynamo, 1.2 s of every command that loads a model."""
+    c = ModelConfig(d_model=32, n_heads=4, d_ff=64, encoder_layers=1, decoder_layers=1, src_vocab_size=50,
+                    tgt_vocab_size=50)
+    weights = tmp_path / "model.safetensors"
+    save_model(Transformer(c), str(weights))
+    script = ("import json, sys\nfrom nmt.checkpoint import check_weights\nfrom nmt.config import ModelConfig\n"
+              "check_weights(sys.argv[1], ModelConfig(**json.loads(sys.argv[2])))\n"
+              "print('torch._dynamo' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", script, str(weights), json.dumps(asdict(c))], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
