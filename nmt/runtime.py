@@ -23,6 +23,7 @@ from nmt.errors import UsageError
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}
+RACE_ANSWERS = ("float32", "bfloat16")  # what the bf16/fp32 race answers, by the names a run's config.json keeps
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def setup(device: str = "auto", dtype: str = "auto", threads: int = 0, raced_bef
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """'float32' or 'bfloat16': the name `setup` takes back."""
+    """'float32' or 'bfloat16' (RACE_ANSWERS): the name `setup` takes back."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -94,7 +95,7 @@ def _dtype(name: str, device: torch.device, raced_before: str | None) -> tuple[t
     return _cpu_dtype(raced_before)
 
 
-def _cpu_dtype(raced_before: str | None = None) -> tuple[torch.dtype, bool]:
+def _cpu_dtype(raced_before: str | None) -> tuple[torch.dtype, bool]:
     """bf16 autocast where the CPU has bf16 units, float32 where it has none, a race elsewhere.
 
     The flags decide because the race alone misread the machines it was written for: on a 2-core
@@ -112,7 +113,7 @@ def _cpu_dtype(raced_before: str | None = None) -> tuple[torch.dtype, bool]:
         if units != "unknown":
             log.debug("bfloat16 autocast: this CPU has %s", units)
             return torch.bfloat16, False
-    if raced_before in ("float32", "bfloat16"):
+    if raced_before in RACE_ANSWERS:
         log.debug("%s: the run's first bf16/fp32 race chose it", raced_before)
         return DTYPES[raced_before], True
     return (torch.bfloat16 if cpu_bf16_speedup() > 1.2 else torch.float32), True

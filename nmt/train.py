@@ -34,7 +34,7 @@ from nmt.directions import Directions
 from nmt.errors import Interrupted, NmtError, UsageError
 from nmt.model import Transformer, count_parameters
 from nmt.progress import StepProgress
-from nmt.runtime import Runtime, dtype_name, keep_freed_memory, setup, trim_heap
+from nmt.runtime import RACE_ANSWERS, Runtime, dtype_name, keep_freed_memory, setup, trim_heap
 from nmt.textio import count_lines
 from nmt.tokenizer import JOINT_FILE, PAD_ID, SEPARATE_FILES, Vocabs, train_vocabs_streamed
 
@@ -1126,9 +1126,7 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
     try:
         # rank 0 alone looks: the others start after it has written there
         existing_run = check_out_dir(out, force) if dist.is_writer else False
-        # the dtype a race chose for this run before (not for a run that --force replaces)
-        raced_before = checkpoint.read_config(out).get(RACED_DTYPE) if existing_run and (
-            not force or checkpoint.list_checkpoints(out)) else None
+        raced_before = _dtype_raced_before(out, existing_run, force)
         runtime = _runtime(config, dist, raced_before)
         chosen = None
         if config.preset == "auto":
@@ -1151,7 +1149,7 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         described = run_config(p, config, tok_config, dist.world_size)
         if chosen is not None:
             described["recipe"] = recipe.describe(chosen)
-        if runtime.raced or raced_before in ("float32", "bfloat16"):  # kept through a resume with --dtype set
+        if runtime.raced or raced_before:  # kept through a resume with --dtype set
             described[RACED_DTYPE] = dtype_name(runtime.dtype) if runtime.raced else raced_before
         has_checkpoints = bool(checkpoint.list_checkpoints(out))
         if (existing_run and not (force and not has_checkpoints)) or \
@@ -1197,6 +1195,15 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
 
 
 RACED_DTYPE = "dtype_raced"  # config.json: the dtype `--dtype auto`'s bf16/fp32 race chose for the run
+
+
+def _dtype_raced_before(out: Path, existing_run: bool, force: bool) -> str | None:
+    """The dtype a race chose for the run in `out` (its config.json), for a resume; None for a new
+    run, one that --force replaces, or a record that names no dtype a race answers."""
+    if not existing_run or (force and not checkpoint.list_checkpoints(out)):
+        return None
+    record = checkpoint.read_config(out).get(RACED_DTYPE)
+    return record if record in RACE_ANSWERS else None
 
 
 def _runtime(config: TrainConfig, dist: Distributed, raced_before: str | None) -> Runtime:
