@@ -25,10 +25,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
-from nmt.config import limit_problem, shape_problem, type_problem
+from nmt.config import ModelConfig, TrainConfig, choices, limit_problem, shape_problem, type_problem
 from nmt.errors import NmtError, UsageError
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,10 @@ def choose(rates: dict[str, float], corpus_tokens: int, max_time: float | None, 
     warmup = int(min(400, max(100, 0.25 * steps), 0.5 * steps))
     lr = lr_for(shape.d_model)
     dropout = dropout_for(epochs, shape.d_model)
-    evals = _evaluations(max_time, eval_seconds)
+    seconds = max_time  # the run's length: the time budget, or less where its steps or epochs end it sooner
+    if max_time and tokens < rates[shape.name] * ranks * max_time * (1 - EVAL_SHARE):
+        seconds = tokens / (rates[shape.name] * ranks * (1 - EVAL_SHARE))
+    evals = _evaluations(seconds, eval_seconds)
     eval_every = max(50, int(1.1 * steps) // evals)  # the last one inside the budget not right before its end
     speed = f" at {rates[shape.name]:,.0f} tokens/s" if shape.name in rates else f" in {max_steps:,} steps"
     if ranks > 1:
@@ -313,11 +316,11 @@ def choose(rates: dict[str, float], corpus_tokens: int, max_time: float | None, 
 
 
 def _evaluations(max_time: float | None, eval_seconds: float) -> int:
-    """How many dev evaluations the budget affords within EVAL_SHARE (2 to 20; the last one comes
-    when the budget is spent, so at least one falls inside it: it also saves a checkpoint). A long
-    budget gets one about every CHECKPOINT_SECONDS, as long as they still fit in the share: each
-    saves a checkpoint, and a run killed without one (SIGKILL, a power cut) loses what came after
-    the last."""
+    """How many dev evaluations a run of `max_time` seconds (None: of a step budget) affords within
+    EVAL_SHARE (2 to 20; the last one comes when the budget is spent, so at least one falls inside
+    it: it also saves a checkpoint). A long budget gets one about every CHECKPOINT_SECONDS, as long
+    as they still fit in the share: each saves a checkpoint, and a run killed without one (SIGKILL,
+    a power cut) loses what came after the last."""
     if not max_time:
         return 10
     hourly = math.ceil(max_time / CHECKPOINT_SECONDS)
@@ -343,6 +346,38 @@ def describe(recipe: Recipe) -> dict[str, Any]:
     return asdict(recipe)
 
 
+MODEL_SETTINGS = (*SHAPE_FIELDS, "dropout")  # what a recipe sets (`choose`), of ModelConfig
+TRAIN_SETTINGS = ("batch_tokens", "lr", "warmup_steps", "lr_schedule", "eval_every", "average_last")  # of TrainConfig
+
+
+def _settings_problem(chosen: Recipe) -> str | None:
+    """Why a record's settings cannot configure a run (an option a recipe does not set, a value of
+    the wrong type or out of range), or None: a record is read from a file, which can hold anything."""
+    for section, known, cls in (("model", MODEL_SETTINGS, ModelConfig), ("train", TRAIN_SETTINGS, TrainConfig)):
+        values = getattr(chosen, section)
+        if unknown := sorted(set(values) - set(known)):
+            return f"{section} setting {', '.join(unknown)} is not a recipe's"
+        if problem := type_problem(replace(cls(), **values)):
+            return f"{section} {problem}"
+    model, train = chosen.model, chosen.train
+    for name in set(SHAPE_FIELDS) & set(model):
+        if problem := limit_problem(name, model[name]):
+            return f"model {problem}"
+    if "d_model" in model and (problem := shape_problem(model["d_model"], model.get("n_heads"))):
+        return f"model {problem}"
+    lowest = {"batch_tokens": 1, "eval_every": 1, "warmup_steps": 0, "average_last": 0}
+    for name in set(lowest) & set(train):
+        if train[name] < lowest[name]:
+            return f"train {name} = {train[name]} is under {lowest[name]}"
+    if not 0 <= model.get("dropout", 0) < 1:
+        return f"model dropout = {model['dropout']} is not in [0, 1)"
+    if not train.get("lr", 1) > 0:
+        return f"train lr = {train['lr']} is not > 0"
+    if train.get("lr_schedule", "cosine") not in choices(TrainConfig, "lr_schedule"):
+        return f"train lr_schedule {train['lr_schedule']!r} is not one of {', '.join(choices(TrainConfig, 'lr_schedule'))}"
+    return None
+
+
 def from_record(record: Any, where: str, fix: str = "use a new --out") -> Recipe:
     """The recipe a record (recipe.json, or config.json's copy) describes; a record of another
     shape is an error naming `where`."""
@@ -357,7 +392,7 @@ def from_record(record: Any, where: str, fix: str = "use a new --out") -> Recipe
         problem = f"unexpected {', '.join(unknown)}"
     else:
         chosen = Recipe(**record)
-        problem = type_problem(chosen)  # the field types, as a --config file's are checked
+        problem = type_problem(chosen) or _settings_problem(chosen)  # as a --config file's are checked
     if problem is not None:
         raise NmtError(f"{where}: not a recipe record of this nmt ({problem}); {fix}")
     return chosen  # type: ignore[return-value]

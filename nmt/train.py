@@ -978,17 +978,19 @@ def _read_recipe(path: Path) -> recipe.Recipe:
 RECIPE_FIX = "delete it: a run restores it from its config.json, a preparation chooses again"
 
 
-def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, existing_run: bool,
+def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, continues: bool,
             ranks: int = 1) -> recipe.Recipe:
     """The stored recipe of this run (a resume), else one chosen now by timing the candidate shapes
-    on real batches; printed with its reason and written to OUT/recipe.json. `existing_run`: `out`
-    holds a run's config (`check_out_dir`), whose copy of the recipe restores a lost recipe.json;
-    `ranks`: the processes that will train (torchrun)."""
+    on real batches; printed with its reason and written to OUT/recipe.json. `continues`: this
+    command continues the run whose config is in `out` (not a --force that replaces it), and that
+    config's copy of the recipe restores a lost recipe.json; `ranks`: the processes that will train
+    (torchrun)."""
     stored = out / RECIPE_FILE
     by_hand = _shape_by_hand(config, p.model_config)
-    if existing_run and not stored.exists():
+    if continues and not stored.exists():
         record = checkpoint.read_config(out).get("recipe")
         if record:  # written with the run's config, so it is this run's
+            recipe.from_record(record, f"{out / 'config.json'}: its recipe", "use a new --out")
             atomic.write_text(stored, json.dumps(record, indent=2))
     # what the recipe was chosen for: the budget, and the target tokens of a step (batches per step, processes)
     budget = {"max_time": config.max_time, "max_steps": config.max_steps, "max_epochs": config.max_epochs,
@@ -1000,7 +1002,7 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, exist
         # budget (a record from before the budget was kept: as if the same; one from before the step's size
         # was kept: as if one batch on one process) or other shape options
         same_budget = not chosen.budget or {"update_freq": 1, "processes": 1, **chosen.budget} == budget
-        if existing_run or (same_budget and all(chosen.model.get(k) == v for k, v in by_hand.items())):
+        if continues or (same_budget and all(chosen.model.get(k) == v for k, v in by_hand.items())):
             log.info("recipe (stored): %s", chosen.reason)
             if not same_budget and not checkpoint.list_checkpoints(out):
                 log.warning("%s: its recipe was chosen for another budget (%s) and no checkpoint is saved yet: a "
@@ -1126,7 +1128,10 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
     try:
         # rank 0 alone looks: the others start after it has written there
         existing_run = check_out_dir(out, force) if dist.is_writer else False
-        raced_before = _dtype_raced_before(out, existing_run, force)
+        # --force over a run that saved no checkpoint makes a new run there: none of the old one's choices
+        # (recipe, raced dtype) is kept, and its configuration is not compared
+        continues = existing_run and not (force and not checkpoint.list_checkpoints(out))
+        raced_before = _dtype_raced_before(out, continues)
         runtime = _runtime(config, dist, raced_before)
         chosen = None
         if config.preset == "auto":
@@ -1138,7 +1143,7 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
                 check_resume_before_the_cache(out, config, parent)
             p = prepare(config, model_config, tok_config, out, parent=parent)
             if config.preset == "auto":
-                chosen = _recipe(p, config, runtime, out, existing_run, dist.world_size)
+                chosen = _recipe(p, config, runtime, out, continues, dist.world_size)
         dist.barrier()  # rank 0 trained the tokenizer, built the cache, chose the recipe; the others reuse them
         if not dist.is_writer:
             p = prepare(config, model_config, tok_config, out, parent=parent)
@@ -1152,7 +1157,7 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         if runtime.raced or raced_before:  # kept through a resume with --dtype set
             described[RACED_DTYPE] = dtype_name(runtime.dtype) if runtime.raced else raced_before
         has_checkpoints = bool(checkpoint.list_checkpoints(out))
-        if (existing_run and not (force and not has_checkpoints)) or \
+        if continues or \
                 (not dist.is_writer and (out / "config.json").exists() and has_checkpoints):
             check_resumable(out, described, has_checkpoints)
         if dist.is_writer:
@@ -1197,10 +1202,10 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
 RACED_DTYPE = "dtype_raced"  # config.json: the dtype `--dtype auto`'s bf16/fp32 race chose for the run
 
 
-def _dtype_raced_before(out: Path, existing_run: bool, force: bool) -> str | None:
-    """The dtype a race chose for the run in `out` (its config.json), for a resume; None for a new
-    run, one that --force replaces, or a record that names no dtype a race answers."""
-    if not existing_run or (force and not checkpoint.list_checkpoints(out)):
+def _dtype_raced_before(out: Path, continues: bool) -> str | None:
+    """The dtype a race chose for the run in `out` (its config.json) when this command `continues` it;
+    None for a new run (one that --force replaces included) or a record that names no dtype a race answers."""
+    if not continues:
         return None
     record = checkpoint.read_config(out).get(RACED_DTYPE)
     return record if record in RACE_ANSWERS else None

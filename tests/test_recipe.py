@@ -105,8 +105,9 @@ def test_an_epoch_cap_caps_the_tokens_and_the_shape():
     assert capped.budget_tokens == pytest.approx(3 * EPOCH) and capped.epochs == pytest.approx(3)
     steps = 3 * EPOCH / (recipe.REAL_SHARE * 1500)  # ~1,950 steps: micro, the only shape that needs no more
     assert capped.shape == "micro" and capped.model["dropout"] == 0.0
-    evals = int(recipe.EVAL_SHARE * 3600 / 30.0)  # 6 evaluations of 30 s in 5% of an hour
-    assert capped.train["eval_every"] == int(1.1 * int(steps)) // evals  # spread over the capped steps
+    run = 3 * EPOCH / (RATES["micro"] * (1 - recipe.EVAL_SHARE))  # ~18 minutes: the cap ends the hour early
+    evals = max(2, int(recipe.EVAL_SHARE * run / 30.0))  # 2, the fewest (an hour's 6 would take 16% of the run)
+    assert evals == 2 and capped.train["eval_every"] == int(1.1 * int(steps)) // evals  # spread over the capped steps
 
 
 def test_shapes_that_a_step_or_epoch_cap_rules_out_are_not_timed():
@@ -121,6 +122,17 @@ def test_shapes_that_a_step_or_epoch_cap_rules_out_are_not_timed():
     assert recipe.worth_measuring_next("micro", RATES["micro"], 3600, 1500, step_cap=recipe.MIN_STEPS)
     capped = recipe.choose(RATES, EPOCH, 3600, None, 1500, 30.0, max_epochs=3)
     assert capped.shape == "micro"  # what the cap lets the recipe choose: the shape timed alone
+
+
+def test_evaluations_are_a_share_of_the_run_when_its_steps_end_it_before_its_time():
+    """--max-time 8h --max-steps 3000: the steps end the run after ~28 minutes, so its evaluations
+    fit in 5% of those, not of 8 hours (20 of 30 s each would take a third of the run)."""
+    r = recipe.choose(RATES, EPOCH, 8 * 3600, 3000, 1500, 30.0)
+    run = 3000 * recipe.REAL_SHARE * 1500 / RATES[r.shape]  # seconds of training at the measured rate
+    during = math.ceil(3000 / r.train["eval_every"]) - 1  # evaluations inside the run (one more ends it)
+    assert 1 <= during and during * 30.0 <= recipe.EVAL_SHARE * run
+    # where the time ends the run, the steps cap changes nothing
+    assert recipe.choose(RATES, EPOCH, 1800, 10**9, 1500, 30.0) == recipe.choose(RATES, EPOCH, 1800, None, 1500, 30.0)
 
 
 def test_a_short_run_warms_up_for_at_most_half_its_steps():
@@ -254,11 +266,35 @@ def test_options_set_by_hand_are_kept(caplog):
     assert recipe.from_record(json.loads(json.dumps(recipe.describe(chosen))), "recipe.json") == chosen
 
 
+def _settings(model=(), train=()) -> dict:
+    """A recipe record as `choose` writes it, with some settings changed."""
+    record = recipe.describe(recipe.choose({}, EPOCH, None, 1000, 1500, 0.0))
+    record["model"].update(model)
+    record["train"].update(train)
+    return record
+
+
+def test_a_recipe_sets_the_settings_a_record_may_hold():
+    r = recipe.choose(RATES, EPOCH, 1800, None, 1500, 30.0)
+    assert sorted(r.model) == sorted(recipe.MODEL_SETTINGS) and sorted(r.train) == sorted(recipe.TRAIN_SETTINGS)
+    assert recipe.from_record(_settings(), "recipe.json") == recipe.choose({}, EPOCH, None, 1000, 1500, 0.0)
+
+
 @pytest.mark.parametrize("record, problem", [
     ([], "not a JSON object"), ({"shape": "micro"}, "no model, train, budget_tokens, epochs"),
     ({"shape": "micro", "model": {}, "train": {}, "budget_tokens": 1.0, "epochs": "2"}, 'epochs must be float, not "2"'),
     ({"shape": "micro", "model": [], "train": {}, "budget_tokens": 1.0, "epochs": 2}, "model must be dict[str, Any], not []"),
     ({"shape": "micro", "model": {}, "train": {}, "budget_tokens": 1.0, "epochs": 2, "colour": 1}, "unexpected colour"),
+    # the settings: each would otherwise reach the run's configuration (a TypeError, a division by 0)
+    (_settings(train={"label_smoothing": 0.1}), "train setting label_smoothing is not a recipe's"),
+    (_settings(model={"colour": 1}), "model setting colour is not a recipe's"),
+    (_settings(train={"eval_every": 0}), "train eval_every = 0 is under 1"),
+    (_settings(train={"eval_every": 2.5}), "train eval_every must be int, not 2.5"),
+    (_settings(train={"lr": -1.0}), "train lr = -1.0 is not > 0"),
+    (_settings(train={"lr_schedule": "step"}), "train lr_schedule 'step' is not one of inverse-sqrt, cosine, linear"),
+    (_settings(model={"dropout": 1.0}), "model dropout = 1.0 is not in [0, 1)"),
+    (_settings(model={"d_model": 0}), "model d_model = 0 is out of range [2, 65536]"),
+    (_settings(model={"n_heads": 3}), "model d_model = 128 is not divisible by n_heads = 3"),
 ])
 def test_a_recipe_record_of_another_shape_is_one_error_naming_the_file(tmp_path, record, problem):
     path = tmp_path / "recipe.json"
@@ -350,6 +386,39 @@ def test_train_with_a_budget_and_no_preset_chooses_stores_and_reuses_the_recipe(
     assert r.returncode == 0, err
     assert "recipe (stored)" in err and "trains at" not in err
     assert json.loads((tmp_path / "run" / "recipe.json").read_text()) == stored
+    # both copies unusable: the error names config.json's, which deleting recipe.json would only restore
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["recipe"]["train"]["eval_every"] = 0
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "run" / "recipe.json").unlink()
+    r = run_nmt(*args, "--max-steps", "5")
+    assert error_line(r, 1, only_line=False).endswith("config.json: its recipe: not a recipe record of this nmt (train eval_every = 0 is "
+                                  "under 1); use a new --out")
+    assert not (tmp_path / "run" / "recipe.json").exists()
+
+
+def test_force_over_a_run_with_no_checkpoint_chooses_its_recipe_again(tmp_path):
+    """A run that saved no checkpoint, and another width asked for: refused, with --force named as
+    the way to replace it; --force then fits the recipe to the new width, not the old run's."""
+    train = write_slice(tmp_path / "d", "train", 200)
+    args = ("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--out",
+            str(tmp_path / "run"), "--dtype", "float32", "--vocab-size", "300", "--batch-tokens", "400")
+    r = run_nmt(*args, "--max-steps", "2")
+    assert r.returncode == 0, r.stderr.decode()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == pytest.approx(recipe.lr_for(128))
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if stopped before its first checkpoint
+    wider = tmp_path / "wider.json"
+    wider.write_text(json.dumps({"model": {"d_model": 192}}))
+    r = run_nmt(*args, "--max-steps", "2", "--config", str(wider))
+    assert r.returncode != 0 and "holds an nmt model of another configuration" in r.stderr.decode()
+    assert "--force to replace it" in r.stderr.decode()
+    r = run_nmt(*args, "--max-steps", "2", "--config", str(wider), "--force")
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "recipe (stored)" not in err and "does not fit the shape options set by hand; choosing again" in err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["d_model"] == 192 and config["recipe"]["model"]["d_model"] == 192
+    assert config["train"]["lr"] == pytest.approx(recipe.lr_for(192))  # the old run's was lr_for(128)
 
 
 def test_a_recipe_without_a_budget_is_refused_before_any_work(tmp_path):
