@@ -72,13 +72,14 @@ def average(directory: Path, last: int, runtime: Runtime, dev_prefix: str | None
     return record
 
 
-def kept_average_bleu(directory: Path) -> float | None:
-    """The dev BLEU of the averaged model `average` kept as `directory`'s model.safetensors: None when
-    the current model was kept, or there is no record, or not one nmt wrote."""
+def kept_model_bleu(directory: Path) -> float | None:
+    """The dev BLEU of the model `average` kept as `directory`'s model.safetensors, averaged or current
+    (a re-run that averages the same checkpoints again finds its earlier average as the current model,
+    scoring the same, and keeps it as "current"); None when there is no record, or not one nmt wrote."""
     try:
         record = checkpoint.read_record(directory, RECORD)
-        if record is None or record["kept"] != "averaged":
+        if record is None or record["kept"] not in ("averaged", "current"):
             return None
-        return float(record["scores"]["averaged"]["dev_bleu"])
+        return float(record["scores"][record["kept"]]["dev_bleu"])
     except (OSError, NmtError, ValueError, TypeError, KeyError):
         return None

@@ -264,7 +264,7 @@ def run_config(p: Prepared, config: TrainConfig, tok_config: TokenizerConfig, pr
 
 # Training options that decide which pairs an epoch holds and in what order: a resume continues
 # the epoch at its batch index, so it needs the same plan. (Not --batch-tokens: after an
-# out-of-memory a resume may lower it; the rest of that epoch is then cut anew.)
+# out-of-memory a resume may lower it; that epoch is then cut anew and goes on from the same batch index.)
 PLAN_OPTIONS = ("seed", "weights", "max_length", "max_ratio", "dedupe", "curriculum")
 PLAN_NAME = "options that set the data order"
 
@@ -440,12 +440,12 @@ class Trainer:
         """An averaged model kept at the end of the run resumed here (`nmt.average`) scored above the
         best checkpoint: it is the model to beat, or an extended run's next evaluation that beats
         only the best checkpoint would replace a better model.safetensors."""
-        from nmt.average import kept_average_bleu
+        from nmt.average import kept_model_bleu
 
-        averaged = kept_average_bleu(self.p.out)  # None: the checkpoints' own best stands
-        if averaged is not None and averaged > self.progress.best_bleu:
-            log.info("the averaged model kept at the end of the last run (dev BLEU %.2f) is the one to beat", averaged)
-            self.progress.best_bleu = averaged
+        kept = kept_model_bleu(self.p.out)  # None: the checkpoints' own best stands
+        if kept is not None and kept > self.progress.best_bleu:
+            log.info("the averaged model kept at the end of the last run (dev BLEU %.2f) is the one to beat", kept)
+            self.progress.best_bleu = kept
 
     def save(self) -> Path | None:
         cpu = torch.get_rng_state()
@@ -472,6 +472,7 @@ class Trainer:
         self._check_budget()  # a finished run re-run with the same budget trains no further
         if self._last_evaluation_missing() and (self.stop_reason or self.progress.step % c.eval_every == 0):
             self._finish_evaluation()  # it was killed (or failed) in an evaluation it was due: done now
+            self._end_if_the_evaluation_spent_the_budget(start)  # every rank's clock counts it, as in the loop
         budget = self.batch_tokens()
         with StepProgress("train", total, log_every=30.0) as bar, _StopOnSignal(self):
             while self.stop_reason is None:

@@ -372,19 +372,40 @@ def test_an_epoch_ending_on_an_evaluation_step_is_evaluated_once_and_a_resume_co
     assert after > before and after == pytest.approx(training["seconds"], abs=1.0)
 
 
-def test_an_extended_run_keeps_an_averaged_model_no_evaluation_beats(tmp_path, data):
+def test_a_catch_up_evaluation_that_spends_the_time_budget_ends_the_run_at_its_step(tmp_path, data):
+    """Killed while evaluating step 10 with 0.05 s of a 100-s budget left (planted): the evaluation
+    done on resume spends it, and the run ends at step 10, not one step, save and evaluation later."""
+    out = tmp_path / "run"
+    args = ["--train", str(data["train"]), "--dev", str(data["dev"]), "--out", str(out), "--eval-every", "10"]
+    ok(train(*args, "--max-steps", "10"))
+    last = out / "checkpoints" / "step-00000010"
+    (last / "progress.json").unlink()  # saved, not evaluated
+    state = torch.load(last / "state.pt", weights_only=True)
+    state["progress"] = json.dumps({**json.loads(state["progress"]), "seconds": 99.95})
+    torch.save(state, last / "state.pt")
+    err = ok(train(*args, "--max-time", "100"))
+    assert "step 10 was saved but not evaluated: evaluating it now" in err
+    training = json.loads((out / "training.json").read_text(encoding="utf-8"))
+    assert training["steps"] == 10 and [e["step"] for e in training["evaluations"]] == [10]
+    assert training["stop_reason"] == "time budget of 100 s used" and training["seconds"] >= 100
+
+
+@pytest.mark.parametrize("kept, current", [("averaged", 0.5), ("current", 99.0)])
+def test_an_extended_run_keeps_an_averaged_model_no_evaluation_beats(tmp_path, data, kept, current):
     """The average kept at the end scored above every checkpoint (planted here: 99): extended, the
-    run must beat that score, not its best checkpoint's, to replace model.safetensors."""
+    run must beat that score, not its best checkpoint's, to replace model.safetensors. Also when the
+    record says "current": a re-run that averaged the same checkpoints again found its earlier
+    average as the current model, scoring the same, and kept it as the current one."""
     out = tmp_path / "run"
     args = ["--train", str(data["train"]), "--dev", str(data["dev"]), "--out", str(out), "--eval-every", "4"]
     ok(train(*args, "--max-steps", "8"))
-    (out / "averaging.json").write_text(json.dumps({"checkpoints": ["step-00000004", "step-00000008"], "kept": "averaged",
+    (out / "averaging.json").write_text(json.dumps({"checkpoints": ["step-00000004", "step-00000008"], "kept": kept,
                                                     "scores": {"averaged": {"dev_bleu": 99.0},
-                                                               "current": {"dev_bleu": 0.5}}}))
-    kept = (out / "model.safetensors").read_bytes()
+                                                               "current": {"dev_bleu": current}}}))
+    weights = (out / "model.safetensors").read_bytes()
     err = " ".join(ok(train(*args, "--max-steps", "16")).split())
     assert "the averaged model kept at the end of the last run (dev BLEU 99.00) is the one to beat" in err
-    assert (out / "model.safetensors").read_bytes() == kept
+    assert (out / "model.safetensors").read_bytes() == weights
     assert "(best so far, saved)" not in err
 
 
