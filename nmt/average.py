@@ -38,8 +38,11 @@ def average_state_dicts(paths: list[Path]) -> dict[str, torch.Tensor]:
     return {name: (t / len(paths)).to(dtypes[name]) for name, t in total.items()}
 
 
-def average(directory: Path, last: int, runtime: Runtime, dev_prefix: str | None = None) -> dict:
-    """Average the last `last` checkpoints of a run; keep the result if its dev BLEU is higher."""
+def average(directory: Path, last: int, runtime: Runtime, dev_prefix: str | None = None,
+            max_sentences: int = 0) -> dict:
+    """Average the last `last` checkpoints of a run; keep the result if its dev BLEU is higher (on the
+    run's dev set or `dev_prefix`; its first `max_sentences` lines, 0: all, as the run's evaluations
+    read it, so that an extended run compares its checkpoints with the kept model on the same lines)."""
     config = checkpoint.read_config(directory)
     checkpoints = checkpoint.list_checkpoints(directory)[-last:]
     if len(checkpoints) < 2:
@@ -60,25 +63,35 @@ def average(directory: Path, last: int, runtime: Runtime, dev_prefix: str | None
         raise NmtError(f"{directory}: checkpoints hold tensors the model does not have: {unexpected[:3]}")
     scores = {}
     for name, model in (("current", current), ("averaged", averaged)):
-        bleu, signature, loss, _ = validate.evaluate_devs(model.to(runtime.device), vocabs, devs, runtime)
+        bleu, signature, loss, _ = validate.evaluate_devs(model.to(runtime.device), vocabs, devs, runtime,
+                                                          max_sentences)
         scores[name] = {"dev_bleu": bleu, "dev_loss": loss, "signature": signature}
     kept = "averaged" if scores["averaged"]["dev_bleu"] > scores["current"]["dev_bleu"] else "current"
     if kept == "averaged":
         checkpoint.save_weights(averaged, directory / checkpoint.WEIGHTS)
-    record = {"checkpoints": [c.name for c in checkpoints], "scores": scores, "kept": kept}
+    record = {"checkpoints": [c.name for c in checkpoints], "scores": scores, "kept": kept, "dev": dev_prefix,
+              "max_sentences": max_sentences}
     atomic.write_text(directory / RECORD, json.dumps(record, indent=2))
     log.info("averaged %d checkpoints: dev BLEU %.2f vs current %.2f: kept the %s model", len(checkpoints),
              scores["averaged"]["dev_bleu"], scores["current"]["dev_bleu"], kept)
     return record
 
 
-def kept_model_bleu(directory: Path) -> float | None:
+def kept_model_bleu(directory: Path, dev_prefix: str | None, max_sentences: int) -> float | None:
     """The dev BLEU of the model `average` kept as `directory`'s model.safetensors, averaged or current
     (a re-run that averages the same checkpoints again finds its earlier average as the current model,
-    scoring the same, and keeps it as "current"); None when there is no record, or not one nmt wrote."""
+    scoring the same, and keeps it as "current"); None when there is no record, not one nmt wrote, or
+    one scored on other lines than `dev_prefix`'s first `max_sentences`. A record from before these
+    were kept counts as the run's whole dev set, and only where it kept the average (as it did then:
+    its "current" may have been scored on another dev set, with `nmt average --dev`)."""
     try:
         record = checkpoint.read_record(directory, RECORD)
         if record is None or record["kept"] not in ("averaged", "current"):
+            return None
+        if "dev" not in record:
+            if record["kept"] != "averaged" or max_sentences:
+                return None
+        elif record["dev"] != dev_prefix or record.get("max_sentences") != max_sentences:
             return None
         return float(record["scores"][record["kept"]]["dev_bleu"])
     except (OSError, NmtError, ValueError, TypeError, KeyError):

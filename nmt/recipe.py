@@ -123,10 +123,11 @@ def steps_needed(shape: Shape) -> int:
     steps), dev BLEU: small behind by 2.3 with 4,766 steps (30 minutes, bf16, AMD Zen 4), by 1.5
     with 5,855 (30 minutes, bf16, Intel Xeon with AMX), by 0.9 with 7,071 (90 minutes, float32, one
     thread), by 0.3 and 0.4 with ~11,700 against ~16,500 (60 minutes, bf16, one thread each, side
-    by side, two seeds): the gap closes by ~0.12 per 1,000 steps over the last, so near 14,000-15,000. No run has yet seen
-    small ahead. The square of the layers (9,000) chose small where compact, in another session,
-    scored 1.7 dev BLEU more (30 minutes, bf16, a fast machine: 9,342 steps against 12,756). The
-    rule reads the probe's rate; runs trained at 0.67-1.12 times it. A shape made from another by
+    by side, two seeds), and ahead by 0.1 with 12,980 against 18,473 (90 minutes, bf16, one thread
+    each, side by side; on test still 0.8 behind greedy): the shapes score alike from about 13,000.
+    The square of the layers (9,000) chose small where compact, in another session, scored 1.7 dev
+    BLEU more (30 minutes, bf16, a fast machine: 9,342 steps against 12,756). The rule reads the
+    probe's rate; runs trained at 0.67-1.12 times it. A shape made from another by
     options set by hand needs at least what that one needs (`Shape.floor`): medium's width with 2+2
     layers was never measured against the shapes below it."""
     return max(shape.floor, MIN_STEPS * max(4, shape.encoder_layers + shape.decoder_layers) ** 3 // 64)
@@ -367,6 +368,8 @@ def _settings_problem(chosen: Recipe) -> str | None:
         return f"model {problem}"
     lowest = {"batch_tokens": 1, "eval_every": 1, "warmup_steps": 0, "average_last": 0}
     for name in set(lowest) & set(train):
+        if not isinstance(train[name], int) or isinstance(train[name], bool):  # batch_tokens: a run's may be "auto"
+            return f"train {name} must be int, not {train[name]!r}"
         if train[name] < lowest[name]:
             return f"train {name} = {train[name]} is under {lowest[name]}"
     if not 0 <= model.get("dropout", 0) < 1:

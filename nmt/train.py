@@ -425,6 +425,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         progress = latest / PROGRESS_FILE
         self.progress = Progress(**json.loads(progress.read_text() if progress.exists() else state["progress"]))
+        if not self._last_evaluation_missing():  # saved and scored: an epoch that ends here is not saved again
+            self._saved_step = self.progress.step
         rank = self.dist.rank  # each rank's own stream (checkpoints before they were kept: rank 0's for all)
         ranks_cpu, ranks_cuda = state.get("rng_cpu_ranks") or [], state.get("rng_cuda_ranks") or []
         torch.set_rng_state(ranks_cpu[rank] if rank < len(ranks_cpu) else state["rng_cpu"])
@@ -442,9 +444,10 @@ class Trainer:
         only the best checkpoint would replace a better model.safetensors."""
         from nmt.average import kept_model_bleu
 
-        kept = kept_model_bleu(self.p.out)  # None: the checkpoints' own best stands
+        # None: the checkpoints' own best stands
+        kept = kept_model_bleu(self.p.out, self.config.dev, self.config.eval_max_sentences)
         if kept is not None and kept > self.progress.best_bleu:
-            log.info("the averaged model kept at the end of the last run (dev BLEU %.2f) is the one to beat", kept)
+            log.info("the model that averaging kept at the end of the last run (dev BLEU %.2f) is the one to beat", kept)
             self.progress.best_bleu = kept
 
     def save(self) -> Path | None:
@@ -556,12 +559,14 @@ class Trainer:
                     self.evaluate_and_save()
 
     def _end_if_the_evaluation_spent_the_budget(self, start: float) -> None:
-        """A save and evaluation that spent the time budget's last seconds end the run at the step
-        they saved and scored, not one step later with a second save and evaluation. The checkpoint
-        is told the time now, so that a resume with the same budget trains no further."""
-        if self.stop_reason is not None or not self.config.max_time:
+        """A save and evaluation that spent the time budget's last seconds, or in which a signal
+        came, end the run at the step they saved and scored, not one step later with a second save
+        and evaluation. The checkpoint is told the time now, so that a resume with the same budget
+        trains no further. (Every rank calls this at the same point: the check is collective.)"""
+        if self.stop_reason is not None:
             return
-        self.progress.seconds = time.monotonic() - start
+        if self.config.max_time:
+            self.progress.seconds = time.monotonic() - start
         self._check_budget()
         if self.stop_reason is not None and self._saved_dir is not None:
             self._write_progress(self._saved_dir)
@@ -720,7 +725,9 @@ class Trainer:
             log.info("step %d was saved but not evaluated: evaluating it now", self.progress.step)
             self._evaluate()
             self.progress.seconds = time.monotonic() - self._start
-            self._write_progress(checkpoint.list_checkpoints(self.p.out)[-1])
+            self._saved_dir = checkpoint.list_checkpoints(self.p.out)[-1]  # told the time again if this ends the run
+            self._write_progress(self._saved_dir)
+        self._saved_step = self.progress.step
         self.dist.share_stop(self)  # its patience may end the run: on every rank, or the others wait in a step
         self.dist.barrier()
 
@@ -1183,7 +1190,7 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
             if config.average_last >= 2 and p.dev is not None and kept >= 2:
                 from nmt.average import average
 
-                average(out, config.average_last, runtime)
+                average(out, config.average_last, runtime, max_sentences=config.eval_max_sentences)
             elif config.average_last >= 2 and p.dev is not None:
                 log.info("no averaging: %d checkpoint kept (--keep-last %d)", kept, config.keep_last)
         log.info("training ended: %s; best dev BLEU %.2f at step %d; model in %s", trainer.stop_reason,

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import error_line, ok, run_nmt, write_slice
-from nmt.average import average_state_dicts
+from nmt.average import average_state_dicts, kept_model_bleu
 from nmt.errors import NmtError
 
 # The test machine is small and shared: one thread per subprocess is much faster than
@@ -174,6 +174,8 @@ def test_average_last_two(run):
     for score in record["scores"].values():
         assert isinstance(score["dev_bleu"], float) and score["signature"].startswith("nrefs:1|")
     assert record["kept"] in ("current", "averaged")
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    assert record["dev"] == config["train"]["dev"] and record["max_sentences"] == 0  # where it scored: the run's
     assert f"kept the {record['kept']} model" in stdout
     if record["scores"]["averaged"]["dev_bleu"] > record["scores"]["current"]["dev_bleu"]:
         assert record["kept"] == "averaged"
@@ -190,6 +192,22 @@ def test_average_last_two(run):
         assert hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest() == before
     facts = json.loads(ok(run_nmt("info", str(run), "--format", "json")))
     assert facts["averaging"] == record
+
+
+@pytest.mark.parametrize("record, bar", [
+    ({"kept": "averaged"}, 99.0), ({"kept": "current"}, 98.0),  # the score of the model kept, either one
+    ({"kept": "averaged", "dev": "/elsewhere/dev"}, None), ({"kept": "averaged", "max_sentences": 2}, None),
+    ({"kept": "averaged", "dev": None, "max_sentences": None}, 99.0),  # from before these were kept: as then,
+    ({"kept": "current", "dev": None, "max_sentences": None}, None),   # only an average (its "current": any dev)
+    ({"kept": "neither"}, None), ({"kept": "averaged", "scores": {}}, None)])
+def test_the_bar_an_extended_run_must_beat_is_the_kept_models_score_on_its_own_dev_lines(tmp_path, record, bar):
+    dev = "/data/dev"
+    full = {"checkpoints": ["step-00000002", "step-00000004"], "dev": dev, "max_sentences": 0,
+            "scores": {"averaged": {"dev_bleu": 99.0}, "current": {"dev_bleu": 98.0}}, **record}
+    full = {k: v for k, v in full.items() if v is not None}  # None: a key records from before did not have
+    (tmp_path / "averaging.json").write_text(json.dumps(full))
+    assert kept_model_bleu(tmp_path, dev, 0) == bar
+    assert kept_model_bleu(tmp_path / "none", dev, 0) is None  # no record
 
 
 # -- average_state_dicts ------------------------------------------------------------------------

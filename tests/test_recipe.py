@@ -290,6 +290,7 @@ def test_a_recipe_sets_the_settings_a_record_may_hold():
     (_settings(model={"colour": 1}), "model setting colour is not a recipe's"),
     (_settings(train={"eval_every": 0}), "train eval_every = 0 is under 1"),
     (_settings(train={"eval_every": 2.5}), "train eval_every must be int, not 2.5"),
+    (_settings(train={"batch_tokens": "3000"}), "train batch_tokens must be int, not '3000'"),
     (_settings(train={"lr": -1.0}), "train lr = -1.0 is not > 0"),
     (_settings(train={"lr_schedule": "step"}), "train lr_schedule 'step' is not one of inverse-sqrt, cosine, linear"),
     (_settings(model={"dropout": 1.0}), "model dropout = 1.0 is not in [0, 1)"),

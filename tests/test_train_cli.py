@@ -370,6 +370,13 @@ def test_an_epoch_ending_on_an_evaluation_step_is_evaluated_once_and_a_resume_co
     before = json.loads(torch.load(last / "state.pt", weights_only=True)["progress"])["seconds"]
     after = json.loads((last / "progress.json").read_text())["seconds"]
     assert after > before and after == pytest.approx(training["seconds"], abs=1.0)
+    # killed in that evaluation: the resume evaluates the step once, and the epoch's end saves it no more
+    last.joinpath("progress.json").unlink()
+    err = ok(train("--train", str(data["train"]), "--dev", str(data["dev"]), "--out", str(out), "--max-epochs", "1",
+                   "--eval-every", str(per_epoch)))
+    assert f"step {per_epoch} was saved but not evaluated: evaluating it now" in err
+    training = json.loads((out / "training.json").read_text(encoding="utf-8"))
+    assert [e["step"] for e in training["evaluations"]] == [per_epoch]
 
 
 def test_a_catch_up_evaluation_that_spends_the_time_budget_ends_the_run_at_its_step(tmp_path, data):
@@ -381,13 +388,17 @@ def test_a_catch_up_evaluation_that_spends_the_time_budget_ends_the_run_at_its_s
     last = out / "checkpoints" / "step-00000010"
     (last / "progress.json").unlink()  # saved, not evaluated
     state = torch.load(last / "state.pt", weights_only=True)
-    state["progress"] = json.dumps({**json.loads(state["progress"]), "seconds": 99.95})
+    state["progress"] = json.dumps({**json.loads(state["progress"]), "seconds": 99.999})
     torch.save(state, last / "state.pt")
     err = ok(train(*args, "--max-time", "100"))
     assert "step 10 was saved but not evaluated: evaluating it now" in err
     training = json.loads((out / "training.json").read_text(encoding="utf-8"))
     assert training["steps"] == 10 and [e["step"] for e in training["evaluations"]] == [10]
     assert training["stop_reason"] == "time budget of 100 s used" and training["seconds"] >= 100
+    # the checkpoint knows the time the evaluation spent: the same command trains no further
+    assert json.loads((last / "progress.json").read_text())["seconds"] >= 100
+    ok(train(*args, "--max-time", "100"))
+    assert json.loads((out / "training.json").read_text(encoding="utf-8"))["steps"] == 10
 
 
 @pytest.mark.parametrize("kept, current", [("averaged", 0.5), ("current", 99.0)])
@@ -399,12 +410,15 @@ def test_an_extended_run_keeps_an_averaged_model_no_evaluation_beats(tmp_path, d
     out = tmp_path / "run"
     args = ["--train", str(data["train"]), "--dev", str(data["dev"]), "--out", str(out), "--eval-every", "4"]
     ok(train(*args, "--max-steps", "8"))
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))["train"]
     (out / "averaging.json").write_text(json.dumps({"checkpoints": ["step-00000004", "step-00000008"], "kept": kept,
                                                     "scores": {"averaged": {"dev_bleu": 99.0},
-                                                               "current": {"dev_bleu": current}}}))
+                                                               "current": {"dev_bleu": current}},
+                                                    "dev": config["dev"], "max_sentences": 0}))
     weights = (out / "model.safetensors").read_bytes()
     err = " ".join(ok(train(*args, "--max-steps", "16")).split())
-    assert "the averaged model kept at the end of the last run (dev BLEU 99.00) is the one to beat" in err
+    bar = "the model that averaging kept at the end of the last run (dev BLEU 99.00) is the one to beat"
+    assert bar in err
     assert (out / "model.safetensors").read_bytes() == weights
     assert "(best so far, saved)" not in err
 

@@ -305,6 +305,21 @@ def test_an_evaluation_that_spends_the_time_budget_ends_the_run_at_the_step_it_s
     assert again.progress.step == 2 and [r["step"] for r in again.progress.history] == [2]
 
 
+def test_a_signal_during_an_evaluation_ends_the_run_at_the_step_it_scored(prepared, tmp_path, monkeypatch):
+    """No time budget: a SIGTERM that comes while step 2 is evaluated (the handler only sets the flag)
+    ends the run there, not after one more step with its own save, within a grace period."""
+    trainer = trainer_in(prepared, tmp_path / "run", max_steps=10, eval_every=2)
+
+    def signalled(*args, **kwargs):
+        trainer._signal, trainer._signum = "SIGTERM", signal.SIGTERM
+        return 6.0, "sig", 3.0
+
+    monkeypatch.setattr(validate, "evaluate_dev", signalled)
+    trainer.run()
+    assert trainer.stop_reason == "stopped by SIGTERM" and trainer.progress.step == 2
+    assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "run")] == ["step-00000002"]
+
+
 def test_a_save_that_spends_the_time_budget_ends_the_run_and_its_checkpoint_knows(prepared, tmp_path, monkeypatch):
     save = checkpoint.save_checkpoint
 
