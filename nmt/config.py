@@ -192,30 +192,37 @@ def shape_problem(d_model: int, n_heads: int | None) -> str | None:
 def check_model_config(config: ModelConfig, what: str) -> None:
     """Refuse a model config whose fields have the wrong type or an impossible or unbounded value,
     with a one-line error naming the field (`what` says where the config came from)."""
-    problem = type_problem(config)
+    problem = model_config_problem(config)
     if problem:
         raise NmtError(f"{what}: {problem}")
-    c = config
+
+
+def model_config_problem(c: ModelConfig) -> str | None:
+    """The first field of a model config with the wrong type or an impossible or unbounded value,
+    said in words (`check_model_config`), or None."""
+    problem = type_problem(c)
+    if problem:
+        return problem
     for name in MODEL_LIMITS:
         problem = limit_problem(name, getattr(c, name))
         if problem:
-            raise NmtError(f"{what}: {problem}")
+            return problem
     for name in ("dropout", "attention_dropout"):
         if not 0.0 <= getattr(c, name) < 1.0:
-            raise NmtError(f"{what}: {name} = {getattr(c, name)} is not in [0, 1)")
+            return f"{name} = {getattr(c, name)} is not in [0, 1)"
     problem = shape_problem(c.d_model, c.n_heads)
     if problem:
-        raise NmtError(f"{what}: {problem}")
+        return problem
     if c.max_positions * c.d_model > MAX_POSITION_TABLE:
-        raise NmtError(f"{what}: max_positions × d_model = {c.max_positions * c.d_model:,} exceeds "
-                       f"{MAX_POSITION_TABLE:,} (the position table alone would take "
-                       f"{c.max_positions * c.d_model * 4 / 2**30:.0f} GiB)")
+        return (f"max_positions × d_model = {c.max_positions * c.d_model:,} exceeds {MAX_POSITION_TABLE:,} (the "
+                f"position table alone would take {c.max_positions * c.d_model * 4 / 2**30:.0f} GiB)")
     vocab = min(c.src_vocab_size, c.tgt_vocab_size)
     for name in ("pad_id", "bos_id", "eos_id"):
         if not 0 <= getattr(c, name) < vocab:
-            raise NmtError(f"{what}: {name} = {getattr(c, name)} is not a token id (vocabulary size {vocab})")
+            return f"{name} = {getattr(c, name)} is not a token id (vocabulary size {vocab})"
     if len({c.pad_id, c.bos_id, c.eos_id}) < 3:
-        raise NmtError(f"{what}: pad_id, bos_id and eos_id must differ (got {c.pad_id}, {c.bos_id}, {c.eos_id})")
+        return f"pad_id, bos_id and eos_id must differ (got {c.pad_id}, {c.bos_id}, {c.eos_id})"
+    return None
 
 
 def _fits(value: Any, hint: Any) -> bool:

@@ -28,7 +28,8 @@ import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
-from nmt.config import ModelConfig, TrainConfig, choices, limit_problem, shape_problem, type_problem
+from nmt.config import (ModelConfig, TrainConfig, choices, limit_problem, model_config_problem, shape_problem,
+                        type_problem)
 from nmt.errors import NmtError, UsageError
 
 log = logging.getLogger(__name__)
@@ -353,27 +354,23 @@ TRAIN_SETTINGS = ("batch_tokens", "lr", "warmup_steps", "lr_schedule", "eval_eve
 
 def _settings_problem(chosen: Recipe) -> str | None:
     """Why a record's settings cannot configure a run (an option a recipe does not set, a value of
-    the wrong type or out of range), or None: a record is read from a file, which can hold anything."""
-    for section, known, cls in (("model", MODEL_SETTINGS, ModelConfig), ("train", TRAIN_SETTINGS, TrainConfig)):
-        values = getattr(chosen, section)
-        if unknown := sorted(set(values) - set(known)):
+    the wrong type or out of range), or None: a record is read from a file, which can hold anything.
+    The model's are checked as a model directory's config is (`model_config_problem`)."""
+    for section, known in (("model", MODEL_SETTINGS), ("train", TRAIN_SETTINGS)):
+        if unknown := sorted(set(getattr(chosen, section)) - set(known)):
             return f"{section} setting {', '.join(unknown)} is not a recipe's"
-        if problem := type_problem(replace(cls(), **values)):
-            return f"{section} {problem}"
-    model, train = chosen.model, chosen.train
-    for name in set(SHAPE_FIELDS) & set(model):
-        if problem := limit_problem(name, model[name]):
-            return f"model {problem}"
-    if "d_model" in model and (problem := shape_problem(model["d_model"], model.get("n_heads"))):
+    # the vocabulary sizes come from the tokenizer, not from a recipe: any valid one stands in for them
+    if problem := model_config_problem(replace(ModelConfig(src_vocab_size=4, tgt_vocab_size=4), **chosen.model)):
         return f"model {problem}"
+    train = chosen.train
+    if problem := type_problem(replace(TrainConfig(), **train)):
+        return f"train {problem}"
     lowest = {"batch_tokens": 1, "eval_every": 1, "warmup_steps": 0, "average_last": 0}
     for name in set(lowest) & set(train):
         if not isinstance(train[name], int) or isinstance(train[name], bool):  # batch_tokens: a run's may be "auto"
             return f"train {name} must be int, not {train[name]!r}"
         if train[name] < lowest[name]:
             return f"train {name} = {train[name]} is under {lowest[name]}"
-    if not 0 <= model.get("dropout", 0) < 1:
-        return f"model dropout = {model['dropout']} is not in [0, 1)"
     if not train.get("lr", 1) > 0:
         return f"train lr = {train['lr']} is not > 0"
     if train.get("lr_schedule", "cosine") not in choices(TrainConfig, "lr_schedule"):
