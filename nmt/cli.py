@@ -200,7 +200,7 @@ def train(
     max_epochs: Annotated[Optional[int], typer.Option(help="Stop after this many epochs.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (weights, batches, dropout, tokenizer sample).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto (on CPU: bf16 where it has bf16 units), float32 or bfloat16.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto (on CPU: bf16 where it has AMX, float32 where it has no bf16 units, else the faster in a short race), float32 or bfloat16.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (0: all cores).")] = None,
     batch_tokens: Annotated[Optional[str], typer.Option(help="Padded target tokens per batch, or 'auto': the largest that fits in GPU memory.")] = None,
     update_freq: Annotated[Optional[int], typer.Option(help="Batches accumulated per optimizer step.")] = None,

@@ -149,7 +149,7 @@ class Recipe:
     tokens_per_s: dict[str, float] = field(default_factory=dict)  # measured, per shape
     reason: str = ""
     budget: dict[str, Any] = field(default_factory=dict)  # what it was chosen for: max_time, max_steps,
-    # max_epochs, and the size of a step (update_freq, processes)
+    # max_epochs, the size of a step (update_freq, processes), and what set the speeds timed (dtype, threads)
 
 
 def vocabulary(corpus_pairs: int) -> int:

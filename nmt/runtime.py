@@ -1,9 +1,10 @@
 """Where and in what precision the arithmetic runs: device, dtype and CPU threads, decided here only.
 
-On CPU, `--dtype auto` picks bfloat16 where the CPU lists bf16 units (amx_bf16 or avx512_bf16) and
-float32 where an x86 CPU lists neither (bf16 is emulated there, slowly); only where the flags can't be
-read (no /proc/cpuinfo, other architectures) does a short matmul race decide, and a run keeps the
-race's first answer (`setup`'s `raced_before`), so that its resume trains in the same dtype.
+On CPU, `--dtype auto` picks bfloat16 where the CPU lists AMX's bf16 unit (amx_bf16) and float32
+where an x86 CPU lists no bf16 units (bf16 is emulated there, slowly); where it lists only AVX-512's
+bf16 instructions (avx512_bf16), or its flags can't be read (no /proc/cpuinfo, other architectures),
+a short matmul race decides, and a run keeps the race's first answer (`setup`'s `raced_before`), so
+that its resume trains in the same dtype.
 Denormal floats are flushed to zero: on x86 they slow the backward pass by an order of magnitude.
 """
 
@@ -96,21 +97,25 @@ def _dtype(name: str, device: torch.device, raced_before: str | None) -> tuple[t
 
 
 def _cpu_dtype(raced_before: str | None) -> tuple[torch.dtype, bool]:
-    """bf16 autocast where the CPU has bf16 units, float32 where it has none, a race elsewhere.
+    """bf16 autocast where the CPU has AMX, float32 where it has no bf16 units, a race elsewhere.
 
-    The flags decide because the race alone misread the machines it was written for: on a 2-core
+    AMX's flag decides because the race alone misread the machine it was written for: on a 2-core
     Intel Xeon with AMX, bf16 trained `small` twice as fast as float32 (4,761 against 2,397 target
     tokens/s), yet 12 races in 12 processes read speed-ups from 1.29 to 4.37, since that VM's AMX
     unit ran whole processes at about 40% of its speed, and one race in an earlier session fell
-    under the 1.2 bar and chose float32. The flags agree with every race on the other two CPUs
-    measured (Zen 4 with avx512_bf16: bf16; Zen 3 with neither: float32).
+    under the 1.2 bar and chose float32. avx512_bf16 alone does not decide: on a 2-core AMD EPYC
+    Zen 4 that lists it, bf16 trained `small` 1.8 times as fast as float32 (3,347 against 1,816),
+    but on a 2-core Intel Xeon KVM guest that lists it and hides AMX (family 6 model 207), bf16
+    products ran at half the float32 rate (0.19 against 0.41 TFLOP/s) and `small` trained at 0.65
+    times float32's speed (2,342 against 3,605); races there read 0.57-0.65, on the Zen 4 the
+    products' rates 0.37-0.44 against 0.14-0.20 TFLOP/s, far on either side of the 1.2 bar.
     Returns the dtype and whether a race chose it (this one, or the earlier one `raced_before` names)."""
     if not os.environ.get("NMT_CPU_BF16_SPEEDUP"):  # tests and benchmarks pin the race's outcome with it
         units = cpu_bf16_units()
         if units == "none":
             log.debug("float32: this CPU lists no bf16 units")
             return torch.float32, False
-        if units != "unknown":
+        if "amx_bf16" in units.split(", "):
             log.debug("bfloat16 autocast: this CPU has %s", units)
             return torch.bfloat16, False
     if raced_before in RACE_ANSWERS:

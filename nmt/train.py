@@ -1000,24 +1000,29 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, conti
         if record:  # written with the run's config, so it is this run's
             recipe.from_record(record, f"{out / 'config.json'}: its recipe", "use a new --out")
             atomic.write_text(stored, json.dumps(record, indent=2))
-    # what the recipe was chosen for: the budget, and the target tokens of a step (batches per step, processes)
+    # what the recipe was chosen for: the budget, the target tokens of a step (batches per step, processes),
+    # and what set the speeds it timed (dtype, CPU threads)
     budget = {"max_time": config.max_time, "max_steps": config.max_steps, "max_epochs": config.max_epochs,
-              "update_freq": config.update_freq, "processes": ranks}
+              "update_freq": config.update_freq, "processes": ranks, **_speed_of(runtime)}
     if stored.exists():
         chosen = _read_recipe(stored)
         # a run's own recipe stays (a resume with changed options is refused later; one that stopped before
-        # its first checkpoint is told of another budget); a preparation cut short chooses again for another
-        # budget (a record from before the budget was kept: as if the same; one from before the step's size
-        # was kept: as if one batch on one process) or other shape options
-        same_budget = not chosen.budget or {"update_freq": 1, "processes": 1, **chosen.budget} == budget
+        # its first checkpoint is told of another budget); a preparation cut short, or a run --force replaces,
+        # chooses again for another budget (a record from before the budget was kept: as if the same; one from
+        # before the step's size was kept: as if one batch on one process; one from before the speed's
+        # settings were kept: as if these), another dtype or thread count, or other shape options
+        was = {"update_freq": 1, "processes": 1, **_speed_of(runtime), **chosen.budget}
+        same_budget = not chosen.budget or was == budget
         if continues or (same_budget and all(chosen.model.get(k) == v for k, v in by_hand.items())):
             log.info("recipe (stored): %s", chosen.reason)
             if not same_budget and not checkpoint.list_checkpoints(out):
                 log.warning("%s: its recipe was chosen for another budget (%s) and no checkpoint is saved yet: a "
                             "new --out chooses one for this budget", out, _budget_text(chosen.budget, budget))
             return chosen
-        log.info("recipe: the stored one (%s) %s; choosing again", chosen.shape, "does not fit the shape options set "
-                 "by hand" if same_budget else "was chosen for another budget")
+        other = "does not fit the shape options set by hand" if same_budget else \
+            "was chosen for another budget" if {**was, **_speed_of(runtime)} != budget else \
+            f"was timed with another dtype or thread count ({_budget_text(was, budget, speed=True)})"
+        log.info("recipe: the stored one (%s) %s; choosing again", chosen.shape, other)
     # `--batch-tokens auto` on CPU trains with the recipe's batch (`Trainer.batch_tokens`); on a GPU the
     # memory probe may choose another, and the figures here assume the recipe's
     batch_tokens = int(config.batch_tokens) if "train.batch_tokens" in config.fixed and config.batch_tokens != "auto" \
@@ -1046,13 +1051,21 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, conti
     return chosen
 
 
-def _budget_text(budget: dict[str, Any], now: dict[str, Any]) -> str:
+def _speed_of(runtime: Runtime) -> dict[str, Any]:
+    """What sets the speeds a recipe times, besides the machine: the dtype and, on CPU, the threads."""
+    return {"dtype": dtype_name(runtime.dtype), "threads": torch.get_num_threads() if runtime.device.type == "cpu" else None}
+
+
+def _budget_text(budget: dict[str, Any], now: dict[str, Any], speed: bool = False) -> str:
     """The budget a recipe was chosen for, as options; the step's size where it is not one batch on one
-    process or differs from `now`'s (records from before it was kept have none)."""
+    process or differs from `now`'s (records from before it was kept have none), and the dtype and
+    threads where they differ from `now`'s (or alone, with `speed`)."""
     names = {"max_time": "--max-time {:g}s", "max_steps": "--max-steps {}", "max_epochs": "--max-epochs {}",
-             "update_freq": "--update-freq {}", "processes": "{} processes"}
+             "update_freq": "--update-freq {}", "processes": "{} processes", "dtype": "{}", "threads": "threads {}"}
     shown = [names[k].format(v) for k, v in budget.items() if k in names and v is not None
-             and not (k in ("update_freq", "processes") and v == 1 and now.get(k) == 1)]
+             and (not speed or k in ("dtype", "threads"))
+             and not (k in ("update_freq", "processes") and v == 1 and now.get(k) == 1)
+             and not (k in ("dtype", "threads") and v == now.get(k))]
     return ", ".join(shown) or "none"
 
 
@@ -1221,7 +1234,7 @@ def _dtype_raced_before(out: Path, continues: bool) -> str | None:
 
 def _runtime(config: TrainConfig, dist: Distributed, raced_before: str | None) -> Runtime:
     """Device, dtype and threads of this process. Where `--dtype auto` is decided by the bf16/fp32
-    race (a CPU whose flags can't be read), the run keeps the race's first answer: a resume passes
+    race (a CPU that lists AVX-512 BF16 without AMX, or whose flags can't be read), the run keeps the race's first answer: a resume passes
     it in (`raced_before`, rank 0's config.json), and under torchrun every rank takes rank 0's (a race
     on each could differ, and the ranks would then train in two dtypes at two speeds)."""
     device = dist.device_name(config.device)

@@ -527,13 +527,40 @@ def test_a_recipe_left_for_another_step_size_before_any_run_is_chosen_again(tmp_
     err = " ".join(r.stderr.decode().split())
     assert r.returncode == 0, err
     assert f"the stored one ({old.shape}) was chosen for another budget; choosing again" in err
-    assert json.loads((out / "recipe.json").read_text())["budget"] == {
-        "max_time": None, "max_steps": 2, "max_epochs": None, "update_freq": 2, "processes": 1}
+    budget = json.loads((out / "recipe.json").read_text())["budget"]
+    assert budget == {"max_time": None, "max_steps": 2, "max_epochs": None, "update_freq": 2, "processes": 1,
+                      "dtype": "float32", "threads": budget["threads"]} and budget["threads"] >= 1
     shutil.rmtree(out)
     out.mkdir()
     (out / "recipe.json").write_text(json.dumps(recipe.describe(old)))
     r = run_nmt(*args)
     assert r.returncode == 0 and "recipe (stored)" in r.stderr.decode()
+
+
+def test_a_recipe_timed_with_another_dtype_or_thread_count_before_any_run_is_chosen_again(tmp_path):
+    """The speeds a recipe timed depend on the dtype and the CPU threads: one left by a preparation cut
+    short is chosen again when either differs (said, with what it was timed with), and reused when both
+    are the same."""
+    train = write_slice(tmp_path / "d", "train", 200)
+    out = tmp_path / "run"
+    args = ["train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--threads", "1",
+            "--vocab-size", "300", "--batch-tokens", "400", "--out", str(out), "--max-steps", "2"]
+    base = {"max_time": None, "max_steps": 2, "max_epochs": None, "update_freq": 1, "processes": 1}
+    old = replace(recipe.choose({}, EPOCH, None, 2, 400, 0.0), budget={**base, "dtype": "bfloat16", "threads": 1})
+    for left, dtype, said in [({"dtype": "bfloat16", "threads": 1}, "float32", "(bfloat16)"),
+                              ({"dtype": "float32", "threads": 2}, "float32", "(threads 2)"),
+                              ({"dtype": "float32", "threads": 1}, "float32", None)]:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        (out / "recipe.json").write_text(json.dumps(recipe.describe(replace(old, budget={**base, **left}))))
+        r = run_nmt(*args, "--dtype", dtype)
+        err = " ".join(r.stderr.decode().split())
+        assert r.returncode == 0, err
+        if said:
+            assert f"the stored one ({old.shape}) was timed with another dtype or thread count {said}; choosing again" in err
+            assert json.loads((out / "recipe.json").read_text())["budget"] == {**base, "dtype": dtype, "threads": 1}
+        else:
+            assert "recipe (stored)" in err and "choosing again" not in err
 
 
 def test_a_missing_test_set_fails_before_training(tmp_path):

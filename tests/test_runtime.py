@@ -25,13 +25,15 @@ def test_the_bf16_units_named_are_the_ones_lscpu_lists():
 
 
 @pytest.mark.parametrize("units, race, expected", [
-    ("amx_bf16, avx512_bf16", 1.0, torch.bfloat16),  # a slow race does not outvote the CPU's bf16 units
-    ("avx512_bf16", 0.9, torch.bfloat16),
-    ("none", 3.0, torch.float32),                    # nor a fast one their absence
+    ("amx_bf16, avx512_bf16", 1.0, torch.bfloat16),  # a slow race does not outvote the CPU's AMX unit
+    ("amx_bf16", 0.9, torch.bfloat16),
+    ("none", 3.0, torch.float32),                    # nor a fast one the absence of bf16 units
+    ("avx512_bf16", 0.6, torch.float32),             # AVX-512 BF16 alone: the race decides (a Xeon guest
+    ("avx512_bf16", 1.8, torch.bfloat16),            # with AMX hidden read 0.6, a Zen 4 about 2)
     ("unknown", 1.5, torch.bfloat16),                # where the flags can't be read, the race decides
     ("unknown", 1.1, torch.float32),
 ])
-def test_dtype_auto_follows_the_cpu_flags_and_races_only_without_them(monkeypatch, units, race, expected):
+def test_dtype_auto_follows_the_amx_and_no_bf16_flags_and_races_elsewhere(monkeypatch, units, race, expected):
     monkeypatch.delenv("NMT_CPU_BF16_SPEEDUP", raising=False)
     monkeypatch.setattr(runtime, "cpu_bf16_units", lambda: units)
     monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: race)
@@ -59,7 +61,9 @@ def test_the_bf16_units_come_from_whole_flags(monkeypatch, flags, expected):
     ("unknown", "bfloat16", torch.bfloat16, True),  # the run's first race answered bf16: no new race (it says fp32)
     ("unknown", "float32", torch.float32, True),
     ("unknown", "int8", torch.float32, True),       # not a dtype a race answers: race again
-    ("avx512_bf16", "float32", torch.bfloat16, False),  # the flags, where they can be read, decide as before
+    ("avx512_bf16", "float32", torch.float32, True),   # AVX-512 BF16 alone races, so it keeps the first answer too
+    ("avx512_bf16", "bfloat16", torch.bfloat16, True),
+    ("amx_bf16, avx512_bf16", "float32", torch.bfloat16, False),  # the flags, where they decide, decide as before
     ("none", "bfloat16", torch.float32, False),
 ])
 def test_a_runs_earlier_race_answer_replaces_a_new_race_only(monkeypatch, units, raced_before, expected, raced):
