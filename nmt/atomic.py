@@ -3,7 +3,9 @@ target, then renamed over it.
 
 A crash, an interrupt or a full disk never leaves a half-written file in place of a good one:
 either the new version is complete and in place, or the previous one is untouched and the
-temporary is gone. Every writer in nmt goes through here: the model directory (config,
+temporary is gone. The new version's data reaches the disk (fsync) before the rename, and the
+rename itself after it (an fsync of the directory that holds it), so a power cut too finds one
+version or the other, and once a write has returned, the new one. Every writer in nmt goes through here: the model directory (config,
 weights, tokenizer, training summary), checkpoints, the token cache, data fingerprints and
 the CTranslate2 export. What to write is the caller's business (a callback gets the
 temporary path); this module knows nothing of models or formats.
@@ -33,16 +35,35 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def sync(path: Path) -> None:
+    """fsync a file, or a directory (its entries: a rename in it); a filesystem or system that
+    cannot sync a directory (EINVAL, EBADF, EACCES; Windows) is let be."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return  # a directory that cannot be opened to sync (Windows)
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not path.is_dir() or e.errno not in (errno.EINVAL, errno.EBADF, errno.EACCES, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
 def write_file(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp_path), fsync, then rename over `path`; on failure remove the temporary."""
+    """Call write(tmp_path), fsync, then rename over `path` and fsync its directory; on failure
+    remove the temporary."""
     path = Path(path)
     tmp = temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        sync(tmp)
         os.replace(tmp, path)
+        sync(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise write_error(path, e) from None
@@ -57,10 +78,10 @@ def write_text(path: Path, text: str) -> None:
 
 @contextmanager
 def directory(path: Path, error: Callable[[OSError], NmtError] | None = None) -> Iterator[Path]:
-    """`with directory(path) as tmp:` fill `tmp`; when the block ends normally it replaces
-    `path` (a previous version is moved aside first and restored if the rename fails), and
-    on any error it is removed and `path` is left as it was. An OSError becomes `error(e)`
-    (default: `write_error`)."""
+    """`with directory(path) as tmp:` fill `tmp`; when the block ends normally its files and
+    folders are synced to disk and it replaces `path` (a previous version is moved aside first
+    and restored if the rename fails; the rename is synced too), and on any error it is removed
+    and `path` is left as it was. An OSError becomes `error(e)` (default: `write_error`)."""
     path = Path(path)
     tmp = temporary_name(path)
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -68,9 +89,14 @@ def directory(path: Path, error: Callable[[OSError], NmtError] | None = None) ->
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         yield tmp
+        for folder, _, files in os.walk(tmp):
+            for name in files:
+                sync(Path(folder, name))
+            sync(Path(folder))
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
+        sync(path.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():

@@ -734,11 +734,13 @@ class Trainer:
     def _evaluate(self) -> None:
         """Dev BLEU and loss of the current weights: logged, kept in the history, best model saved."""
         pr = self.progress
+        began = time.monotonic()
         bleu, signature, dev_loss, each = validate.evaluate_devs(self.model, self.p.vocabs, self.p.devs, self.runtime,
                                                                  self.config.eval_max_sentences)
         improved = bleu > pr.best_bleu
         record = {"event": "eval", "step": pr.step, "seconds": pr.seconds, "dev_bleu": bleu,
-                  "dev_loss": dev_loss, "signature": signature, "target_tokens": pr.target_tokens}
+                  "dev_loss": dev_loss, "signature": signature, "target_tokens": pr.target_tokens,
+                  "eval_seconds": round(time.monotonic() - began, 3)}
         if len(each) > 1:  # several directions: dev BLEU is their mean
             record["directions"] = each
         pr.history.append(record)
@@ -1275,9 +1277,15 @@ def _announce(trainer: Trainer, runtime: Runtime, dist: Distributed) -> None:
 
 
 def _write_summary(trainer: Trainer, runtime: Runtime, dist: Distributed) -> None:
+    """OUT/training.json. `target_tokens_per_s` is the whole run's rate (its time budget's);
+    `training_target_tokens_per_s` leaves out the dev evaluations' time (`evaluation_seconds`: the
+    evaluations that recorded theirs, all of them since this was kept)."""
     pr = trainer.progress
+    evaluating = sum(r.get("eval_seconds", 0.0) for r in pr.history if r.get("event") == "eval")
     summary = {"steps": pr.step, "epochs": pr.epoch, "target_tokens": pr.target_tokens, "seconds": pr.seconds,
-               "target_tokens_per_s": pr.target_tokens / max(pr.seconds, 1e-9), "device": runtime.describe(),
+               "target_tokens_per_s": pr.target_tokens / max(pr.seconds, 1e-9), "evaluation_seconds": evaluating,
+               "training_target_tokens_per_s": pr.target_tokens / max(pr.seconds - evaluating, 1e-9),
+               "device": runtime.describe(),
                "world_size": dist.world_size, "stop_reason": trainer.stop_reason, "best_dev_bleu": pr.best_bleu,
                "best_step": pr.best_step, "parameters": count_parameters(trainer.model), "evaluations": pr.history}
     atomic.write_text(trainer.p.out / "training.json", json.dumps(summary, indent=2))

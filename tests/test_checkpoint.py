@@ -58,3 +58,49 @@ def test_reading_a_config_of_another_format_version_names_the_problem(tmp_path):
     (tmp_path / "config.json").write_text('{"format": "nmt-model", "version": 99}')
     with pytest.raises(NmtError, match="version 99"):
         checkpoint.read_config(tmp_path)
+
+
+def _record_syncs(monkeypatch) -> list[tuple[str, str]]:
+    """(event, path) for every fsync (the path read back from the descriptor) and rename, in order."""
+    import os
+
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def record_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def record_replace(src, dst):
+        replace(src, dst)
+        events.append(("rename", str(dst)))
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "replace", record_replace)
+    return events
+
+
+def test_a_write_reaches_the_disk_before_its_rename_and_the_rename_after_it(tmp_path, monkeypatch):
+    """A power cut after a write returned must find the new version: the data is synced before the
+    rename, and the directory that holds the new name after it."""
+    import os
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc/self/fd to name a descriptor's file")
+    target = tmp_path / "config.json"
+    events = _record_syncs(monkeypatch)
+    atomic.write_text(target, "new")
+    tmp = str(atomic.temporary_name(target))
+    assert events == [("fsync", tmp), ("rename", str(target)), ("fsync", str(tmp_path))]
+
+    events.clear()
+    model = tmp_path / "model"
+    with atomic.directory(model) as staged:
+        (staged / "sub").mkdir()
+        (staged / "sub" / "a.bin").write_bytes(b"a")
+        (staged / "b.txt").write_text("b")
+    staged = str(staged)
+    synced_before = {p for e, p in events[: events.index(("rename", str(model)))] if e == "fsync"}
+    assert synced_before == {f"{staged}/b.txt", f"{staged}/sub/a.bin", f"{staged}/sub", staged}
+    assert events[-2:] == [("rename", str(model)), ("fsync", str(tmp_path))]
+    assert (model / "sub" / "a.bin").read_bytes() == b"a"

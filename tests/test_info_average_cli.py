@@ -74,6 +74,34 @@ def test_info_text(run):
     assert "tiny" in text
 
 
+def test_training_json_gives_the_rate_between_dev_evaluations_too(run, tmp_path):
+    """The whole run's rate counts the dev evaluations' time; the training rate leaves it out, each
+    evaluation's time taken from metrics.jsonl's records (3 evaluations: steps 10, 20, 30)."""
+    t = json.loads((run / "training.json").read_text(encoding="utf-8"))
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines())
+             if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    spent = sum(r["eval_seconds"] for r in evals)
+    assert 0 < spent < t["seconds"] and t["evaluation_seconds"] == pytest.approx(spent)
+    assert t["training_target_tokens_per_s"] == pytest.approx(t["target_tokens"] / (t["seconds"] - spent))
+    assert t["training_target_tokens_per_s"] > t["target_tokens_per_s"]
+    text = " ".join(ok(run_nmt("info", str(run))).split())
+    assert f"{t['target_tokens_per_s']:,.0f} target tokens/s ({t['training_target_tokens_per_s']:,.0f} between dev " \
+           f"evaluations, which took {spent / 60:.1f} min)" in text
+    old = tmp_path / "old"  # a run from before these were kept: the whole run's rate alone
+    old.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (old / name).write_bytes((run / name).read_bytes())
+    (old / "tokenizer.json").write_bytes((run / "tokenizer.json").read_bytes())
+    for extra in ("tokenizer.options.json",):
+        if (run / extra).exists():
+            (old / extra).write_bytes((run / extra).read_bytes())
+    (old / "training.json").write_text(json.dumps({k: v for k, v in t.items() if k not in (
+        "evaluation_seconds", "training_target_tokens_per_s")}), encoding="utf-8")
+    text = " ".join(ok(run_nmt("info", str(old))).split())
+    assert f"{t['target_tokens_per_s']:,.0f} target tokens/s" in text and "between dev evaluations" not in text
+
+
 @pytest.mark.parametrize("what", ["empty dir", "missing dir", "a file", "bad training.json"])
 def test_info_on_a_non_model_dir(tmp_path, run, what):
     target = tmp_path / "x"
