@@ -3,9 +3,10 @@ target, then renamed over it.
 
 A crash, an interrupt or a full disk never leaves a half-written file in place of a good one:
 either the new version is complete and in place, or the previous one is untouched and the
-temporary is gone. The new version's data reaches the disk (fsync) before the rename, and the
-rename itself after it (an fsync of the directory that holds it), so a power cut too finds one
-version or the other, and once a write has returned, the new one. Every writer in nmt goes through here: the model directory (config,
+temporary is gone. The new version's data is handed to the disk (fsync) before the rename, and
+the rename itself after it (an fsync of the directory that holds it), so a power cut too finds one
+version or the other, and once a write has returned, the new one (as far as fsync reaches: on
+macOS the drive's own cache may still hold it). Every writer in nmt goes through here: the model directory (config,
 weights, tokenizer, training summary), checkpoints, the token cache, data fingerprints and
 the CTranslate2 export. What to write is the caller's business (a callback gets the
 temporary path); this module knows nothing of models or formats.
@@ -37,13 +38,17 @@ def temporary_name(path: Path) -> Path:
 
 def sync(path: Path) -> None:
     """fsync a file, or a directory (its entries: a rename in it); a filesystem or system that
-    cannot sync a directory (EINVAL, EBADF, EACCES; Windows) is let be."""
+    cannot sync a directory (EINVAL, EBADF, EACCES, ENOTSUP; Windows) is let be. A file is opened
+    for writing where it can be (Windows flushes only such a handle), else for reading (POSIX)."""
+    path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
+    except OSError as e:
         if path.is_dir():
             return  # a directory that cannot be opened to sync (Windows)
-        raise
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     except OSError as e:
@@ -53,9 +58,10 @@ def sync(path: Path) -> None:
         os.close(fd)
 
 
-def write_file(path: Path, write: Callable[[Path], None]) -> None:
+def write_file(path: Path, write: Callable[[Path], None], staged: bool = False) -> None:
     """Call write(tmp_path), fsync, then rename over `path` and fsync its directory; on failure
-    remove the temporary."""
+    remove the temporary. `staged`: `path` is in a `directory()` being built, which syncs its
+    folders itself before its own rename (the folder's sync is left to it)."""
     path = Path(path)
     tmp = temporary_name(path)
     try:
@@ -63,17 +69,27 @@ def write_file(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         sync(tmp)
         os.replace(tmp, path)
-        sync(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise write_error(path, e) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if not staged:
+        sync_renamed(path)
 
 
-def write_text(path: Path, text: str) -> None:
-    write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def sync_renamed(path: Path) -> None:
+    """fsync the directory holding `path`, just renamed into place; a failure is an error that says
+    the new version is written (in place, perhaps not yet on the disk), not that the old one is kept."""
+    try:
+        sync(path.parent)
+    except OSError as e:
+        raise NmtError(f"{path}: written, but its folder could not be synced to the disk ({e.strerror or e})") from None
+
+
+def write_text(path: Path, text: str, staged: bool = False) -> None:
+    write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), staged)
 
 
 @contextmanager
@@ -96,7 +112,6 @@ def directory(path: Path, error: Callable[[OSError], NmtError] | None = None) ->
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
-        sync(path.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():
@@ -104,4 +119,7 @@ def directory(path: Path, error: Callable[[OSError], NmtError] | None = None) ->
         if isinstance(e, OSError):
             raise (error(e) if error else write_error(path, e)) from None
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        sync_renamed(path)
+    finally:  # the old version goes once the new one's rename is on the disk
+        shutil.rmtree(old, ignore_errors=True)

@@ -151,10 +151,11 @@ def _as_os_error(write):
     return run
 
 
-def save_weights(model, path: Path) -> None:
+def save_weights(model, path: Path, staged: bool = False) -> None:
+    """`staged`: `path` is in an `atomic.directory` being built (`atomic.write_file`)."""
     from safetensors.torch import save_model
 
-    atomic.write_file(path, _as_os_error(lambda tmp: save_model(model, str(tmp))))
+    atomic.write_file(path, _as_os_error(lambda tmp: save_model(model, str(tmp))), staged)
 
 
 def load_weights(model, path: Path) -> None:
@@ -335,8 +336,8 @@ def save_checkpoint(directory: Path, step: int, model, state: dict[str, Any], ke
 
     final = directory / "checkpoints" / f"step-{step:08d}"
     with atomic.directory(final) as tmp:
-        save_weights(model, tmp / WEIGHTS)
-        atomic.write_file(tmp / "state.pt", _as_os_error(lambda p: torch.save(state, p)))
+        save_weights(model, tmp / WEIGHTS, staged=True)
+        atomic.write_file(tmp / "state.pt", _as_os_error(lambda p: torch.save(state, p)), staged=True)
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

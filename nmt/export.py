@@ -202,4 +202,4 @@ def _save_atomically(spec, tokenizer_files: list[Path], meta: dict[str, Any], ou
             raise NmtError(f"{out_dir}: cannot write the model ({e.strerror or e})") from None
         for path in tokenizer_files:
             shutil.copyfile(path, tmp / path.name)
-        atomic.write_text(tmp / EXPORT_META, json.dumps(meta, indent=2))
+        atomic.write_text(tmp / EXPORT_META, json.dumps(meta, indent=2), staged=True)

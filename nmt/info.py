@@ -108,7 +108,7 @@ def _render(facts: dict[str, Any]) -> None:
     for d in facts.get("data") or []:
         rows.append(("data", f"{d['path']}: {d['lines']:,} lines, {d['size']:,} bytes, sha256 {d['sha256'][:16]}…"))
     if t:
-        evaluating = t.get("evaluation_seconds")  # kept since this nmt: the dev evaluations' share of the time
+        evaluating = t.get("evaluation_seconds")  # the dev evaluations' time: None where one did not record it
         rows += [("training", f"{t['steps']:,} steps, {t['target_tokens']:,} target tokens, {t['seconds'] / 60:.1f} min, "
                               f"{t['target_tokens_per_s']:,.0f} target tokens/s"
                               + (f" ({t['training_target_tokens_per_s']:,.0f} between dev evaluations, which took "

@@ -219,7 +219,8 @@ def step_cap_of(max_steps: int | None, max_epochs: int | None, corpus_tokens: in
 
 
 def measure(shapes: tuple[Shape, ...], step: Callable[[Shape], Callable[[int], int]], seconds: float = 2.0,
-            keep_going: Callable[[str, float], bool] = lambda name, rate: True) -> dict[str, float]:
+            keep_going: Callable[[str, float], bool] = lambda name, rate: True,
+            out_of_memory: list[str] | None = None) -> dict[str, float]:
     """Target tokens/s of each shape, smallest first: `step(shape)` builds it and returns a function
     that runs one optimizer step on real batch i (the same batches for every shape) and returns its
     target tokens. Batches 0, 1, 2, … run for `seconds` (at least two), untimed; then the same
@@ -229,7 +230,8 @@ def measure(shapes: tuple[Shape, ...], step: Callable[[Shape], Callable[[int], i
     on the same ones again, small (same width, timed after it) 4,459 and 4,508, and the 30-minute
     runs trained at 5,459 and 4,055. Stops early when `keep_going(name, rate)` says the larger
     shapes cannot be chosen anyway, or when a shape's step raises `DoesNotFit` (out of memory: the
-    larger ones would too); the smallest not fitting is a one-line error."""
+    larger ones would too: its name is appended to `out_of_memory`, for `choose`'s reason); the
+    smallest not fitting is a one-line error."""
     rates: dict[str, float] = {}
     for shape in shapes:
         try:
@@ -239,6 +241,8 @@ def measure(shapes: tuple[Shape, ...], step: Callable[[Shape], Callable[[int], i
                 raise NmtError(f"the recipe's smallest model ({shape.name}) runs out of memory at this batch size: "
                                f"lower --batch-tokens") from None
             log.info("recipe: %s runs out of memory here; larger shapes are not timed", shape.name)
+            if out_of_memory is not None:
+                out_of_memory.append(shape.name)
             break
         log.info("recipe: %s trains at %s target tokens/s here", shape.name, f"{rates[shape.name]:,.0f}")
         if not keep_going(shape.name, rates[shape.name]):
@@ -262,14 +266,16 @@ def _rate(run: Callable[[int], int], seconds: float) -> float:
 
 def choose(rates: dict[str, float], corpus_tokens: int, max_time: float | None, max_steps: int | None,
            batch_tokens: int, eval_seconds: float, shapes: tuple[Shape, ...] = SHAPES, *,
-           update_freq: int = 1, ranks: int = 1, max_epochs: int | None = None) -> Recipe:
+           update_freq: int = 1, ranks: int = 1, max_epochs: int | None = None,
+           out_of_memory: str | None = None) -> Recipe:
     """Pick the shape and settings for a budget of `max_time` seconds and/or `max_steps` steps
     (and at most `max_epochs` passes over the data, when set).
 
     rates: measured target tokens/s per shape, on one process; corpus_tokens: target tokens in one
     epoch; batch_tokens: the padded token budget per batch; eval_seconds: estimated cost of one
     dev evaluation (0 without a dev set); shapes: the candidates, smallest first (`candidates`);
-    update_freq: batches per optimizer step on each rank; ranks: processes training together."""
+    update_freq: batches per optimizer step on each rank; ranks: processes training together;
+    out_of_memory: the shape whose trial ran out of memory (`measure`), for the reason."""
     per_step = REAL_SHARE * batch_tokens * update_freq * ranks  # real target tokens per optimizer step
 
     if not max_time and not max_steps:
@@ -308,7 +314,7 @@ def choose(rates: dict[str, float], corpus_tokens: int, max_time: float | None, 
     per = f" × {update_freq * ranks} per step" if update_freq * ranks > 1 else ""
     reason = (f"{shape.name} model, dropout {dropout}, lr {lr:g}, batch {batch_tokens}{per}, cosine to 0: the budget "
               f"buys ~{tokens / 1e6:.2f} M target tokens (~{epochs:.1f} epochs, ~{steps:,} steps){speed}; "
-              + _why(shape, candidates, tokens_of, per_step, shapes))
+              + _why(shape, candidates, tokens_of, per_step, shapes, out_of_memory))
     return Recipe(
         shape=shape.name,
         model={**shape.model_fields(), "dropout": dropout},
@@ -331,12 +337,15 @@ def _evaluations(max_time: float | None, eval_seconds: float) -> int:
     return int(min(max(20, hourly), max(2, EVAL_SHARE * max_time / eval_seconds)))
 
 
-def _why(shape: Shape, candidates: list[Shape], tokens_of, per_step: float, shapes: tuple[Shape, ...]) -> str:
+def _why(shape: Shape, candidates: list[Shape], tokens_of, per_step: float, shapes: tuple[Shape, ...],
+         out_of_memory: str | None = None) -> str:
     if len(shapes) == 1:
         return "the only shape that fits the options set by hand"
     b = _next_larger(shape.name, shapes)
     if b is None:
         return "the largest candidate"
+    if b.name == out_of_memory:
+        return f"{b.name} runs out of memory at this batch size"
     if b in candidates:
         steps = tokens_of(b.name) / per_step
         return f"{b.name} would get {steps:,.0f} steps, under the {steps_needed(b):,} it needs"

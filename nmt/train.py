@@ -441,14 +441,16 @@ class Trainer:
     def _beat_the_average(self) -> None:
         """An averaged model kept at the end of the run resumed here (`nmt.average`) scored above the
         best checkpoint: it is the model to beat, or an extended run's next evaluation that beats
-        only the best checkpoint would replace a better model.safetensors."""
+        only the best checkpoint would replace a better model.safetensors. The progress's best (score
+        and step) stays the best checkpoint's: the bar is apart from it (`_to_beat`)."""
         from nmt.average import kept_model_bleu
 
         # None: the checkpoints' own best stands
+        # (a checkpoint saved by an nmt from before the bar was kept apart holds it as its best_bleu)
         kept = kept_model_bleu(self.p.out, self.config.dev, self.config.eval_max_sentences)
         if kept is not None and kept > self.progress.best_bleu:
             log.info("the model that averaging kept at the end of the last run (dev BLEU %.2f) is the one to beat", kept)
-            self.progress.best_bleu = kept
+            self._to_beat = kept
 
     def save(self) -> Path | None:
         cpu = torch.get_rng_state()
@@ -473,32 +475,39 @@ class Trainer:
         start = self._start = time.monotonic() - self.progress.seconds
         total = c.max_steps if c.max_steps else (c.max_time or None)
         self._check_budget()  # a finished run re-run with the same budget trains no further
-        if self._last_evaluation_missing() and (self.stop_reason or self.progress.step % c.eval_every == 0):
-            self._finish_evaluation()  # it was killed (or failed) in an evaluation it was due: done now
-            self._end_if_the_evaluation_spent_the_budget(start)  # every rank's clock counts it, as in the loop
-        budget = self.batch_tokens()
-        with StepProgress("train", total, log_every=30.0) as bar, _StopOnSignal(self):
-            while self.stop_reason is None:
-                batches = self.p.cache.plan(budget, c.seed, self.progress.epoch, self.dist.rank, self.dist.world_size,
-                                            c.curriculum)
-                if not batches:
-                    self._no_batches(budget)
-                if len(batches) < c.update_freq:  # no step would ever be made: refuse, don't spin
-                    raise UsageError(f"--update-freq {c.update_freq} exceeds the {len(batches)} batches of an "
-                                     f"epoch{' on each rank' if self.dist.world_size > 1 else ''} at "
-                                     f"--batch-tokens {budget} (lower --update-freq or --batch-tokens)")
-                left_out = len(batches) % c.update_freq
-                if left_out and self.dist.is_writer and not self._left_out_said:
-                    log.info("--update-freq %d: each epoch's last %d of its %d batches%s are left out (others each "
-                             "epoch, as the order is drawn anew)", c.update_freq, left_out, len(batches),
-                             " on each rank" if self.dist.world_size > 1 else "")
-                    self._left_out_said = True
-                self._epoch_batches = len(batches)  # the epoch share of the budget (`budget_used`)
-                trim_heap()  # the plan's temporaries: memory stays flat as the corpus grows
-                self.p.cache.drop_pages()  # and so do the pages of the lengths it read
-                self._epoch(batches, start, bar)
+        # a signal during the catch-up evaluation, as during the loop's: the evaluation ends, then the run
+        with _StopOnSignal(self):
+            if self._last_evaluation_missing() and (self.stop_reason or self.progress.step % c.eval_every == 0):
+                self._finish_evaluation()  # it was killed (or failed) in an evaluation it was due: done now
+                self._end_if_the_evaluation_spent_the_budget(start)  # every rank's clock counts it, as in the loop
+            budget = self.batch_tokens()
+            with StepProgress("train", total, log_every=30.0) as bar:
+                self._train(budget, start, bar)
         self.progress.seconds = time.monotonic() - start
         return self.progress
+
+    def _train(self, budget: int, start: float, bar: StepProgress) -> None:
+        """Epoch after epoch until a budget, the patience or a signal ends the run."""
+        c = self.config
+        while self.stop_reason is None:
+            batches = self.p.cache.plan(budget, c.seed, self.progress.epoch, self.dist.rank, self.dist.world_size,
+                                        c.curriculum)
+            if not batches:
+                self._no_batches(budget)
+            if len(batches) < c.update_freq:  # no step would ever be made: refuse, don't spin
+                raise UsageError(f"--update-freq {c.update_freq} exceeds the {len(batches)} batches of an "
+                                 f"epoch{' on each rank' if self.dist.world_size > 1 else ''} at "
+                                 f"--batch-tokens {budget} (lower --update-freq or --batch-tokens)")
+            left_out = len(batches) % c.update_freq
+            if left_out and self.dist.is_writer and not self._left_out_said:
+                log.info("--update-freq %d: each epoch's last %d of its %d batches%s are left out (others each "
+                         "epoch, as the order is drawn anew)", c.update_freq, left_out, len(batches),
+                         " on each rank" if self.dist.world_size > 1 else "")
+                self._left_out_said = True
+            self._epoch_batches = len(batches)  # the epoch share of the budget (`budget_used`)
+            trim_heap()  # the plan's temporaries: memory stays flat as the corpus grows
+            self.p.cache.drop_pages()  # and so do the pages of the lengths it read
+            self._epoch(batches, start, bar)
 
     def batch_tokens(self) -> int:
         """The token budget per batch: --batch-tokens, or with `auto` the largest that fits in GPU
@@ -686,6 +695,7 @@ class Trainer:
     _left_out_said = False  # the batches --update-freq leaves out of each epoch, logged once
     _epoch_batches = 0  # batches in the current epoch (its share of a --max-epochs budget)
     _saved_step = -1  # the step evaluate_and_save last saved
+    _to_beat = -1.0  # dev BLEU of an averaged model kept in place of the best checkpoint (`_beat_the_average`)
     _saved_dir: Path | None = None  # and its checkpoint directory (the writer's; None on other ranks)
     _start = 0.0  # time.monotonic() when the run would have started, had it never stopped
 
@@ -737,7 +747,7 @@ class Trainer:
         began = time.monotonic()
         bleu, signature, dev_loss, each = validate.evaluate_devs(self.model, self.p.vocabs, self.p.devs, self.runtime,
                                                                  self.config.eval_max_sentences)
-        improved = bleu > pr.best_bleu
+        improved = bleu > max(pr.best_bleu, self._to_beat)
         record = {"event": "eval", "step": pr.step, "seconds": pr.seconds, "dev_bleu": bleu,
                   "dev_loss": dev_loss, "signature": signature, "target_tokens": pr.target_tokens,
                   "eval_seconds": round(time.monotonic() - began, 3)}
@@ -747,8 +757,10 @@ class Trainer:
         self._log(record)
         log.info("step %d: dev BLEU %.2f, dev loss %.3f%s", pr.step, bleu, dev_loss,
                  " (best so far, saved)" if improved else "")
+        if bleu > pr.best_bleu:  # the best checkpoint (an averaged model kept may still score above it)
+            pr.best_bleu, pr.best_step = bleu, pr.step
         if improved:
-            pr.best_bleu, pr.best_step, pr.evals_without_gain = bleu, pr.step, 0
+            pr.evals_without_gain = 0
             checkpoint.save_weights(self.model, self.p.out / checkpoint.WEIGHTS)
         else:
             pr.evals_without_gain += 1
@@ -796,7 +808,7 @@ class _StopOnSignal:
             raise KeyboardInterrupt
         self.trainer._signal = signal.Signals(signum).name
         self.trainer._signum = signum
-        log.warning("%s received: saving a checkpoint at the end of this step (again to abort)",
+        log.warning("%s received: stopping at the end of this step or evaluation, its checkpoint saved (again to abort)",
                     self.trainer._signal)
 
     def __enter__(self):
@@ -1015,14 +1027,20 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, conti
         # settings were kept: as if these), another dtype or thread count, or other shape options
         was = {"update_freq": 1, "processes": 1, **_speed_of(runtime), **chosen.budget}
         same_budget = not chosen.budget or was == budget
+        other_budget = bool(chosen.budget) and {**was, **_speed_of(runtime)} != budget  # not only the speed's settings
         if continues or (same_budget and all(chosen.model.get(k) == v for k, v in by_hand.items())):
             log.info("recipe (stored): %s", chosen.reason)
             if not same_budget and not checkpoint.list_checkpoints(out):
-                log.warning("%s: its recipe was chosen for another budget (%s) and no checkpoint is saved yet: a "
-                            "new --out chooses one for this budget", out, _budget_text(chosen.budget, budget))
+                if other_budget:
+                    log.warning("%s: its recipe was chosen for another budget (%s) and no checkpoint is saved yet: "
+                                "a new --out chooses one for this budget", out, _budget_text(chosen.budget, budget))
+                else:
+                    log.warning("%s: its recipe was timed with another dtype or thread count (%s) and no checkpoint "
+                                "is saved yet: a new --out times the shapes again", out,
+                                _budget_text(was, budget, speed=True))
             return chosen
         other = "does not fit the shape options set by hand" if same_budget else \
-            "was chosen for another budget" if {**was, **_speed_of(runtime)} != budget else \
+            "was chosen for another budget" if other_budget else \
             f"was timed with another dtype or thread count ({_budget_text(was, budget, speed=True)})"
         log.info("recipe: the stored one (%s) %s; choosing again", chosen.shape, other)
     # `--batch-tokens auto` on CPU trains with the recipe's batch (`Trainer.batch_tokens`); on a GPU the
@@ -1035,18 +1053,20 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, conti
     mean_tgt = corpus_tokens / max(len(p.cache.tgt_len), 1)
     # shape options set by hand narrow the candidates, so the rest of the recipe fits the shape that trains
     shapes = recipe.candidates(by_hand)
-    rates, eval_seconds = {}, 0.0
+    rates, eval_seconds, too_large = {}, 0.0, []
     if config.max_time:  # a step budget needs no speed: it fixes the tokens seen
         cap = recipe.step_cap_of(config.max_steps, config.max_epochs, corpus_tokens, batch_tokens, config.update_freq,
                                  ranks)  # shapes needing more steps than that are not timed
         rates = recipe.measure(shapes, _shape_trial(p, config, runtime, batch_tokens),
                                keep_going=lambda name, rate: recipe.worth_measuring_next(name, rate, config.max_time,
                                                                                          batch_tokens, shapes,
-                                                                                         config.update_freq, cap))
+                                                                                         config.update_freq, cap),
+                               out_of_memory=too_large)
         # a dev evaluation decodes every dev target (about as fast per token as training) and scores its loss
         eval_seconds = 1.4 * dev_pairs * mean_tgt / max(min(rates.values()), 1.0)
     chosen = replace(recipe.choose(rates, corpus_tokens, config.max_time, config.max_steps, batch_tokens, eval_seconds,
-                                   shapes, update_freq=config.update_freq, ranks=ranks, max_epochs=config.max_epochs),
+                                   shapes, update_freq=config.update_freq, ranks=ranks, max_epochs=config.max_epochs,
+                                   out_of_memory=next(iter(too_large), None)),
                      budget=budget)
     log.info("recipe: %s", chosen.reason)
     atomic.write_text(stored, json.dumps(recipe.describe(chosen), indent=2))
@@ -1278,13 +1298,15 @@ def _announce(trainer: Trainer, runtime: Runtime, dist: Distributed) -> None:
 
 def _write_summary(trainer: Trainer, runtime: Runtime, dist: Distributed) -> None:
     """OUT/training.json. `target_tokens_per_s` is the whole run's rate (its time budget's);
-    `training_target_tokens_per_s` leaves out the dev evaluations' time (`evaluation_seconds`: the
-    evaluations that recorded theirs, all of them since this was kept)."""
+    `training_target_tokens_per_s` leaves out the dev evaluations' time (`evaluation_seconds`), both
+    None where an evaluation did not record its time (a run begun by an nmt from before they did)."""
     pr = trainer.progress
-    evaluating = sum(r.get("eval_seconds", 0.0) for r in pr.history if r.get("event") == "eval")
+    evals = [r for r in pr.history if r.get("event") == "eval"]
+    evaluating = sum(r["eval_seconds"] for r in evals) if all("eval_seconds" in r for r in evals) else None
     summary = {"steps": pr.step, "epochs": pr.epoch, "target_tokens": pr.target_tokens, "seconds": pr.seconds,
                "target_tokens_per_s": pr.target_tokens / max(pr.seconds, 1e-9), "evaluation_seconds": evaluating,
-               "training_target_tokens_per_s": pr.target_tokens / max(pr.seconds - evaluating, 1e-9),
+               "training_target_tokens_per_s": None if evaluating is None else
+               pr.target_tokens / max(pr.seconds - evaluating, 1e-9),
                "device": runtime.describe(),
                "world_size": dist.world_size, "stop_reason": trainer.stop_reason, "best_dev_bleu": pr.best_bleu,
                "best_step": pr.best_step, "parameters": count_parameters(trainer.model), "evaluations": pr.history}

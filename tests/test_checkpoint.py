@@ -104,3 +104,42 @@ def test_a_write_reaches_the_disk_before_its_rename_and_the_rename_after_it(tmp_
     assert synced_before == {f"{staged}/b.txt", f"{staged}/sub/a.bin", f"{staged}/sub", staged}
     assert events[-2:] == [("rename", str(model)), ("fsync", str(tmp_path))]
     assert (model / "sub" / "a.bin").read_bytes() == b"a"
+
+
+@pytest.mark.parametrize("code, fails", [(errno.EINVAL, False), (errno.EIO, True)])
+def test_a_folder_that_cannot_be_synced_after_the_rename(tmp_path, monkeypatch, code, fails):
+    """A filesystem that cannot fsync a directory (EINVAL) is let be; a real failure (EIO) of the
+    sync after the rename is a one-line error that says the new version is written, and leaves
+    nothing aside: no temporary, no old version (a staged directory's own folders, synced before
+    its rename, and the files written into it sync here)."""
+    import os
+
+    writes = {"t0": lambda target, text: atomic.write_text(target, text),
+              "t1": lambda target, text: _write_directory(target, text)}
+    for name, write in writes.items():
+        write(tmp_path / name, "old")
+    fsync = os.fsync
+
+    def folders_fail(fd):  # the folder that holds the new versions, synced after their renames
+        if os.path.samestat(os.fstat(fd), os.stat(tmp_path)):
+            raise OSError(code, os.strerror(code))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", folders_fail)
+    for name, write in writes.items():
+        target = tmp_path / name
+        if fails:
+            with pytest.raises(NmtError) as e:
+                write(target, "new")
+            assert str(e.value) == f"{target}: written, but its folder could not be synced to the disk ({os.strerror(code)})"
+        else:
+            write(target, "new")
+        content = target.read_text() if target.is_file() else (target / "a.txt").read_text()
+        assert content == "new"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["t0", "t1"]
+
+
+def _write_directory(target, text):
+    with atomic.directory(target) as staged:
+        (staged / "a.txt").write_text(text)
+        atomic.write_text(staged / "b.txt", text, staged=True)  # a file written atomically inside it

@@ -102,6 +102,26 @@ def test_training_json_gives_the_rate_between_dev_evaluations_too(run, tmp_path)
     assert f"{t['target_tokens_per_s']:,.0f} target tokens/s" in text and "between dev evaluations" not in text
 
 
+def test_training_json_gives_no_evaluation_time_where_an_evaluation_did_not_record_it(tmp_path):
+    """A run begun by an nmt from before evaluations recorded their time, resumed by this one: a
+    sum of the newer evaluations alone would understate it, so neither figure is given."""
+    from types import SimpleNamespace
+
+    from nmt import train as train_mod
+    from nmt.runtime import setup
+
+    history = [{"event": "eval", "step": 10, "dev_bleu": 1.0},
+               {"event": "eval", "step": 20, "dev_bleu": 2.0, "eval_seconds": 4.0}]
+    for records, spent in [(history, None), (history[1:], 4.0)]:
+        trainer = SimpleNamespace(progress=train_mod.Progress(step=20, target_tokens=1000, seconds=10.0, history=records),
+                                  p=SimpleNamespace(out=tmp_path), stop_reason="20 steps done",
+                                  model=torch.nn.Linear(2, 2))
+        train_mod._write_summary(trainer, setup("cpu", "float32", 0), SimpleNamespace(world_size=1))
+        t = json.loads((tmp_path / "training.json").read_text(encoding="utf-8"))
+        assert t["target_tokens_per_s"] == pytest.approx(100.0) and t["evaluation_seconds"] == spent
+        assert t["training_target_tokens_per_s"] == (None if spent is None else pytest.approx(1000 / 6.0))
+
+
 @pytest.mark.parametrize("what", ["empty dir", "missing dir", "a file", "bad training.json"])
 def test_info_on_a_non_model_dir(tmp_path, run, what):
     target = tmp_path / "x"

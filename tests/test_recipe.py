@@ -197,8 +197,15 @@ def test_measure_stops_at_a_shape_that_runs_out_of_memory_and_names_the_batch_wh
             return run
         return step
 
-    rates = recipe.measure(recipe.SHAPES, step_failing_at("compact"), seconds=0.01)
-    assert set(rates) == {"micro", "mini"}
+    too_large: list[str] = []
+    rates = recipe.measure(recipe.SHAPES, step_failing_at("compact"), seconds=0.01, out_of_memory=too_large)
+    assert set(rates) == {"micro", "mini"} and too_large == ["compact"]
+    # the reason names what stopped the larger shape: its memory, not a step count it was never timed for
+    long = dict(max_time=36000, max_steps=None, batch_tokens=1500, eval_seconds=0.0)
+    chosen = recipe.choose({"micro": 9000.0, "mini": 6000.0}, EPOCH, **long, out_of_memory="compact")
+    assert chosen.shape == "mini" and chosen.reason.endswith("; compact runs out of memory at this batch size")
+    untimed = recipe.choose({"micro": 9000.0, "mini": 6000.0}, EPOCH, **long)
+    assert untimed.shape == "mini" and untimed.reason.endswith("compact would get fewer than the 4,000 steps it needs")
     with pytest.raises(NmtError, match=r"^the recipe's smallest model \(micro\) runs out of memory at this batch "
                                        r"size: lower --batch-tokens$"):
         recipe.measure(recipe.SHAPES, step_failing_at("micro"), seconds=0.01)
@@ -561,6 +568,12 @@ def test_a_recipe_timed_with_another_dtype_or_thread_count_before_any_run_is_cho
             assert json.loads((out / "recipe.json").read_text())["budget"] == {**base, "dtype": dtype, "threads": 1}
         else:
             assert "recipe (stored)" in err and "choosing again" not in err
+    shutil.rmtree(out / "checkpoints")  # a run stopped before its first checkpoint keeps its recipe, and says so
+    r = run_nmt(*[("2" if a == "1" and args[i - 1] == "--threads" else a) for i, a in enumerate(args)], "--dtype", "float32")
+    err = " ".join(r.stderr.decode().split())
+    assert r.returncode == 0 and "recipe (stored)" in err, err
+    assert ("its recipe was timed with another dtype or thread count (threads 1) and no checkpoint is saved yet: a new "
+            "--out times the shapes again") in err
 
 
 def test_a_missing_test_set_fails_before_training(tmp_path):

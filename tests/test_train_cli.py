@@ -421,6 +421,10 @@ def test_an_extended_run_keeps_an_averaged_model_no_evaluation_beats(tmp_path, d
     assert bar in err
     assert (out / "model.safetensors").read_bytes() == weights
     assert "(best so far, saved)" not in err
+    # what training.json calls the best is still a checkpoint's score, at that checkpoint's step
+    t = json.loads((out / "training.json").read_text(encoding="utf-8"))
+    scores = {r["step"]: r["dev_bleu"] for r in t["evaluations"] if r.get("event") == "eval"}
+    assert t["best_dev_bleu"] == max(scores.values()) == scores[t["best_step"]] < 99.0
 
 
 def test_a_budget_added_to_a_resume_keeps_the_runs_preset(tmp_path, data):

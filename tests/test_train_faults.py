@@ -320,6 +320,58 @@ def test_a_signal_during_an_evaluation_ends_the_run_at_the_step_it_scored(prepar
     assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "run")] == ["step-00000002"]
 
 
+def test_a_checkpoint_better_than_the_best_but_not_than_the_kept_average_is_not_the_model(prepared, tmp_path, monkeypatch):
+    """An extended run whose averaged model (dev BLEU 50, kept in place of its best checkpoint) is the
+    bar: checkpoints scoring 10 and 20 become the best checkpoint (its score and step, as training.json
+    says) but not the model, and count against the patience; one scoring 60 becomes the model."""
+    trainer = trainer_in(prepared, tmp_path / "run", max_steps=10, eval_every=2)
+    trainer._to_beat = 50.0
+    scores = iter([10.0, 20.0, 60.0])
+    monkeypatch.setattr(validate, "evaluate_dev", lambda *a, **k: (next(scores), "sig", 3.0))
+    weights = tmp_path / "run" / checkpoint.WEIGHTS
+    pr = trainer.progress
+    for step in (2, 4):
+        pr.step = step
+        trainer.evaluate_and_save()
+    assert (pr.best_bleu, pr.best_step, pr.evals_without_gain) == (20.0, 4, 2) and not weights.exists()
+    pr.step = 6
+    trainer.evaluate_and_save()
+    assert (pr.best_bleu, pr.best_step, pr.evals_without_gain) == (60.0, 6, 0) and weights.exists()
+
+
+def test_a_signal_during_the_catch_up_evaluation_of_a_resume_ends_the_run_at_that_step(prepared, tmp_path, monkeypatch):
+    """A resume first evaluates the step its run saved but did not score; a SIGTERM that comes then
+    is nmt's to handle, as in the loop: the evaluation ends, kept, and the run stops at that step
+    (the handler of before the run, here one that only counts, is not called and is put back)."""
+    first = trainer_in(prepared, tmp_path / "run", max_steps=10, eval_every=2)
+    first.progress.step = 2
+    monkeypatch.setattr(validate, "evaluate_dev", _evaluation_fails)  # killed during step 2's evaluation
+    with pytest.raises(RuntimeError):
+        first.evaluate_and_save()
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 6.0, "sig", 3.0
+
+    monkeypatch.setattr(validate, "evaluate_dev", signalled)
+    seen: list[int] = []
+    counting = lambda signum, frame: seen.append(signum)  # noqa: E731
+    before = signal.signal(signal.SIGTERM, counting)
+    try:
+        again = trainer_in(prepared, tmp_path / "run", max_steps=10, eval_every=2)
+        assert again.resume()
+        again.run()
+        assert signal.getsignal(signal.SIGTERM) is counting
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert seen == []
+    assert again.stop_reason == "stopped by SIGTERM" and again.progress.step == 2
+    assert [r["step"] for r in again.progress.history if r.get("event") == "eval"] == [2]
+    assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "run")] == ["step-00000002"]
+    third = trainer_in(prepared, tmp_path / "run", max_steps=10, eval_every=2)
+    assert third.resume() and [r["step"] for r in third.progress.history] == [2]  # kept for the next resume
+
+
 def test_a_save_that_spends_the_time_budget_ends_the_run_and_its_checkpoint_knows(prepared, tmp_path, monkeypatch):
     save = checkpoint.save_checkpoint
 
