@@ -60,14 +60,15 @@ def sync(path: Path) -> None:
 
 def write_file(path: Path, write: Callable[[Path], None], staged: bool = False) -> None:
     """Call write(tmp_path), fsync, then rename over `path` and fsync its directory; on failure
-    remove the temporary. `staged`: `path` is in a `directory()` being built, which syncs its
-    folders itself before its own rename (the folder's sync is left to it)."""
+    remove the temporary. `staged`: `path` is in a `directory()` being built, which syncs all its
+    files and folders itself before its own rename (both syncs are left to it)."""
     path = Path(path)
     tmp = temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
-        sync(tmp)
+        if not staged:
+            sync(tmp)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

@@ -695,8 +695,8 @@ class Trainer:
     _left_out_said = False  # the batches --update-freq leaves out of each epoch, logged once
     _epoch_batches = 0  # batches in the current epoch (its share of a --max-epochs budget)
     _saved_step = -1  # the step evaluate_and_save last saved
-    _to_beat = -1.0  # dev BLEU of an averaged model kept in place of the best checkpoint (`_beat_the_average`)
     _saved_dir: Path | None = None  # and its checkpoint directory (the writer's; None on other ranks)
+    _to_beat = -1.0  # dev BLEU of an averaged model kept in place of the best checkpoint (`_beat_the_average`)
     _start = 0.0  # time.monotonic() when the run would have started, had it never stopped
 
     # evaluation ------------------------------------------------------------------------------
@@ -1016,8 +1016,9 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, conti
             atomic.write_text(stored, json.dumps(record, indent=2))
     # what the recipe was chosen for: the budget, the target tokens of a step (batches per step, processes),
     # and what set the speeds it timed (dtype, CPU threads)
+    speed = _speed_of(runtime)
     budget = {"max_time": config.max_time, "max_steps": config.max_steps, "max_epochs": config.max_epochs,
-              "update_freq": config.update_freq, "processes": ranks, **_speed_of(runtime)}
+              "update_freq": config.update_freq, "processes": ranks, **speed}
     if stored.exists():
         chosen = _read_recipe(stored)
         # a run's own recipe stays (a resume with changed options is refused later; one that stopped before
@@ -1025,9 +1026,9 @@ def _recipe(p: Prepared, config: TrainConfig, runtime: Runtime, out: Path, conti
         # chooses again for another budget (a record from before the budget was kept: as if the same; one from
         # before the step's size was kept: as if one batch on one process; one from before the speed's
         # settings were kept: as if these), another dtype or thread count, or other shape options
-        was = {"update_freq": 1, "processes": 1, **_speed_of(runtime), **chosen.budget}
+        was = {"update_freq": 1, "processes": 1, **speed, **chosen.budget}
         same_budget = not chosen.budget or was == budget
-        other_budget = bool(chosen.budget) and {**was, **_speed_of(runtime)} != budget  # not only the speed's settings
+        other_budget = bool(chosen.budget) and {**was, **speed} != budget  # not only the speed's settings
         if continues or (same_budget and all(chosen.model.get(k) == v for k, v in by_hand.items())):
             log.info("recipe (stored): %s", chosen.reason)
             if not same_budget and not checkpoint.list_checkpoints(out):
