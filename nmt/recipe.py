@@ -387,6 +387,18 @@ def _settings_problem(chosen: Recipe) -> str | None:
     return None
 
 
+def _budget_problem(chosen: Recipe) -> str | None:
+    """Why a record's budget (what it was chosen for: `Recipe.budget`) cannot be compared or said,
+    or None: each value a number or none, the dtype a name."""
+    for name, value in chosen.budget.items():
+        if name == "dtype":
+            if value is not None and not isinstance(value, str):
+                return f"budget dtype must be a name, not {value!r}"
+        elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"budget {name} must be a number, not {value!r}"
+    return None
+
+
 def from_record(record: Any, where: str, fix: str = "use a new --out") -> Recipe:
     """The recipe a record (recipe.json, or config.json's copy) describes; a record of another
     shape is an error naming `where`."""
@@ -401,7 +413,7 @@ def from_record(record: Any, where: str, fix: str = "use a new --out") -> Recipe
         problem = f"unexpected {', '.join(unknown)}"
     else:
         chosen = Recipe(**record)
-        problem = type_problem(chosen) or _settings_problem(chosen)  # as a --config file's are checked
+        problem = type_problem(chosen) or _settings_problem(chosen) or _budget_problem(chosen)  # as a --config file's are
     if problem is not None:
         raise NmtError(f"{where}: not a recipe record of this nmt ({problem}); {fix}")
     return chosen  # type: ignore[return-value]

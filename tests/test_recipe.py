@@ -303,6 +303,10 @@ def test_a_recipe_sets_the_settings_a_record_may_hold():
     (_settings(model={"dropout": 1.0}), "model dropout = 1.0 is not in [0, 1)"),
     (_settings(model={"d_model": 0}), "model d_model = 0 is out of range [2, 65536]"),
     (_settings(model={"n_heads": 3}), "model d_model = 128 is not divisible by n_heads = 3"),
+    # what it was chosen for: compared with this run's and said in a warning, so numbers and a dtype name
+    ({**_settings(), "budget": {"max_time": "30m", "max_steps": None}}, "budget max_time must be a number, not '30m'"),
+    ({**_settings(), "budget": {"threads": True}}, "budget threads must be a number, not True"),
+    ({**_settings(), "budget": {"dtype": 16}}, "budget dtype must be a name, not 16"),
 ])
 def test_a_recipe_record_of_another_shape_is_one_error_naming_the_file(tmp_path, record, problem):
     path = tmp_path / "recipe.json"
