@@ -21,7 +21,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from nmt.config import DecodeConfig, apply, check_decode
+from nmt.config import DecodeConfig, apply, check_decode, check_threads
 from nmt.directions import of_model
 from nmt.errors import UsageError
 from nmt.textio import in_step
@@ -132,6 +132,7 @@ def load(directory: str | Path, *, device: str = "auto", dtype: str = "auto", th
 
     directory = Path(directory)
     defaults = decode_config(DecodeConfig(), options, "load")
+    check_threads(threads)  # (CTranslate2 takes it unsigned: -1 would be its internal error)
     if dtype not in ("auto", "float32", "bfloat16", "int8"):
         raise UsageError(f"--dtype: unknown value {dtype!r} (choose from auto, float32, bfloat16, int8)")
     if engines.is_ctranslate2_dir(directory):

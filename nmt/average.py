@@ -53,6 +53,8 @@ def average(directory: Path, last: int, runtime: Runtime, dev_prefix: str | None
     current, vocabs, _ = checkpoint.load_for_inference(directory)  # every part checked
     run = directions.of_model(config, str(directory / "config.json"))
     devs = mixing.dev_sets(dev_prefix, run, directions.tag_ids(vocabs.src, run, str(directory)))
+    for d in devs:  # read whole before any model is scored: a bad dev set is a one-line error
+        validate.check_dev(d.corpus, training=False)
     for c in checkpoints:  # names, shapes and dtypes of each, against the model: a one-line error, not a crash
         checkpoint.check_weights(c / checkpoint.WEIGHTS, current.config)
     averaged = Transformer(current.config)

@@ -33,7 +33,7 @@ import numpy as np
 
 from nmt import atomic
 from nmt.checkpoint import remove_stale_temporaries
-from nmt.corpus import ParallelCorpus, fingerprints
+from nmt.corpus import ParallelCorpus, fingerprints, sha256_of
 from nmt.errors import NmtError
 from nmt.textio import BOM, READ_ERRORS, open_binary
 from nmt.tokenizer import Vocabs, encode_batch
@@ -318,7 +318,7 @@ def build(corpora: list[ParallelCorpus], vocabs: Vocabs, filters: Filters, direc
         if report.kept == 0:
             names = ", ".join(f"{c.src_path}, {c.tgt_path}" for c in corpora)
             raise NmtError(f"{names}: no training pairs left after filtering ({report.summary()})")
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in sorted(tmp.iterdir())}
         meta = {"key": directory.name, "format": FORMAT_VERSION, "dtype": dtype.name,
                 "report": asdict(report), "files": files, **described}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -476,7 +476,3 @@ def _finish_index(directory: Path, writer: _Writer, filters: Filters, report: Fi
 def _bucket(b: int) -> str:
     return f"hashes-{b:02d}.tmp"
 
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

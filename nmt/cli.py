@@ -22,7 +22,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from nmt import __version__
-from nmt.config import DecodeConfig, choices
+from nmt.config import DecodeConfig, check_seed, choices
 from nmt.errors import NmtError, UsageError
 
 INTERNAL_ERROR = 3  # a bug, not bad input: distinct from user errors (1) and usage errors (2)
@@ -172,13 +172,20 @@ def train_tokenizer_cmd(
     pairs: PairsOpt = None,
 ) -> None:
     """Train the subword tokenizer(s) alone (nmt train does this itself when needed)."""
+    from nmt import checkpoint
     from nmt import config as cfg
     from nmt.train import check_joint, run_directions, train_tokenizer
+
+    found = [name for name in ("config.json", checkpoint.WEIGHTS) if (out / name).exists()]
+    if found or checkpoint.list_checkpoints(out):  # its ids are what the model was trained on
+        raise NmtError(f"{out}: holds an nmt run ({', '.join(found or ['checkpoints'])}), whose model is trained or "
+                       f"being trained on the ids of the tokenizer there; write a new tokenizer to another --out")
 
     pair_list = _pair_list(pairs, src, tgt)
     _, tok_config, train_config = cfg.layered(preset, config_file, {}, _tokenizer_flags(vocab_size, kind, separate_vocab, sample),
                                               _given(train=train, src=src, tgt=tgt, seed=seed, pairs=pair_list))
     train_config = _first_pair(train_config, pair_list)
+    cfg.check_seed(train_config.seed)
     run = run_directions(train_config)
     check_joint(run, tok_config)
     vocabs = train_tokenizer(train_config, tok_config, run.tags)  # the very function `nmt train` uses
@@ -237,6 +244,9 @@ def train(
     _survive_closed_stderr()
 
     preset_given = preset is not None
+    if preset == "finetune":  # what a fine-tune's config.json records, not a preset to start from
+        raise UsageError(f"unknown preset 'finetune' (choose from {', '.join(cfg.PRESETS)} or auto; a fine-tune is "
+                         f"--init-from DIR, and keeps that model's shape)")
     if preset is None:
         preset = "finetune" if init_from is not None else \
             "auto" if (max_time is not None or max_steps is not None) else "small"
@@ -260,6 +270,9 @@ def train(
                    dev=dev, pairs=pair_list, init_from=None if init_from is None else str(init_from)))
 
     model_config, tok_config, train_config = layered(preset)
+    if init_from is None and train_config.init_from is not None:  # the fine-tune's rules start from the flag
+        raise UsageError(f"--config train.init_from: give --init-from {train_config.init_from} on the command line "
+                         f"instead (a fine-tune keeps the parent's shape and sets its own schedule)")
     if out is None:
         out = Path("runs") / ("bible-es-en" if train is None and not pair_list and init_from is None else
                               "+".join(pair_list) if pair_list else f"{train_config.src}-{train_config.tgt}")
@@ -308,9 +321,10 @@ def train(
     test_corpus = None
     if test is not None:
         from nmt.corpus import ParallelCorpus
+        from nmt.validate import check_test
 
         test_corpus = ParallelCorpus.from_prefix(test, train_config.src, train_config.tgt)
-        test_corpus.check_line_counts()  # a bad test set fails now, not after the training
+        check_test(test_corpus)  # a bad test set fails now, not after the training
     run_training(train_config, model_config, tok_config, out, test_corpus, force=force, parent=parent)
 
 
@@ -371,6 +385,15 @@ def _check_train_values(c) -> None:
         raise UsageError(f"--warmup must be ≥ 0 (got {c.warmup_steps})")
     if not 0 <= c.label_smoothing < 1:
         raise UsageError(f"--label-smoothing must be in [0, 1) (got {c.label_smoothing})")
+    check_seed(c.seed)
+    # options without a flag, from a --config file's train section: typed there, ranged here
+    if not all(0 <= b < 1 for b in c.betas):
+        raise UsageError(f"--config train.betas must be two numbers in [0, 1) (got {list(c.betas)})")
+    for name in ("weight_decay", "clip_norm", "eval_max_sentences"):
+        if getattr(c, name) < 0:
+            raise UsageError(f"--config train.{name} must be ≥ 0{', 0 for off' if name == 'clip_norm' else ''}"
+                             f"{', 0 for the whole dev set' if name == 'eval_max_sentences' else ''} "
+                             f"(got {getattr(c, name)})")
     _choice(c.device if not c.device.startswith("cuda:") else "cuda", "--device", ("auto", "cpu", "cuda"))
 
 

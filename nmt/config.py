@@ -328,12 +328,29 @@ def is_sampling(config: DecodeConfig) -> bool:
     return bool(config.sampling_topk or config.sampling_topp or config.temperature != 1.0)
 
 
+MAX_SEED = 2**63 - 1  # numpy refuses negative seeds, torch.manual_seed those of 2⁶⁴ and more
+MAX_DECODE_SEED = 2**32 - 1  # CTranslate2 takes an unsigned 32-bit one
+
+
+def check_threads(threads: int) -> None:
+    """A usage error for a CPU thread count below 0 (0: all cores)."""
+    if threads < 0:
+        raise UsageError(f"--threads must be ≥ 0 (got {threads})")
+
+
+def check_seed(seed: int, most: int = MAX_SEED) -> None:
+    """A usage error for a seed that the random generators would refuse (as an internal error)."""
+    if not 0 <= seed <= most:
+        raise UsageError(f"--seed must be in [0, {most}] (got {seed})")
+
+
 def check_decode(config: DecodeConfig) -> None:
     """Usage errors for decoding options of the wrong type, out of range or that cannot work
     together (the CLI's and the API's)."""
     check_types(config, "decoding options")
     check_choices(config)
     c = config
+    check_seed(c.seed, MAX_DECODE_SEED)
     if c.beam_size < 1 or not 1 <= c.nbest <= c.beam_size:
         raise UsageError(f"need beam size ≥ 1 and 1 ≤ nbest ≤ beam size (got {c.beam_size}, {c.nbest})")
     problems = [

@@ -121,6 +121,19 @@ def fingerprint(path: Path) -> Fingerprint:
     return Fingerprint(str(path), size, lines, h.hexdigest())
 
 
+def sha256_of(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB pieces (`hashlib.file_digest` needs Python 3.11;
+    nmt supports 3.10)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    except OSError as e:
+        raise NmtError(f"{path}: cannot read ({e.strerror})") from None
+    return h.hexdigest()
+
+
 # A file last modified this recently is hashed again on every run, whatever its stat says: a
 # rewrite within the file system's timestamp granularity could otherwise keep size and mtime.
 SETTLED_NS = 2_000_000_000

@@ -93,6 +93,7 @@ PairedBsOpt = Annotated[
 PairedArOpt = Annotated[bool, _opt("--paired-ar", help="Paired approximate randomisation test.")]
 PairedBsNOpt = Annotated[int, _opt("--paired-bs-n", help="Bootstrap resamples (also for confidence intervals).")]
 PairedArNOpt = Annotated[int, _opt("--paired-ar-n", help="Approximate randomisation trials.")]
+PAIRED_AR_N = 10000  # sacreBLEU's default
 ConfidenceOpt = Annotated[
     bool, _opt("--confidence", help="One system: bootstrap 95% confidence interval (--paired-bs-n resamples).")
 ]
@@ -116,7 +117,7 @@ def evaluate(
     paired_bs: PairedBsOpt = False,
     paired_ar: PairedArOpt = False,
     paired_bs_n: PairedBsNOpt = 1000,
-    paired_ar_n: PairedArNOpt = 10000,
+    paired_ar_n: PairedArNOpt = PAIRED_AR_N,
     confidence: ConfidenceOpt = False,
     seed: SeedOpt = DEFAULT_SEED,
     sentence_level: SentenceOpt = False,
@@ -135,6 +136,11 @@ def evaluate(
     _check_paths(inputs, ref, src, baseline, translate_jsonl)
     if sentence_level and (len(inputs) > 1 or (baseline is not None and not same_file(inputs[0], baseline))):
         raise UsageError("--sentence-level scores one system: give a single -i")
+    if sentence_level and (src is not None or translate_jsonl is not None):
+        raise UsageError("--sentence-level prints one score per line, without the diagnostics that --src and "
+                         "--translate-jsonl are read for: leave them out")
+    if paired_ar_n != PAIRED_AR_N and not paired_ar:
+        raise UsageError("--paired-ar-n sets the trials of the approximate randomisation test: give --paired-ar too")
     references = [_read_text(path) for path in ref]
     systems = _read_systems(inputs, baseline, translate_jsonl)
     _check_line_counts(systems, references, ref)

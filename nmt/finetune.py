@@ -18,7 +18,6 @@ the parent's weights changed in between. Loading the weights into the model is `
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,6 +27,7 @@ from typing import Any
 
 from nmt import checkpoint
 from nmt.config import ModelConfig, TokenizerConfig, TrainConfig, check_choices, from_dict
+from nmt.corpus import sha256_of
 from nmt.directions import Directions, of_model, of_run
 from nmt.errors import NmtError, UsageError
 
@@ -113,6 +113,9 @@ def training_defaults(parent: Parent, has_budget: bool) -> dict[str, Any]:
         out["lr"] = LR_FACTOR * lr
     if isinstance(batch, int) and not isinstance(batch, bool) and 1 <= batch <= 1 << 24 or batch == "auto":
         out["batch_tokens"] = batch
+    freq = train.get("update_freq")  # the parent's batch is batch_tokens × update_freq per process
+    if isinstance(freq, int) and not isinstance(freq, bool) and 1 <= freq <= 1 << 16:
+        out["update_freq"] = freq
     if isinstance(every, int) and not isinstance(every, bool) and 1 <= every <= 1 << 30:
         out["eval_every"] = every
     return out
@@ -135,10 +138,16 @@ def configs(config: TrainConfig, model_config: ModelConfig, tok_config: Tokenize
     pairs = parent.directions.pairs
     if not given and pairs:
         defaults.update(src=pairs[0][0], tgt=pairs[0][1], pairs=[f"{a}-{b}" for a, b in pairs] if len(pairs) > 1 else [])
-    elif given == {"train.tgt"} and len(pairs) == 1:  # one side given: the other is the parent's
-        defaults["src"] = pairs[0][0]
-    elif given == {"train.src"} and len(pairs) == 1:
-        defaults["tgt"] = pairs[0][1]
+    elif given in ({"train.src"}, {"train.tgt"}) and pairs:  # one side given: the other is the parent's
+        side, other = ("tgt", "src") if given == {"train.tgt"} else ("src", "tgt")
+        value = getattr(config, side)
+        # one direction: its other side (a new direction, es-en → es-fr, is said below); several: the
+        # one direction with this side
+        matching = pairs if len(pairs) == 1 else [p for p in pairs if p[side == "tgt"] == value]
+        if len(matching) != 1:
+            raise UsageError(f"--{side} {value}: the parent was trained on {parent.directions.text()}, so the "
+                             f"other side is not known: give --{other} too")
+        defaults[other] = matching[0][side == "src"]
     config = replace(config, **{k: v for k, v in defaults.items() if f"train.{k}" not in config.fixed})
     new = [f"{a}-{b}" for a, b in of_run(config.src, config.tgt, config.pairs).pairs if (a, b) not in pairs]
     if new and pairs:
@@ -147,14 +156,6 @@ def configs(config: TrainConfig, model_config: ModelConfig, tok_config: Tokenize
         log.info("fine-tune: %s not among the directions the parent was trained on (%s)%s", ", ".join(new),
                  parent.directions.text(), vocabularies)
     return parent, config, model_config, parent.tok_config
-
-
-def sha256_of(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError as e:
-        raise NmtError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def lineage(parent: Parent, tokenizer_fingerprint: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nmt.config import check_threads
 from nmt.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,7 @@ def setup(device: str = "auto", dtype: str = "auto", threads: int = 0, raced_bef
     """`raced_before`: the dtype an earlier race chose for this run (its config.json), taken where
     `--dtype auto` would race again: the race is noisy, and a run's dtype should not change on resume."""
     torch.set_flush_denormal(True)
-    if threads < 0:
-        raise UsageError(f"--threads must be ≥ 0 (got {threads})")
+    check_threads(threads)
     if threads:
         torch.set_num_threads(threads)
     dev = _device(device)

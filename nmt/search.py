@@ -74,7 +74,8 @@ def length_penalty(length: Tensor | int, alpha: float, kind: str = "gnmt") -> Te
 
 def max_lengths(src_lengths: Tensor, a: float, b: int, max_positions: int) -> Tensor:
     """Per-sentence cap on output tokens (EOS included): a·|source| + b, within the model's positions."""
-    return (src_lengths.float() * a + b).floor().long().clamp(min=1, max=max_positions - 1)
+    # clamped while a float: a cap of 1e19 (someone meaning "none") must not overflow the integers
+    return (src_lengths.double() * a + float(b)).clamp(max=max_positions - 1).floor().long().clamp(min=1)
 
 
 class Forced:

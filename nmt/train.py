@@ -170,8 +170,7 @@ def prepare(config: TrainConfig, model_config: ModelConfig, tok_config: Tokenize
     uses = mixing.corpus_uses(config.train, run)
     check_joint(run, tok_config)
     for d in mixing.dev_sets(config.dev, run, {}) if config.dev else []:
-        d.corpus.check_line_counts()
-        check_dev(d.corpus)  # now, before the tokenizer: not at the first evaluation after hours of training
+        validate.check_dev(d.corpus)  # now, before the tokenizer: not at the first evaluation after hours of training
     vocabs = prepare_tokenizer(config, tok_config, out, parent, run.tags)
     tag_ids = directions.tag_ids(vocabs.src, run, str(parent.directory if parent else out))
     devs = mixing.dev_sets(config.dev, run, tag_ids) if config.dev else []
@@ -185,21 +184,6 @@ def prepare(config: TrainConfig, model_config: ModelConfig, tok_config: Tokenize
         if build_cache else None
     return Prepared(out, vocabs, cache, model_config, devs[0].corpus if devs else None,  # type: ignore[arg-type]
                     run, devs, parent)
-
-
-def check_dev(dev: ParallelCorpus) -> int:
-    """Read the whole dev set once: invalid UTF-8 (file and line, from the reader), an empty line on
-    either side (a pair that BLEU cannot score fairly) or no pairs at all is an error; returns the pairs."""
-    n = 0
-    for n, (src, tgt) in enumerate(dev.pairs(), start=1):
-        for path, text in ((dev.src_path, src), (dev.tgt_path, tgt)):
-            if not text.strip():
-                raise NmtError(f"{path}: line {n} is empty (every dev pair needs text on both sides: "
-                               f"remove the pair or fix the line)")
-    if n == 0:
-        raise NmtError(f"{dev.src_path}, {dev.tgt_path}: the dev set is empty (give a dev set with lines, "
-                       f"or --dev none)")
-    return n
 
 
 def check_max_length(config: TrainConfig, model_config: ModelConfig, tagged: bool = False) -> None:
@@ -220,7 +204,9 @@ PREPARATION_FILES = {"tokenizer.json", "tokenizer.src.json", "tokenizer.tgt.json
 def check_out_dir(out: Path, force: bool) -> bool:
     """Train only into a new or empty directory, or an nmt run (config.json of nmt's format; its
     configuration is compared later, by `check_resumable`), or one holding only what a preparation
-    cut short leaves (tokenizer, cache, recipe, temporaries); anything else needs --force.
+    cut short leaves (tokenizer, cache, recipe, temporaries); anything else needs --force, and so
+    does a finished model (its weights and training.json) whose checkpoints are gone: it cannot
+    be resumed, only replaced.
     Returns whether `out` holds an nmt run's config."""
     if not out.exists():
         return False
@@ -229,12 +215,18 @@ def check_out_dir(out: Path, force: bool) -> bool:
     if (out / "config.json").exists():
         try:
             checkpoint.read_config(out)
-            return True
         except NmtError:
             if force:
                 return False
             raise NmtError(f"{out}: has a config.json that is not an nmt run's (use a new --out, or --force "
                            f"to train into it anyway)") from None
+        else:
+            finished = (out / checkpoint.WEIGHTS).exists() and (out / "training.json").exists()
+            if finished and not force and not checkpoint.list_checkpoints(out):
+                raise NmtError(f"{out}: holds a trained model but no checkpoints to resume its training from: "
+                               f"training again from step 0 would replace it (use a new --out, or --force to train "
+                               f"a new model there)")
+            return True
     others = sorted(p.name for p in out.iterdir()
                     if p.name not in PREPARATION_FILES and not checkpoint.TEMPORARY.match(p.name))
     if others and not force:
@@ -254,6 +246,7 @@ def run_config(p: Prepared, config: TrainConfig, tok_config: TokenizerConfig, pr
         "src": first[0], "tgt": first[1], **_directions_record(p.directions), "processes": processes,
         "model": to_dict(p.model_config), "tokenizer": to_dict(tok_config), "train": to_dict(config),
         "data": [fp for m in metas for fp in m["fingerprints"]], "filters": asdict(p.cache.report),
+        "tokenizer_sha256": p.vocabs.fingerprint(),  # what a resume must find there (its ids are the model's)
         "versions": {"nmt": __import__("nmt").__version__, "torch": torch.__version__,
                      "tokenizers": tokenizers.__version__, "sacrebleu": sacrebleu.__version__},
     }
@@ -274,7 +267,7 @@ def check_resumable(out: Path, new: dict[str, Any], has_checkpoints: bool = True
     options changed (say what changed); without checkpoints, refuse to replace the model of
     another configuration (--force does)."""
     what, fix = ("cannot resume", "use a new --out") if has_checkpoints else \
-        ("holds an nmt model of another configuration", "use a new --out, or --force to replace it")
+        ("holds an nmt run of another configuration", "use a new --out, or --force to replace it")
     old = checkpoint.read_config(out)
     for section, keys, name in (("model", None, "model options"), ("tokenizer", None, "tokenizer options"),
                                 ("train", PLAN_OPTIONS, PLAN_NAME)):
@@ -286,7 +279,10 @@ def check_resumable(out: Path, new: dict[str, Any], has_checkpoints: bool = True
     if problem := _directions_changed(old, new):
         raise NmtError(f"{out}: {what}, {problem}; {fix}")
     old_data = [d["sha256"] for d in old["data"]]  # the bytes, wherever they are now (data moved: same run)
-    if old_data != [d["sha256"] for d in new["data"]]:
+    new_data = [d["sha256"] for d in new["data"]]
+    if old_data != new_data and sorted(old_data) == sorted(new_data) and has_checkpoints:
+        raise NmtError(f"{out}: {what}, {_order_changed(checkpoint.config_section(old, 'train').get('train'))}")
+    if old_data != new_data:
         which = [d["path"] for sha, d in zip(old_data, new["data"]) if sha != d["sha256"]]
         raise NmtError(f"{out}: {what}, training data changed "
                        f"({', '.join(which or [d['path'] for d in new['data']])}); {fix}")
@@ -334,10 +330,25 @@ def check_resume_before_the_cache(out: Path, config: TrainConfig, parent: finetu
                     _directions_changed(old, _directions_record(run))):
         if problem:
             raise NmtError(f"{out}: cannot resume, {problem}; use a new --out")
+    recorded = old.get("tokenizer_sha256")  # (a run from before it was recorded: not compared)
+    if isinstance(recorded, str) and Vocabs.exists(out) and Vocabs.load(out).fingerprint() != recorded:
+        raise NmtError(f"{out}: cannot resume, its tokenizer files are not the ones it was trained with (replaced "
+                       f"since: restore them, or use a new --out)")
+    trained = checkpoint.config_section(old, "train").get("train")
+    if isinstance(trained, list) and sorted(map(str, trained)) == sorted(config.train) and trained != list(config.train):
+        raise NmtError(f"{out}: cannot resume, {_order_changed(trained)}")
     now = set(_training_data(config, out, parent))
     gone = [str(d.get("path")) for d in old.get("data") or [] if isinstance(d, dict) and d.get("sha256") not in now]
     if gone:  # a file it trained on is given no more: its record could not match
         raise NmtError(f"{out}: cannot resume, training data changed ({', '.join(gone)}); use a new --out")
+
+
+def _order_changed(trained: Any) -> str:
+    """The message's middle for a resume given the run's --train corpora in another order: each
+    epoch's plan is an index into the cache, whose pairs come in the corpora's order."""
+    given = " ".join(f"--train {t}" for t in trained) if isinstance(trained, list) else "their first order"
+    return f"the order of the --train corpora changed (it was trained with {given}); give them in that order, " \
+           f"or use a new --out"
 
 
 def _processes(out: Path, old: dict[str, Any]) -> int | None:
@@ -552,8 +563,8 @@ class Trainer:
                 self._log({"event": "train", "step": pr.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                            "target_tokens_per_s": rate, "seconds": pr.seconds, "epoch": pr.epoch})
                 window_tokens, window_start = 0, time.monotonic()
-                bar.update(self._done(), f"step {pr.step} loss {loss:.3f} {rate:,.0f} tok/s"
-                           f" dev BLEU {max(pr.best_bleu, 0):.1f}")
+                best = f" dev BLEU {pr.best_bleu:.1f}" if pr.best_bleu >= 0 else ""  # (none evaluated yet)
+                bar.update(self._done(), f"step {pr.step} loss {loss:.3f} {rate:,.0f} tok/s{best}")
             self._check_budget()
             if pr.step % c.eval_every == 0 or self.stop_reason is not None:
                 self.evaluate_and_save()
@@ -1229,8 +1240,9 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
                 average(out, config.average_last, runtime, max_sentences=config.eval_max_sentences)
             elif config.average_last >= 2 and p.dev is not None:
                 log.info("no averaging: %d checkpoint kept (--keep-last %d)", kept, config.keep_last)
-        log.info("training ended: %s; best dev BLEU %.2f at step %d; model in %s", trainer.stop_reason,
-                 result.best_bleu, result.best_step, out)
+        best = f"; best dev BLEU {result.best_bleu:.2f} at step {result.best_step}" if result.best_bleu >= 0 else ""
+        if dist.is_writer:  # the other ranks evaluate nothing: their records hold no score
+            log.info("training ended: %s%s; model in %s", trainer.stop_reason, best, out)
         if dist.is_writer and test is not None:
             first = p.directions.pairs[0][1]
             validate.score_test(out, test, runtime, directions.source_prefix(

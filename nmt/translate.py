@@ -131,6 +131,22 @@ class _Unit:
     hypotheses: list[Hypothesis] = field(default_factory=list)
 
 
+def word_offsets(line: str, sentences: list[str]) -> list[int]:
+    """For each sentence of `line` (in order), the index among the line's whitespace-split words of
+    its own first word: its alignment links are shifted by it. A sentence that begins inside a word
+    of the line (sentences not parted by a space, as in Chinese or Japanese) shares that word with
+    the one before; one not found in the line as it is, is placed after the last one found."""
+    offsets, pos = [], 0
+    for sentence in sentences:
+        start = line.find(sentence, pos)
+        at = start if start >= 0 else pos
+        inside = 0 < at < len(line) and not line[at - 1].isspace() and not line[at].isspace()
+        offsets.append(len(line[:at].split()) - inside)
+        if start >= 0:
+            pos = start + len(sentence)
+    return offsets
+
+
 class Translator:
     """The line contract around one search engine (`engines.Engine`)."""
 
@@ -192,17 +208,9 @@ class Translator:
         for i, (line, prefix) in enumerate(zip(lines, prefixes)):
             if not line.strip():
                 continue
-            sentences = self.split(line) if self.split else [line]
-            pos = words = 0
-            for k, sentence in enumerate(sentences or [line]):
-                start = line.find(sentence, pos)
-                if start >= 0:  # words of the line before this sentence (alignment indices)
-                    words += len(line[pos:start].split())
-                    pos = start
+            sentences = (self.split(line) if self.split else None) or [line]
+            for k, (sentence, words) in enumerate(zip(sentences, word_offsets(line, sentences))):
                 units.append(_Unit(i, sentence, words, prefix if k == 0 else ""))
-                if start >= 0:
-                    words += len(sentence.split())
-                    pos = start + len(sentence)
         return units
 
     def _encode(self, units: list[_Unit]) -> None:

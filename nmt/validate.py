@@ -22,6 +22,7 @@ from nmt import atomic, checkpoint
 from nmt.batching import pad_batch
 from nmt.config import DecodeConfig
 from nmt.corpus import ParallelCorpus
+from nmt.errors import NmtError
 from nmt.runtime import Runtime
 from nmt.tokenizer import PAD_ID, Vocabs, encode_batch
 
@@ -29,6 +30,34 @@ log = logging.getLogger(__name__)
 
 LOSS_BATCH = 64  # sentences per dev-loss batch
 DEV_BATCH_TOKENS = 6000  # source tokens per greedy batch
+
+
+def check_dev(dev: ParallelCorpus, training: bool = True) -> int:
+    """Read the whole dev set once: unequal line counts, invalid UTF-8 (file and line, from the
+    reader), an empty line on either side (a pair that BLEU cannot score fairly) or no pairs at all
+    is an error (`training`: its message offers --dev none); returns the pairs."""
+    dev.check_line_counts()
+    n = 0
+    for n, (src, tgt) in enumerate(dev.pairs(), start=1):
+        for path, text in ((dev.src_path, src), (dev.tgt_path, tgt)):
+            if not text.strip():
+                raise NmtError(f"{path}: line {n} is empty (every dev pair needs text on both sides: "
+                               f"remove the pair or fix the line)")
+    if n == 0:
+        raise NmtError(f"{dev.src_path}, {dev.tgt_path}: the dev set is empty (give a dev set with lines"
+                       f"{', or --dev none' if training else ''})")
+    return n
+
+
+def check_test(test: ParallelCorpus) -> int:
+    """Read the whole test set of `nmt train --test` once, before the training: unequal line counts,
+    invalid UTF-8 or no pairs at all is an error now, not after hours of training; returns the pairs."""
+    test.check_line_counts()
+    n = sum(1 for _ in test.pairs())
+    if n == 0:
+        raise NmtError(f"{test.src_path}, {test.tgt_path}: the test set is empty (give a test set with lines, "
+                       f"or leave out --test)")
+    return n
 
 
 @torch.inference_mode()

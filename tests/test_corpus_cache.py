@@ -842,3 +842,16 @@ def test_a_corpus_opening_with_a_byte_order_mark_has_a_cache_of_its_own(tmp_path
     src.write_bytes(b"\xef\xbb\xbf" + src.read_bytes())
     _, described = cache_key([plain], vocabs, PERMISSIVE)
     assert described["byte_order_mark"] == "dropped"
+
+
+def test_the_cache_builds_and_verifies_without_python_3_11s_file_digest(tmp_path, bible, vocabs, monkeypatch):
+    """nmt supports Python 3.10, which has no `hashlib.file_digest`: the cache's checksums are the
+    SHA-256 of each file's bytes, computed without it."""
+    monkeypatch.delattr(hashlib, "file_digest", raising=False)
+    corpus = write_corpus(tmp_path, "c", bible[0][:300], bible[1][:300])
+    cache = load_or_build([corpus], vocabs, PERMISSIVE, tmp_path / "cache")
+    meta = json.loads((cache.directory / "meta.json").read_text())
+    assert meta["files"]
+    for name, info in meta["files"].items():
+        assert info["sha256"] == hashlib.sha256((cache.directory / name).read_bytes()).hexdigest()
+    assert verify(cache.directory, meta["key"]) is None

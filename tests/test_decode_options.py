@@ -142,6 +142,23 @@ def test_alignments_with_split_sentences_shift_by_the_words_before(copy_model):
     assert len(t.alignment) == len(t.text.split())  # one link per output word
 
 
+@pytest.mark.parametrize("line, sentences, expected", [
+    ("Solu mana. Rite sona lulu. Mari", ["Solu mana.", "Rite sona lulu.", "Mari"], [0, 2, 5]),
+    ("你好。再见。", ["你好。", "再见。"], [0, 0]),  # no space between: one whitespace word, shared
+    ("Hola.¿Qué tal? Bien.", ["Hola.", "¿Qué tal?", "Bien."], [0, 0, 2]),
+    ("  Uno.   Dos tres. ", ["Uno.", "Dos tres."], [0, 1]),
+    ("Uno. Dos.", ["Uno.", "Zwei."], [0, 1]),  # not found as it is: after the last one found
+])
+def test_each_sentences_alignment_offset_is_its_first_words_index_in_the_line(line, sentences, expected):
+    from nmt.translate import word_offsets
+
+    offsets = word_offsets(line, sentences)
+    assert offsets == expected
+    words = line.split()
+    for sentence, offset in zip(sentences, offsets):  # every word of a sentence is a word of the line
+        assert offset + len(sentence.split()) <= len(words)
+
+
 def test_alignment_word_mapping_by_hand():
     from nmt.alignment import source_words, target_words, word_alignment
 

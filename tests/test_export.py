@@ -347,6 +347,23 @@ def test_sampling_on_an_export_follows_the_seed_across_runs(tiny_export, tmp_pat
     assert sample(2) != first
 
 
+@pytest.mark.parametrize("option, value, expected", [
+    ("--seed", "-1", "--seed must be in [0, 4294967295] (got -1)"),
+    ("--seed", "5000000000", "--seed must be in [0, 4294967295] (got 5000000000)"),
+    ("--threads", "-1", "--threads must be ≥ 0 (got -1)"),
+])
+@pytest.mark.parametrize("which", ["model", "export"])
+def test_a_seed_or_thread_count_out_of_range_is_a_usage_error_for_either_engine(tiny_model_dir, tiny_export, option,
+                                                                               value, expected, which):
+    """CTranslate2 takes both unsigned (a negative one was its internal error); nmt's engine the same."""
+    from conftest import error_line, run_nmt
+
+    model = tiny_export if which == "export" else tiny_model_dir
+    r = run_nmt("translate", "-m", str(model), option, value, input="hola\n")
+    assert error_line(r, 2) == f"nmt: error: {expected}"
+    assert r.stdout == b""
+
+
 def test_an_export_with_a_damaged_record_or_another_tokenizer_is_one_error(tiny_export, tmp_path):
     from tokenizers import Tokenizer
 

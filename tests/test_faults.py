@@ -30,7 +30,7 @@ from conftest import DATA, ROOT, error_line
 from nmt import checkpoint
 from nmt.cache import Filters, load_or_build
 from nmt.config import TokenizerConfig
-from nmt.corpus import ParallelCorpus
+from nmt.corpus import ParallelCorpus, sha256_of
 from nmt.errors import NmtError
 from nmt.textio import count_lines, read_line_blocks, read_lines
 
@@ -241,7 +241,7 @@ def _forge(directory: Path, name: str, edit) -> None:
         edit(array)
         array.tofile(path)
     meta = _meta(directory)
-    meta["files"][name] = {"size": path.stat().st_size, "sha256": cache_mod._sha256(path)}
+    meta["files"][name] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
     (directory / "meta.json").write_text(json.dumps(meta))
 
 

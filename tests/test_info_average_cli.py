@@ -211,6 +211,16 @@ def test_average_refuses_a_checkpoint_of_another_shape(tmp_path, run):
     assert str(last) in msg and name in msg
 
 
+def test_average_on_an_empty_dev_set_is_a_one_line_error_and_keeps_the_model(tmp_path, run):
+    (tmp_path / "empty.es").write_bytes(b"")
+    (tmp_path / "empty.en").write_bytes(b"")
+    before = (run / "model.safetensors").read_bytes()
+    msg = error_line(run_nmt("average", "-m", str(run), "--last", "2", "--device", "cpu", "--dev",
+                             str(tmp_path / "empty")), 1)
+    assert msg.endswith("the dev set is empty (give a dev set with lines)")
+    assert (run / "model.safetensors").read_bytes() == before
+
+
 def test_average_last_two(run):
     checkpoints = sorted((run / "checkpoints").glob("step-*"))
     assert [c.name for c in checkpoints] == ["step-00000010", "step-00000020", "step-00000030"]

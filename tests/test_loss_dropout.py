@@ -111,6 +111,18 @@ def test_dropout_zeroes_p_of_the_elements_and_scales_the_rest():
         assert abs(corr) < 5 / math.sqrt(n)
 
 
+def test_dropout_at_the_ends_of_its_range_neither_overflows_nor_scales_what_it_keeps_whole():
+    """p is rounded to a multiple of 1/65536: under 2⁻¹⁷ nothing is dropped (and nothing scaled);
+    from 1 − 2⁻¹⁷ the cutoff (32768) did not fit the int16 it is compared with."""
+    from nmt.cpu_kernels import dropout, dropout_add
+
+    torch.manual_seed(0)
+    x = torch.rand(300, 301) + 0.5
+    assert torch.equal(dropout(x, 1e-6), x) and torch.equal(dropout_add(x, x, 1e-6), x + x)
+    for y in (dropout(x, 1 - 1e-8), dropout_add(torch.zeros_like(x), x, 1 - 1e-8)):
+        assert (y == 0).float().mean().item() > 0.999
+
+
 def test_dropout_gradient_is_the_mask_times_the_scale():
     torch.manual_seed(1)
     x = (torch.rand(300, 7) + 0.5).requires_grad_()

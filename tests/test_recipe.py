@@ -419,10 +419,11 @@ def test_force_over_a_run_with_no_checkpoint_chooses_its_recipe_again(tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == pytest.approx(recipe.lr_for(128))
     shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if stopped before its first checkpoint
+    (tmp_path / "run" / "model.safetensors").unlink()  # (nor its model: that comes with the first checkpoint)
     wider = tmp_path / "wider.json"
     wider.write_text(json.dumps({"model": {"d_model": 192}}))
     r = run_nmt(*args, "--max-steps", "2", "--config", str(wider))
-    assert r.returncode != 0 and "holds an nmt model of another configuration" in r.stderr.decode()
+    assert r.returncode != 0 and "holds an nmt run of another configuration" in r.stderr.decode()
     assert "--force to replace it" in r.stderr.decode()
     r = run_nmt(*args, "--max-steps", "2", "--config", str(wider), "--force")
     err = r.stderr.decode()
@@ -516,6 +517,7 @@ def test_a_recipe_left_for_another_budget_before_any_checkpoint_is_chosen_again(
                 "--vocab-size", "300", "--batch-tokens", "400", "--out", str(out), "--max-steps", "4")
     assert r.returncode == 0 and "recipe (stored)" in r.stderr.decode()  # a resume keeps its run's recipe
     shutil.rmtree(out / "checkpoints")  # a run stopped before its first checkpoint: its recipe kept, and said
+    (out / "model.safetensors").unlink()  # (nor its model: that comes with the first checkpoint)
     r = run_nmt("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--dtype", "float32",
                 "--vocab-size", "300", "--batch-tokens", "400", "--out", str(out), "--max-steps", "3")
     err = " ".join(r.stderr.decode().split())
@@ -573,6 +575,7 @@ def test_a_recipe_timed_with_another_dtype_or_thread_count_before_any_run_is_cho
         else:
             assert "recipe (stored)" in err and "choosing again" not in err
     shutil.rmtree(out / "checkpoints")  # a run stopped before its first checkpoint keeps its recipe, and says so
+    (out / "model.safetensors").unlink()  # (nor its model: that comes with the first checkpoint)
     r = run_nmt(*[("2" if a == "1" and args[i - 1] == "--threads" else a) for i, a in enumerate(args)], "--dtype", "float32")
     err = " ".join(r.stderr.decode().split())
     assert r.returncode == 0 and "recipe (stored)" in err, err
@@ -585,6 +588,20 @@ def test_a_missing_test_set_fails_before_training(tmp_path):
     r = run_nmt("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--out",
                 str(tmp_path / "run"), "--max-steps", "2", "--test", str(tmp_path / "nowhere" / "test"))
     assert without_paths(error_line(r, 1)) == "nmt: error: <path>: no such file (nor <path>)"
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("src, tgt, expected", [
+    (b"", b"", "<path>, <path>: the test set is empty (give a test set with lines, or leave out --test)"),
+    (b"uno\n\xff dos\n", b"one\ntwo\n", "<path>: line 2: invalid UTF-8 at byte 0"),
+])
+def test_an_empty_or_unreadable_test_set_fails_before_training(tmp_path, src, tgt, expected):
+    train = write_slice(tmp_path / "d", "train", 20)
+    (tmp_path / "d" / "test.es").write_bytes(src)
+    (tmp_path / "d" / "test.en").write_bytes(tgt)
+    r = run_nmt("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--out",
+                str(tmp_path / "run"), "--max-steps", "2", "--test", str(tmp_path / "d" / "test"))
+    assert without_paths(error_line(r, 1)).startswith(f"nmt: error: {expected}")
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written
 
 

@@ -400,3 +400,15 @@ def test_a_forced_prefix_that_repeats_an_ngram_is_kept_and_scored(kind):
         rest = h.tokens[len(p):]
         assert len(set(rest)) == len(rest) and not set(rest) & set(p)  # the chosen tokens repeat nothing
         assert h.logprob == pytest.approx(sum(LOGP[t].item() for t in h.tokens) + LOGP[EOS].item(), rel=1e-5)
+
+
+def test_a_huge_length_cap_is_the_models_positions_not_an_overflow():
+    """--max-length-a 1e19 (meaning "no cap") overflowed int64 into a cap of 1, and a huge b was an
+    internal error: both are capped by the model's positions like any other."""
+    from nmt.search import max_lengths
+
+    lengths = torch.tensor([3, 10])
+    assert max_lengths(lengths, 1e19, 10, 64).tolist() == [63, 63]
+    assert max_lengths(lengths, 1.5, 10**20, 64).tolist() == [63, 63]
+    assert max_lengths(lengths, 1.5, 10, 64).tolist() == [14, 25]  # ⌊1.5·|x| + 10⌋ as before
+    assert max_lengths(lengths, 0.0, 0, 64).tolist() == [1, 1]

@@ -152,6 +152,8 @@ def corpora(tmp_path_factory) -> dict[str, Path]:
     (["--weights", "0,0"], 2, "sums to zero"),
     (["--weights", "a,b"], 2, "cannot read 'a,b'"),
     (["--pairs", "es-en,es"], 2, "cannot read 'es'"),
+    (["--seed", "-1"], 2, "--seed must be in [0, 9223372036854775807] (got -1)"),
+    (["--preset", "finetune"], 2, "unknown preset 'finetune' (choose from"),
     (["--pairs", "es-en", "--src", "es"], 2, "--pairs or --src/--tgt"),
     (["--pairs", "es-en,en-fr"], 1, "no training data for en-fr"),
     (["--pairs", "es-en,en-es", "--separate-vocab"], 2, "joint vocabulary"),
@@ -160,6 +162,20 @@ def test_bad_inputs_are_one_line_errors(tmp_path, corpora, args, code, words):
     r = run_nmt("train", *TINY, "--train", str(corpora["a"]), "--train", str(corpora["b"]), "--dev", "none",
                 "--out", str(tmp_path / "run"), "--max-steps", "1", *args)
     assert words in last_error(r, code)
+
+
+def test_a_resume_given_the_corpora_in_another_order_is_refused_before_a_cache_is_built(tmp_path, corpora):
+    """The epoch's plan indexes the cache, whose pairs follow the --train order: another order is
+    another run, and the refusal says so before tokenising the data again."""
+    out = tmp_path / "run"
+    args = [*TINY, "--dev", "none", "--src", "es", "--tgt", "en", "--vocab-size", "400", "--out", str(out)]
+    logs(run_nmt("train", *args, "--train", str(corpora["a"]), "--train", str(corpora["b"]), "--max-steps", "1"))
+    caches = sorted((out / "cache").iterdir())
+    msg = last_error(run_nmt("train", *args, "--train", str(corpora["b"]), "--train", str(corpora["a"]),
+                             "--max-steps", "2"), 1)
+    assert msg == ("nmt: error: <path>: cannot resume, the order of the --train corpora changed (it was trained "
+                   "with --train <path> --train <path>); give them in that order, or use a new --out")
+    assert sorted((out / "cache").iterdir()) == caches
 
 
 def test_translate_tgt_lang_on_a_one_direction_model(tiny_model_dir):
@@ -200,7 +216,16 @@ def test_train_tokenizer_with_pairs_makes_the_tags_that_train_then_reuses(tmp_pa
     err = logs(run_nmt("train", *TINY, "--train", str(corpora["a"]), "--dev", "none", "--pairs", "es-en,en-es",
                        "--vocab-size", "400", "--max-steps", "1", "--out", str(out)))
     assert "tokenizer: reusing" in err
+    assert "training ended: " in err and "-1.00" not in err  # no dev set, no best score to report
     assert json.loads((out / "tokenizer.json").read_text(encoding="utf-8")) == tok
+    # a trained model's tokenizer is not replaced: its ids are what the model was trained on
+    before = (out / "tokenizer.json").read_bytes()
+    msg = without_paths(error_line(run_nmt("train-tokenizer", "--train", str(corpora["a"]), "--vocab-size", "300",
+                                           "--out", str(out)), 1))
+    assert msg.startswith("nmt: error: <path>: holds an nmt run (config.json")
+    assert msg.endswith("whose model is trained or being trained on the ids of the tokenizer there; write a new "
+                        "tokenizer to another --out")
+    assert (out / "tokenizer.json").read_bytes() == before
     untagged = tmp_path / "one"
     logs(run_nmt("train-tokenizer", "--train", str(corpora["a"]), "--vocab-size", "400", "--out", str(untagged)))
     msg = last_error(run_nmt("train", *TINY, "--train", str(corpora["a"]), "--dev", "none", "--pairs", "es-en,en-es",
@@ -352,6 +377,54 @@ def test_a_fine_tune_given_one_side_takes_the_other_from_the_parent_and_names_a_
     err = logs(run_nmt(*base, "--out", str(tmp_path / "swap"), "--src", "en", "--tgt", "es"))
     assert "fine-tune: en-es not among the directions the parent was trained on (es-en)" in err
     assert json.loads((tmp_path / "swap" / "config.json").read_text())["directions"] == ["en-es"]
+
+
+def _stand_in_parent(tmp_path, directions: str, train: dict | None = None):
+    from nmt import config as cfg
+    from nmt.finetune import Parent
+
+    model_config, tok_config, _ = cfg.preset("tiny")
+    return Parent(tmp_path / "parent", {"train": train or {}}, model_config, tok_config, parse_pairs(directions))
+
+
+@pytest.mark.parametrize("directions, given, expected", [
+    ("de-en,en-de", {"tgt": "en"}, ("de", "en")),
+    ("de-en,en-de", {"src": "en"}, ("en", "de")),
+    ("de-en,fr-en", {"src": "fr"}, ("fr", "en")),
+    ("es-en", {"tgt": "fr"}, ("es", "fr")),  # one direction: a new one, es → fr (the log names it)
+    ("de-en,fr-en", {"tgt": "en"}, "--tgt en: the parent was trained on de-en,fr-en, so the other side is not known: "
+                                   "give --src too"),
+    ("de-en,en-de", {"tgt": "fr"}, "--tgt fr: the parent was trained on de-en,en-de, so the other side is not known: "
+                                   "give --src too"),
+])
+def test_a_fine_tune_given_one_side_of_a_parent_with_several_directions(tmp_path, monkeypatch, directions, given,
+                                                                         expected):
+    """The other side is the one of the parent's direction with the side given; where none or
+    several have it, a usage error asks for it (it was taken from the defaults: es)."""
+    from nmt import config as cfg
+    from nmt import finetune
+
+    parent = _stand_in_parent(tmp_path, directions)
+    monkeypatch.setattr(finetune, "read_parent", lambda directory: parent)
+    model_config, tok_config, train_preset = cfg.preset("tiny")
+    config = cfg.TrainConfig(preset="finetune", init_from=str(parent.directory), **train_preset,
+                             **given, fixed=[f"train.{k}" for k in given])
+    if isinstance(expected, str):
+        with pytest.raises(UsageError) as e:
+            finetune.configs(config, model_config, tok_config, tmp_path / "ft")
+        assert str(e.value) == expected
+    else:
+        _, config, _, _ = finetune.configs(config, model_config, tok_config, tmp_path / "ft")
+        assert (config.src, config.tgt, config.pairs) == (*expected, [])
+
+
+def test_a_fine_tune_keeps_the_parents_batch_of_several_batches_per_step(tmp_path):
+    from nmt.finetune import training_defaults
+
+    defaults = training_defaults(_stand_in_parent(tmp_path, "es-en", {"batch_tokens": 3000, "update_freq": 4}), True)
+    assert (defaults["batch_tokens"], defaults["update_freq"]) == (3000, 4)
+    for bad in (0, True, "4", 1.5):  # the parent's config is untrusted: anything else is nmt's default
+        assert "update_freq" not in training_defaults(_stand_in_parent(tmp_path, "es-en", {"update_freq": bad}), True)
 
 
 # -- several directions: the tag decides the output language ---------------------------------------

@@ -243,6 +243,14 @@ def test_config_file_unknown_model_key(tmp_path, data):
     ({"tokenizer": {"min_frequency": 1.5}}, "--config tokenizer: min_frequency must be int, not 1.5"),
     ({"train": {"weights": [0.5, 0.5]}}, "--config train: weights: 2 weight(s) for 1 --train corpora (give one per corpus)"),
     ({"train": {"weights": [-1]}}, "--config train: weights: [-1] has a negative or non-finite weight (each must be ≥ 0)"),
+    ({"train": {"betas": [1.0, 0.98]}}, "--config train.betas must be two numbers in [0, 1) (got [1.0, 0.98])"),
+    ({"train": {"weight_decay": -0.1}}, "--config train.weight_decay must be ≥ 0 (got -0.1)"),
+    ({"train": {"clip_norm": -1}}, "--config train.clip_norm must be ≥ 0, 0 for off (got -1)"),
+    ({"train": {"eval_max_sentences": -5}},
+     "--config train.eval_max_sentences must be ≥ 0, 0 for the whole dev set (got -5)"),
+    ({"train": {"seed": -1}}, "--seed must be in [0, 9223372036854775807] (got -1)"),
+    ({"train": {"init_from": "runs/base"}}, "--config train.init_from: give --init-from runs/base on the command line "
+                                            "instead (a fine-tune keeps the parent's shape and sets its own schedule)"),
 ])
 def test_config_file_values_of_the_wrong_type_or_range_are_one_line_errors(tmp_path, data, overrides, message):
     cfg = tmp_path / "cfg.json"
@@ -471,6 +479,24 @@ def test_resume_refused_when_the_tokenizer_the_data_order_or_the_directions_chan
     assert msg == f"nmt: error: {out}: cannot resume, {change}; use a new --out"
     assert (out / "config.json").read_bytes() == before, "a refused run must not rewrite the config"
     assert sorted(p.name for p in (out / "cache").iterdir() if p.is_dir()) == caches, "nor build a cache first"
+
+
+def test_resume_refused_when_the_tokenizer_files_were_replaced(run, tmp_path):
+    """The same options, another tokenizer (two pieces' ids swapped): the model's ids would name other
+    pieces, so the resume is refused before the cache is built."""
+    out = tmp_path / "run"
+    shutil.copytree(run["out"], out)
+    tokenizer = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tokenizer["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    caches = sorted(p.name for p in (out / "cache").iterdir() if p.is_dir())
+    args = [str(out) if a == str(run["out"]) else a for a in run["args"]]
+    msg = without_paths(error_line(train(*args, "--max-steps", "40"), 1))
+    assert msg == ("nmt: error: <path>: cannot resume, its tokenizer files are not the ones it was trained with "
+                   "(replaced since: restore them, or use a new --out)")
+    assert sorted(p.name for p in (out / "cache").iterdir() if p.is_dir()) == caches
 
 
 def test_a_resume_takes_the_same_data_at_another_path(run, data, tmp_path):

@@ -27,7 +27,8 @@ from nmt import train as train_mod
 from nmt.corpus import ParallelCorpus
 from nmt.errors import Interrupted, NmtError, UsageError
 from nmt.runtime import setup
-from nmt.train import Distributed, Trainer, check_dev, check_out_dir, prepare
+from nmt.train import Distributed, Trainer, check_out_dir, prepare
+from nmt.validate import check_dev
 
 
 @pytest.fixture(scope="module")
@@ -192,26 +193,32 @@ def test_out_directory_with_a_foreign_config_json_needs_force(tmp_path):
     assert check_out_dir(tmp_path, True) is False
 
 
-def test_a_finished_model_without_checkpoints_is_not_replaced_by_another_configuration(data, tmp_path):
+def test_a_finished_model_without_checkpoints_is_not_replaced_by_another_run(data, tmp_path):
+    """A model whose checkpoints are gone cannot be resumed: training again, with its configuration
+    or another, would start from step 0 and replace it, so it is refused unless --force."""
     train_config, model_config, tok_config = tiny_configs(data["train"], max_steps=2)
     first = tmp_path / "first"
     train_mod.train(train_config, model_config, tok_config, first)
     copy = tmp_path / "copy"
     shutil.copytree(first, copy, ignore=shutil.ignore_patterns("checkpoints"))
-    weights = (copy / "model.safetensors").read_bytes()
-    other = replace(model_config, dropout=0.3)
-    with pytest.raises(NmtError, match=r"another configuration.*dropout.*--force") as e:
-        train_mod.train(train_config, other, tok_config, copy)
-    assert str(copy) in str(e.value)
-    assert (copy / "model.safetensors").read_bytes() == weights
-    assert json.loads((copy / "config.json").read_text())["model"]["dropout"] == 0.0
+    weights, summary = (copy / "model.safetensors").read_bytes(), (copy / "training.json").read_bytes()
+    for model in (model_config, replace(model_config, dropout=0.3)):
+        with pytest.raises(NmtError, match=r"holds a trained model but no checkpoints to resume its training from: "
+                                           r"training again from step 0 would replace it \(use a new --out, or "
+                                           r"--force to train a new model there\)") as e:
+            train_mod.train(train_config, model, tok_config, copy)
+        assert str(e.value).startswith(f"{copy}: ")
+        assert (copy / "model.safetensors").read_bytes() == weights
+        assert (copy / "training.json").read_bytes() == summary
     # --force replaces it
-    forced = tmp_path / "forced"
-    shutil.copytree(copy, forced)
-    train_mod.train(train_config, other, tok_config, forced, force=True)
-    assert json.loads((forced / "config.json").read_text())["model"]["dropout"] == 0.3
-    # the same configuration is the same run: accepted (it trains again from step 0 here)
-    train_mod.train(train_config, model_config, tok_config, copy)
+    train_mod.train(train_config, replace(model_config, dropout=0.3), tok_config, copy, force=True)
+    assert json.loads((copy / "config.json").read_text())["model"]["dropout"] == 0.3
+    # a run cut short in its first checkpoint (the model written, no checkpoint, no training.json)
+    # is not a finished model: the same command starts it again
+    cut = tmp_path / "cut"
+    shutil.copytree(first, cut, ignore=shutil.ignore_patterns("checkpoints", "training.json"))
+    train_mod.train(train_config, model_config, tok_config, cut)
+    assert json.loads((cut / "training.json").read_text())["steps"] == 2
 
 
 # -- 2. the dev set is checked whole at start; evaluation comes after the save --------------------
