@@ -113,9 +113,6 @@ def training_defaults(parent: Parent, has_budget: bool) -> dict[str, Any]:
         out["lr"] = LR_FACTOR * lr
     if isinstance(batch, int) and not isinstance(batch, bool) and 1 <= batch <= 1 << 24 or batch == "auto":
         out["batch_tokens"] = batch
-    freq = train.get("update_freq")  # the parent's batch is batch_tokens × update_freq per process
-    if isinstance(freq, int) and not isinstance(freq, bool) and 1 <= freq <= 1 << 16:
-        out["update_freq"] = freq
     if isinstance(every, int) and not isinstance(every, bool) and 1 <= every <= 1 << 30:
         out["eval_every"] = every
     return out

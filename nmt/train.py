@@ -29,7 +29,7 @@ from nmt import atomic, checkpoint, directions, finetune, mixing, recipe, valida
 from nmt.batching import Batch, Plan, collate, padded, plan_epoch, target_tokens, training_pad_multiple
 from nmt.cache import MEMO_FILE, Filters, load_or_build
 from nmt.config import PRESET_TRAINING, ModelConfig, TokenizerConfig, TrainConfig, to_dict
-from nmt.corpus import ParallelCorpus, fingerprints, sample_corpora
+from nmt.corpus import ParallelCorpus, fingerprints, sample_corpora, sha256_of
 from nmt.directions import Directions
 from nmt.errors import Interrupted, NmtError, UsageError
 from nmt.model import Transformer, count_parameters
@@ -107,6 +107,12 @@ def prepare_tokenizer(config: TrainConfig, tok_config: TokenizerConfig, out: Pat
 
 
 TOKENIZER_OPTIONS_FILE = "tokenizer.options.json"  # what the tokenizer in a run directory was trained with
+
+
+def tokenizer_files(out: Path) -> dict[str, str]:
+    """The SHA-256 of each tokenizer file in `out`, by name: their bytes as written (not as a
+    `tokenizers` version would serialise them again), which a resume must find unchanged."""
+    return {name: sha256_of(out / name) for name in (JOINT_FILE, *SEPARATE_FILES) if (out / name).is_file()}
 
 
 def _tokenizer_options(config: TrainConfig, tok_config: TokenizerConfig, tags: list[str] | None) -> dict[str, Any]:
@@ -246,7 +252,7 @@ def run_config(p: Prepared, config: TrainConfig, tok_config: TokenizerConfig, pr
         "src": first[0], "tgt": first[1], **_directions_record(p.directions), "processes": processes,
         "model": to_dict(p.model_config), "tokenizer": to_dict(tok_config), "train": to_dict(config),
         "data": [fp for m in metas for fp in m["fingerprints"]], "filters": asdict(p.cache.report),
-        "tokenizer_sha256": p.vocabs.fingerprint(),  # what a resume must find there (its ids are the model's)
+        "tokenizer_files": tokenizer_files(p.out),  # what a resume must find there (its ids are the model's)
         "versions": {"nmt": __import__("nmt").__version__, "torch": torch.__version__,
                      "tokenizers": tokenizers.__version__, "sacrebleu": sacrebleu.__version__},
     }
@@ -330,8 +336,8 @@ def check_resume_before_the_cache(out: Path, config: TrainConfig, parent: finetu
                     _directions_changed(old, _directions_record(run))):
         if problem:
             raise NmtError(f"{out}: cannot resume, {problem}; use a new --out")
-    recorded = old.get("tokenizer_sha256")  # (a run from before it was recorded: not compared)
-    if isinstance(recorded, str) and Vocabs.exists(out) and Vocabs.load(out).fingerprint() != recorded:
+    recorded = old.get("tokenizer_files")  # (a run from before it was recorded: not compared)
+    if isinstance(recorded, dict) and recorded and Vocabs.exists(out) and tokenizer_files(out) != recorded:
         raise NmtError(f"{out}: cannot resume, its tokenizer files are not the ones it was trained with (replaced "
                        f"since: restore them, or use a new --out)")
     trained = checkpoint.config_section(old, "train").get("train")

@@ -419,7 +419,7 @@ def test_force_over_a_run_with_no_checkpoint_chooses_its_recipe_again(tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == pytest.approx(recipe.lr_for(128))
     shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if stopped before its first checkpoint
-    (tmp_path / "run" / "model.safetensors").unlink()  # (nor its model: that comes with the first checkpoint)
+    (tmp_path / "run" / "model.safetensors").unlink()  # (nor its model: written with the first checkpoint)
     wider = tmp_path / "wider.json"
     wider.write_text(json.dumps({"model": {"d_model": 192}}))
     r = run_nmt(*args, "--max-steps", "2", "--config", str(wider))
@@ -517,7 +517,7 @@ def test_a_recipe_left_for_another_budget_before_any_checkpoint_is_chosen_again(
                 "--vocab-size", "300", "--batch-tokens", "400", "--out", str(out), "--max-steps", "4")
     assert r.returncode == 0 and "recipe (stored)" in r.stderr.decode()  # a resume keeps its run's recipe
     shutil.rmtree(out / "checkpoints")  # a run stopped before its first checkpoint: its recipe kept, and said
-    (out / "model.safetensors").unlink()  # (nor its model: that comes with the first checkpoint)
+    (out / "model.safetensors").unlink()  # (nor its model: written with the first checkpoint)
     r = run_nmt("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--dtype", "float32",
                 "--vocab-size", "300", "--batch-tokens", "400", "--out", str(out), "--max-steps", "3")
     err = " ".join(r.stderr.decode().split())
@@ -575,7 +575,7 @@ def test_a_recipe_timed_with_another_dtype_or_thread_count_before_any_run_is_cho
         else:
             assert "recipe (stored)" in err and "choosing again" not in err
     shutil.rmtree(out / "checkpoints")  # a run stopped before its first checkpoint keeps its recipe, and says so
-    (out / "model.safetensors").unlink()  # (nor its model: that comes with the first checkpoint)
+    (out / "model.safetensors").unlink()  # (nor its model: written with the first checkpoint)
     r = run_nmt(*[("2" if a == "1" and args[i - 1] == "--threads" else a) for i, a in enumerate(args)], "--dtype", "float32")
     err = " ".join(r.stderr.decode().split())
     assert r.returncode == 0 and "recipe (stored)" in err, err

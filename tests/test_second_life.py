@@ -379,12 +379,12 @@ def test_a_fine_tune_given_one_side_takes_the_other_from_the_parent_and_names_a_
     assert json.loads((tmp_path / "swap" / "config.json").read_text())["directions"] == ["en-es"]
 
 
-def _stand_in_parent(tmp_path, directions: str, train: dict | None = None):
+def _stand_in_parent(tmp_path, directions: str):
     from nmt import config as cfg
     from nmt.finetune import Parent
 
     model_config, tok_config, _ = cfg.preset("tiny")
-    return Parent(tmp_path / "parent", {"train": train or {}}, model_config, tok_config, parse_pairs(directions))
+    return Parent(tmp_path / "parent", {"train": {}}, model_config, tok_config, parse_pairs(directions))
 
 
 @pytest.mark.parametrize("directions, given, expected", [
@@ -416,15 +416,6 @@ def test_a_fine_tune_given_one_side_of_a_parent_with_several_directions(tmp_path
     else:
         _, config, _, _ = finetune.configs(config, model_config, tok_config, tmp_path / "ft")
         assert (config.src, config.tgt, config.pairs) == (*expected, [])
-
-
-def test_a_fine_tune_keeps_the_parents_batch_of_several_batches_per_step(tmp_path):
-    from nmt.finetune import training_defaults
-
-    defaults = training_defaults(_stand_in_parent(tmp_path, "es-en", {"batch_tokens": 3000, "update_freq": 4}), True)
-    assert (defaults["batch_tokens"], defaults["update_freq"]) == (3000, 4)
-    for bad in (0, True, "4", 1.5):  # the parent's config is untrusted: anything else is nmt's default
-        assert "update_freq" not in training_defaults(_stand_in_parent(tmp_path, "es-en", {"update_freq": bad}), True)
 
 
 # -- several directions: the tag decides the output language ---------------------------------------
