@@ -389,11 +389,10 @@ def _check_train_values(c) -> None:
     # options without a flag, from a --config file's train section: typed there, ranged here
     if not all(0 <= b < 1 for b in c.betas):
         raise UsageError(f"--config train.betas must be two numbers in [0, 1) (got {list(c.betas)})")
-    for name in ("weight_decay", "clip_norm", "eval_max_sentences"):
+    for name, zero in (("weight_decay", ""), ("clip_norm", ", 0 for off"),
+                       ("eval_max_sentences", ", 0 for the whole dev set")):
         if getattr(c, name) < 0:
-            raise UsageError(f"--config train.{name} must be ≥ 0{', 0 for off' if name == 'clip_norm' else ''}"
-                             f"{', 0 for the whole dev set' if name == 'eval_max_sentences' else ''} "
-                             f"(got {getattr(c, name)})")
+            raise UsageError(f"--config train.{name} must be ≥ 0{zero} (got {getattr(c, name)})")
     _choice(c.device if not c.device.startswith("cuda:") else "cuda", "--device", ("auto", "cpu", "cuda"))
 
 

@@ -42,9 +42,10 @@ def dropout(x: Tensor, p: float) -> Tensor:
     (seeded, saved in checkpoints)."""
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True) if p else x
-    if _threshold(p) is None:
+    threshold = _threshold(p)
+    if threshold is None:
         return x
-    return x.masked_fill(_uniform16(x.shape) < _threshold(p), 0) * (1.0 / (1.0 - p))
+    return x.masked_fill(_uniform16(x.shape) < threshold, 0) * (1.0 / (1.0 - p))
 
 
 def dropout_add(x: Tensor, y: Tensor, p: float) -> Tensor:
@@ -55,9 +56,10 @@ def dropout_add(x: Tensor, y: Tensor, p: float) -> Tensor:
     is applied in x's dtype (fp32 under autocast), not rounded to y's bf16."""
     if y.device.type != "cpu":
         return x + F.dropout(y, p, training=True) if p else x + y
-    if _threshold(p) is None:
+    threshold = _threshold(p)
+    if threshold is None:
         return x + y
-    return torch.addcmul(x, y, _uniform16(y.shape) >= _threshold(p), value=1.0 / (1.0 - p))
+    return torch.addcmul(x, y, _uniform16(y.shape) >= threshold, value=1.0 / (1.0 - p))
 
 
 def _uniform16(shape: torch.Size) -> Tensor:
