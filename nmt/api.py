@@ -18,6 +18,7 @@ searches the engines' (`nmt.engines`). torch is imported by `load`, not by `impo
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -156,7 +157,9 @@ def load(directory: str | Path, *, device: str = "auto", dtype: str = "auto", th
     if dtype == "int8":
         if rt.device.type != "cpu":
             raise UsageError("--dtype int8 is CPU-only (dynamic quantisation)")
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        with warnings.catch_warnings():  # torch 2.13 says on every call that these tensors are deprecated:
+            warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated", category=UserWarning)
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     src = config.get("src")
     return Model(lambda c: engines.for_model(model, rt, c), vocabs, defaults, directory,
                  src if isinstance(src, str) else None, of_model(config, str(directory / "config.json")))

@@ -10,6 +10,10 @@ macOS the drive's own cache may still hold it). Every writer in nmt goes through
 weights, tokenizer, training summary), checkpoints, the token cache, data fingerprints and
 the CTranslate2 export. What to write is the caller's business (a callback gets the
 temporary path); this module knows nothing of models or formats.
+
+An existing file's permission bits are kept. A symlink is replaced by the file unless the caller
+asks to write through it (`follow_link`: a command's `-o FILE`, as a shell's `>` does): a run's own
+files never change a file elsewhere that a link of theirs points to.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,18 +63,24 @@ def sync(path: Path) -> None:
         os.close(fd)
 
 
-def write_file(path: Path, write: Callable[[Path], None], staged: bool = False) -> None:
+def write_file(path: Path, write: Callable[[Path], None], staged: bool = False, parents: bool = True,
+               follow_link: bool = False) -> None:
     """Call write(tmp_path), fsync, then rename over `path` and fsync its directory; on failure
     remove the temporary. `staged`: `path` is in a `directory()` being built, which syncs all its
-    files and folders itself before its own rename (both syncs are left to it)."""
+    files and folders itself before its own rename (both syncs are left to it). `parents`: make
+    the missing folders above `path` (else a missing one is the write's error). `follow_link`: a
+    symlink at `path` is written through (`written_path`). The file replaced keeps its permission bits."""
     path = Path(path)
-    tmp = temporary_name(path)
+    target = written_path(path) if follow_link else path
+    tmp = temporary_name(target)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if parents:
+            target.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        _keep_mode(target, tmp)
         if not staged:
             sync(tmp)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise write_error(path, e) from None
@@ -77,7 +88,23 @@ def write_file(path: Path, write: Callable[[Path], None], staged: bool = False) 
         tmp.unlink(missing_ok=True)
         raise
     if not staged:
-        sync_renamed(path)
+        sync_renamed(target)
+
+
+def written_path(path: Path) -> Path:
+    """The file a write of `path` replaces: `path`, or where a symlink at `path` leads (followed to
+    the end, a dangling link's missing target included), so that the link stays a link."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _keep_mode(target: Path, tmp: Path) -> None:
+    """Give the new version the permission bits of the file it replaces (a new file: the umask's)."""
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        return
+    os.chmod(tmp, mode)
 
 
 def sync_renamed(path: Path) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from nmt.batching import pad_batch
-from nmt.model import Transformer, attention_weights, split_heads
+from nmt.model import Transformer, attention_weights, eval_mode, split_heads
 
 
 @dataclass
@@ -45,16 +45,16 @@ def _normed(residual, x: Tensor) -> Tensor:
 @torch.inference_mode()
 def attention_maps(model: Transformer, src: Tensor, tgt_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Encoder self-, decoder self- and cross-attention weights for one pair (batch of 1)."""
-    model.eval()
-    h = model.config.n_heads
-    mask = model.src_mask(src)
-    x = model.embed(model.src_embed, src)
-    enc = []
-    for layer in model.encoder:
-        q, k, _ = (split_heads(t, h) for t in layer.attn.qkv(_normed(layer.res1, x)).chunk(3, dim=-1))
-        enc.append(attention_weights(q, k, mask)[0])
-        x = layer(x, mask)
-    dec, cross = decoder_maps(model, model.encoder_norm(x), mask, tgt_in, with_self=True)
+    with eval_mode(model):
+        h = model.config.n_heads
+        mask = model.src_mask(src)
+        x = model.embed(model.src_embed, src)
+        enc = []
+        for layer in model.encoder:
+            q, k, _ = (split_heads(t, h) for t in layer.attn.qkv(_normed(layer.res1, x)).chunk(3, dim=-1))
+            enc.append(attention_weights(q, k, mask)[0])
+            x = layer(x, mask)
+        dec, cross = decoder_maps(model, model.encoder_norm(x), mask, tgt_in, with_self=True)
     return torch.stack(enc), dec[:, 0], cross[:, 0]
 
 
@@ -93,11 +93,11 @@ def alignment_attention(model: Transformer, sources: list[list[int]], targets: l
     [len(target), len(source)] of the step that predicted each target token (query from the
     token before it, BOS first) over the source tokens (the source EOS column dropped), from
     `alignment_layer`, averaged over its heads; float32 on the CPU."""
-    model.eval()
     batch = pad_batch(sources, [t or [model.config.eos_id] for t in targets],  # one row, unused, for an empty one
                       max_positions=model.config.max_positions).to(model.positions.device)
-    memory, mask = model.encode(batch.src)
-    _, cross = decoder_maps(model, memory, mask, batch.tgt_in)
+    with eval_mode(model):
+        memory, mask = model.encode(batch.src)
+        _, cross = decoder_maps(model, memory, mask, batch.tgt_in)
     weights = cross[alignment_layer(len(model.decoder))].float().mean(1).cpu()  # [B, T, S]
     return [weights[i, : len(t), : len(s)] for i, (s, t) in enumerate(zip(sources, targets))]
 

@@ -424,7 +424,7 @@ def _write_chunk(enc: _Encoded, filters: Filters, writer: _Writer, report: Filte
     lt = np.fromiter(map(len, enc.tgt_ids), dtype=np.int64, count=n) + 1
     longer, shorter = np.maximum(ls, lt), np.minimum(ls, lt)
     too_long = longer > filters.max_length
-    bad_ratio = ~too_long & (longer > filters.max_ratio * shorter)
+    bad_ratio = ~too_long & (longer / shorter > filters.max_ratio)  # (max_ratio × shorter overflows at 1e308)
     report.too_long += int(too_long.sum())
     report.ratio += int(bad_ratio.sum())
     ok = ~(too_long | bad_ratio)

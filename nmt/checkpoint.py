@@ -169,6 +169,11 @@ def load_weights(model, path: Path) -> None:
     if missing or unexpected:
         raise NmtError(f"{path}: weights do not match the config (missing {list(missing)[:3]}, "
                        f"unexpected {list(unexpected)[:3]})")
+    import torch
+
+    for name, tensor in model.state_dict().items():  # one pass over the weights: a diverged model would
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):  # translate into a crash
+            raise NmtError(f"{path}: {name} holds NaN or infinite values (the training that wrote them diverged)")
 
 
 def read_tensors(path: Path) -> dict[str, Any]:
@@ -373,7 +378,8 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
     try:
         return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt pickle raises many types
-        raise NmtError(f"{checkpoint / 'state.pt'}: cannot load resume state ({str(e).splitlines()[0][:160]})") from None
+        raise NmtError(f"{checkpoint / 'state.pt'}: cannot load resume state "
+                       f"({(str(e).splitlines() or [type(e).__name__])[0][:160]})") from None
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

@@ -176,6 +176,7 @@ def train_tokenizer_cmd(
     from nmt import config as cfg
     from nmt.train import check_joint, run_directions, train_tokenizer
 
+    _not_stdout(out, "--out", "the tokenizer is a directory and")
     found = [name for name in ("config.json", checkpoint.WEIGHTS) if (out / name).exists()]
     if found or checkpoint.list_checkpoints(out):  # its ids are what the model was trained on
         raise NmtError(f"{out}: holds an nmt run ({', '.join(found or ['checkpoints'])}), whose model is trained or "
@@ -242,6 +243,8 @@ def train(
     from nmt import mixing
 
     _survive_closed_stderr()
+    _not_stdout(out, "--out", "a run is a directory and")
+    _not_stdout(None if cache_dir is None else Path(cache_dir), "--cache-dir", "the token cache is a directory and")
 
     preset_given = preset is not None
     if preset == "finetune":  # what a fine-tune's config.json records, not a preset to start from
@@ -267,7 +270,8 @@ def train(
                    warmup_steps=warmup_steps, label_smoothing=label_smoothing, eval_every=eval_every, patience=patience,
                    keep_last=keep_last, max_length=max_length, max_ratio=max_ratio, cache_dir=cache_dir, compile=compile,
                    log_every=log_every, average_last=average_last, dedupe=None if no_dedupe is None else not no_dedupe,
-                   dev=dev, pairs=pair_list, init_from=None if init_from is None else str(init_from)))
+                   dev=dev, pairs=pair_list, init_from=None if init_from is None else str(init_from)),
+            whole_model=name not in ("auto", "finetune"))
 
     model_config, tok_config, train_config = layered(preset)
     if init_from is None and train_config.init_from is not None:  # the fine-tune's rules start from the flag
@@ -402,7 +406,7 @@ def _check_train_values(c) -> None:
 
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Model directory written by `nmt train`, or a CTranslate2 export.")]
-OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file. [default: stdout]")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Output file ('-' = stdout). [default: stdout]")]
 LengthPenaltyOpt = Annotated[float, typer.Option(help="Length penalty α (0: none).")]
 LengthNormOpt = Annotated[str, typer.Option(help=f"{' or '.join(choices(DecodeConfig, 'length_norm'))}: gnmt ((5+|Y|)/6)^α, average |Y|^α.")]
 BatchTokensOpt = Annotated[int, typer.Option(help="Tokens per batch (sentences × longest).")]
@@ -479,55 +483,68 @@ def _check_inputs(*paths: str) -> None:
             open_binary(path).close()
 
 
-def _write_windows(windows, render, output: Optional[Path], inputs: tuple[str, ...] = ()) -> None:
-    """One line per record (`render(record)`), flushed window by window, to stdout or to
-    `output` (`_output_path`: a regular file is written under a temporary name and renamed once
-    complete, so a failed run keeps the previous file)."""
-    written = _output_path(output, inputs)
-    try:
-        sink = open(written, "w", encoding="utf-8") if output else sys.stdout
-    except OSError as e:
-        raise NmtError(f"{output}: cannot write ({e.strerror})") from None
-    done = False
-    try:
+def _not_stdout(path: Path | None, option: str, what: str) -> None:
+    """'-' is stdin or stdout for nmt's data files: an option that names files or a directory to
+    write refuses it rather than make one called '-'."""
+    if path is not None and str(path) == "-":
+        raise UsageError(f"{option} -: {what} cannot go to stdout; give a path")
+
+
+def _write_windows(windows, render, output: Optional[str], inputs: tuple[str, ...] = ()) -> None:
+    """One line per record (`render(record)`), flushed window by window, to stdout (no output,
+    or '-') or to `output`: a regular file (or a symlink to one: its target) is written atomically
+    (`atomic.write_file`: a failed run keeps the previous file, its permission bits are kept), a
+    device or a pipe directly."""
+    path = _output_path(output, inputs)
+
+    def write_to(sink) -> None:
         for window in windows:
             for record in window:
                 sink.write(render(record) + "\n")
             sink.flush()  # each window reaches the reader as soon as it is done
-        if output:
+
+    if path is None:
+        sink, name = sys.stdout, "<stdout>"
+    elif path.exists() and not path.is_file():  # /dev/stdout, a FIFO, a character device
+        try:
+            sink, name = open(path, "w", encoding="utf-8"), str(path)
+        except OSError as e:
+            raise NmtError(f"{path}: cannot write ({e.strerror or e})") from None
+    else:
+        from nmt import atomic
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                write_to(f)
+
+        atomic.write_file(path, write, parents=False, follow_link=True)
+        return
+    try:
+        write_to(sink)
+        if path is not None:
             sink.close()
-        done = True
     except BrokenPipeError:
         raise
-    except OSError as e:  # a full disk, say: the previous output file is kept
-        raise NmtError(f"{output or '<stdout>'}: write failed ({e.strerror or e})") from None
+    except OSError as e:  # a full disk under stdout or a device
+        raise NmtError(f"{name}: write failed ({e.strerror or e})") from None
     finally:
-        if output:
+        if path is not None:
             with contextlib.suppress(OSError):  # the write error, if any, is already reported
                 sink.close()
-            if written != output:
-                if done:
-                    os.replace(written, output)
-                else:
-                    written.unlink(missing_ok=True)
 
 
-def _output_path(output: Path | None, inputs: tuple[str, ...]) -> Path | None:
-    """Where a command writes: a temporary beside a regular output file, renamed over it once the
-    output is complete (so a failed run keeps the previous file); a device or pipe directly.
-    An output that is an input (the same file by any path, symlink or hard link) is refused."""
-    if output is None:
+def _output_path(output: Optional[str], inputs: tuple[str, ...]) -> Path | None:
+    """The file a command writes its data to, None for stdout (no --output, or '-' as for the
+    inputs). An output that is an input (the same file by any path, symlink or hard link) is refused."""
+    if output is None or output == "-":
         return None
     from nmt.textio import same_file
 
-    for path in inputs:
-        if output.exists() and same_file(path, output):
+    path = Path(output)
+    for source in inputs:
+        if path.exists() and same_file(source, path):
             raise UsageError(f"{output}: the output file is the input file; write the results elsewhere")
-    if output.exists() and not output.is_file():
-        return output  # /dev/stdout, a FIFO, a character device
-    from nmt.atomic import temporary_name
-
-    return temporary_name(output)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,6 +650,7 @@ def export(
     from nmt.export import export_ctranslate2
 
     _choice(format, "--format", ("ctranslate2",))
+    _not_stdout(out, "--out", "an export is a directory and")
     log.info("exported to %s", export_ctranslate2(model, out, quantization))
 
 
@@ -646,7 +664,7 @@ def attention(
     model: Annotated[Path, typer.Option("--model", "-m", help="Model directory written by `nmt train`.")],
     sentence: Annotated[Optional[str], typer.Argument(help="Source sentence (or use -i/-n).")] = None,
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Take the sentence from this file…")] = None,
-    line: Annotated[int, typer.Option("--line", "-n", help="…at this line (1-based).")] = 1,
+    line: Annotated[Optional[int], typer.Option("--line", "-n", help="…at this line (1-based). [default: 1]")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write OUT-encoder/-decoder/-cross.png (else a terminal heatmap).")] = None,
     beam_size: Annotated[int, typer.Option(help="Beam size for the translation.")] = 1,
     tgt_lang: TgtLangOpt = None,
@@ -654,12 +672,20 @@ def attention(
     """Translate one sentence and show its attention: every layer and head, or a terminal heatmap
     (computed on the CPU in float32, as the maps are drawn)."""
     from nmt import checkpoint, directions, runtime
+    from nmt import config as cfg
     from nmt.attention_maps import maps_for_sentence
     from nmt.plots import attention_png, attention_terminal
     from nmt.translate import Translator
 
+    _not_stdout(out, "--out", "the maps are three PNG files and")
+    cfg.check_decode(DecodeConfig(beam_size=beam_size))  # as translate: bad options fail before a model is loaded
     if (sentence is None) == (input is None):
         raise UsageError("give a sentence or --input FILE (with --line N), not both")
+    if line is not None and input is None:
+        raise UsageError(f"--line {line} picks a line of --input FILE; with the sentence given there is none to pick")
+    if line is not None and line < 1:
+        raise UsageError(f"--line must be ≥ 1, the lines of --input are counted from 1 (got {line})")
+    line = 1 if line is None else line
     if input is not None:
         from nmt.textio import read_lines
 
@@ -695,6 +721,7 @@ def plot(
     """Training curves (train loss, dev loss, dev BLEU against steps and time) to PNG."""
     from nmt.plots import training_curves_png
 
+    _not_stdout(out, "--out", "the curves are a PNG file and")
     log.info("wrote %s", training_curves_png(run, out or run / "training.png"))
 
 

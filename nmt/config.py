@@ -287,6 +287,9 @@ def load_overrides(path: str | Path) -> dict[str, Any]:
         raise NmtError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or set(data) - {"model", "train", "tokenizer"}:
         raise UsageError(f"{p}: expected a JSON object with sections model, train, tokenizer")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise UsageError(f"{p}: section {section} must be a JSON object of options (got {json.dumps(values)[:40]})")
     return data
 
 
@@ -332,16 +335,35 @@ MAX_SEED = 2**63 - 1  # numpy refuses negative seeds, torch.manual_seed those of
 MAX_DECODE_SEED = 2**32 - 1  # CTranslate2 takes an unsigned 32-bit one
 
 
+def max_threads() -> int:
+    """The most CPU threads a command takes: 4 per core this process may run on (at least 8).
+    More only slows a run down, and at tens of thousands the thread pools crash or hang."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(8, 4 * cores)
+
+
 def check_threads(threads: int) -> None:
-    """A usage error for a CPU thread count below 0 (0: all cores)."""
-    if threads < 0:
-        raise UsageError(f"--threads must be ≥ 0 (got {threads})")
+    """A usage error for a CPU thread count out of [0, `max_threads()`] (0: all cores)."""
+    if not 0 <= threads <= max_threads():
+        raise UsageError(f"--threads must be in [0, {max_threads()}] (0: all cores; at most 4 per core here; "
+                         f"got {threads})")
 
 
 def check_seed(seed: int, most: int = MAX_SEED) -> None:
     """A usage error for a seed that the random generators would refuse (as an internal error)."""
     if not 0 <= seed <= most:
         raise UsageError(f"--seed must be in [0, {most}] (got {seed})")
+
+
+# Decoding options' upper bounds: far past any use, and below what would crash or exhaust memory
+# (a beam of 10⁷ asks for 160 GB; a length penalty exponent of 1,000 overflows a float).
+MAX_BEAM = 1024
+MAX_BATCH_TOKENS = 1 << 24
+MAX_WINDOW = 1 << 24
+MAX_LENGTH_PENALTY = 10.0
+MAX_TEMPERATURE = 1000.0  # far past it, sampling is uniform anyway (at 1e300 the logits underflow)
 
 
 def check_decode(config: DecodeConfig) -> None:
@@ -354,7 +376,13 @@ def check_decode(config: DecodeConfig) -> None:
     if c.beam_size < 1 or not 1 <= c.nbest <= c.beam_size:
         raise UsageError(f"need beam size ≥ 1 and 1 ≤ nbest ≤ beam size (got {c.beam_size}, {c.nbest})")
     problems = [
+        (c.beam_size > MAX_BEAM, f"--beam-size must be at most {MAX_BEAM} (got {c.beam_size})"),
         (c.batch_tokens < 1 or c.window < 1, "--batch-tokens and --window must be ≥ 1"),
+        (c.batch_tokens > MAX_BATCH_TOKENS or c.window > MAX_WINDOW,
+         f"--batch-tokens must be at most {MAX_BATCH_TOKENS:,} and --window at most {MAX_WINDOW:,} lines (got "
+         f"{c.batch_tokens}, {c.window})"),
+        (not abs(c.length_penalty) <= MAX_LENGTH_PENALTY,
+         f"--length-penalty must be in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}] (got {c.length_penalty})"),
         (c.no_repeat_ngram < 0, f"--no-repeat-ngram must be ≥ 0 (got {c.no_repeat_ngram})"),
         (c.min_length < 0, f"--min-length must be ≥ 0 (got {c.min_length})"),
         (c.max_length_a < 0 or c.max_length_b < 0 or c.max_length_a + c.max_length_b <= 0,
@@ -362,8 +390,9 @@ def check_decode(config: DecodeConfig) -> None:
          f"(got {c.max_length_a}, {c.max_length_b})"),
         (c.sampling_topk < 0, f"--sampling-topk must be ≥ 0 (0: off; got {c.sampling_topk})"),
         (not 0 <= c.sampling_topp <= 1, f"--sampling-topp must be in [0, 1] (0: off; got {c.sampling_topp})"),
-        (c.temperature <= 0, f"--temperature must be > 0 (1: no sampling; greedy search is --beam-size 1; got "
-                             f"{c.temperature})"),
+        (not 0 < c.temperature <= MAX_TEMPERATURE,
+         f"--temperature must be in (0, {MAX_TEMPERATURE:g}] (1: no sampling; greedy search is --beam-size 1; got "
+         f"{c.temperature})"),
         (is_sampling(c) and c.nbest > 1, f"--nbest {c.nbest} needs beam search; with --sampling-topk, "
                                          f"--sampling-topp or --temperature one translation is drawn per line"),
     ]
@@ -378,12 +407,15 @@ def given(**values: Any) -> dict[str, Any]:
 
 
 def layered(preset_name: str, config_file: str | Path | None, model: dict[str, Any], tokenizer: dict[str, Any],
-            train: dict[str, Any]) -> tuple[ModelConfig, TokenizerConfig, TrainConfig]:
+            train: dict[str, Any], whole_model: bool = True) -> tuple[ModelConfig, TokenizerConfig, TrainConfig]:
     """The run's configs: the preset's values, then the `--config` file's sections, then the
-    command-line flags given (dicts of field → value, None-free)."""
+    command-line flags given (dicts of field → value, None-free). Not `whole_model`: the model's
+    shape is decided later (the recipe, or a fine-tune's parent), so its fields are checked alone."""
     model_config, tok_config, train_preset = preset(preset_name)
     overrides = load_overrides(config_file) if config_file else {}
-    model_config = apply(apply(model_config, overrides.get("model", {}), "--config model"), model, "model")
+    model_config = apply(model_config, overrides.get("model", {}), "--config model")
+    check_model_options(model_config, overrides.get("model", {}), whole_model)
+    model_config = apply(model_config, model, "model")
     tok_config = apply(apply(tok_config, overrides.get("tokenizer", {}), "--config tokenizer"), tokenizer, "tokenizer")
     train_config = apply(TrainConfig(preset=preset_name, **train_preset), overrides.get("train", {}), "--config train")
     check_types(tok_config, "--config tokenizer")
@@ -393,10 +425,44 @@ def layered(preset_name: str, config_file: str | Path | None, model: dict[str, A
     check_choices(train_config)
     if tok_config.sample_lines < 1:
         raise UsageError(f"--tokenizer-sample must be ≥ 1 pair (got {tok_config.sample_lines})")
+    if not MIN_VOCAB <= tok_config.vocab_size <= MODEL_LIMITS["src_vocab_size"][1]:
+        raise UsageError(f"--vocab-size must be in [{MIN_VOCAB}, {MODEL_LIMITS['src_vocab_size'][1]:,}] (its 256 "
+                         f"byte tokens, {SPECIAL_TOKENS} special ones and at least 64 pieces; got "
+                         f"{tok_config.vocab_size})")
+    if tok_config.min_frequency < 0:
+        raise UsageError(f"--config tokenizer.min_frequency must be ≥ 0 (got {tok_config.min_frequency})")
     if not train_config.max_ratio >= 1:  # (NaN too: it would switch the filter off)
         raise UsageError(f"--max-ratio must be ≥ 1, a longer side at most that many times the shorter "
                          f"(got {train_config.max_ratio})")
     return model_config, tok_config, train_config
+
+
+SPECIAL_TOKENS = 4  # <pad> <unk> <s> </s>: ids 0-3 (`tokenizer.SPECIALS`)
+MIN_VOCAB = 256 + SPECIAL_TOKENS + 64  # what the tokenizer trainer is given at least (`tokenizer.train_vocabs`)
+# Model fields a run does not take from its options: the tokenizer fills them in
+FROM_THE_TOKENIZER = {"src_vocab_size": "--vocab-size", "tgt_vocab_size": "--vocab-size",
+                      "joint_vocab": "--separate-vocab", "pad_id": None, "bos_id": None, "eos_id": None}
+
+
+def check_model_options(config: ModelConfig, given: dict[str, Any], whole: bool = True) -> None:
+    """A usage error for a `--config` model section that sets what the tokenizer decides, or makes a
+    model config that loading would refuse (the same checks: `model_config_problem`), before any work.
+    Not `whole` (the recipe or a fine-tune's parent decides the rest of the shape, and checks it
+    there): each field given alone."""
+    for name in sorted(set(given) & set(FROM_THE_TOKENIZER)):
+        flag = FROM_THE_TOKENIZER[name]
+        raise UsageError(f"--config model.{name}: set by the tokenizer, not an option"
+                         + (f" (use {flag})" if flag else " (nmt's tokenizers fix the special ids at 0, 2 and 3)"))
+    if whole:
+        problem = model_config_problem(dataclasses.replace(config, src_vocab_size=MIN_VOCAB, tgt_vocab_size=MIN_VOCAB))
+    else:
+        problem = type_problem(config) or next((p for name in sorted(set(given) & set(MODEL_LIMITS))
+                                                if (p := limit_problem(name, given[name]))), None) or \
+            next((f"{name} = {given[name]} is not in [0, 1)" for name in ("dropout", "attention_dropout")
+                  if name in given and not 0.0 <= given[name] < 1.0), None) or \
+            (shape_problem(config.d_model, None) if "d_model" in given else None)
+    if problem:
+        raise UsageError(f"--config model: {problem}")
 
 
 def preset(name: str) -> tuple[ModelConfig, TokenizerConfig, dict[str, Any]]:

@@ -84,10 +84,19 @@ class ParallelCorpus:
 
 
 def _find(prefix: str | Path, lang: str) -> Path:
+    """`PREFIX.lang`, else `PREFIX.lang.gz`: a regular file (a corpus is read more than once:
+    counted, fingerprinted, tokenized), so a directory or a FIFO there is named as what it is."""
     plain = Path(f"{prefix}.{lang}")
-    for candidate in (plain, Path(f"{plain}.gz")):
+    candidates = (plain, Path(f"{plain}.gz"))
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
+    for candidate in candidates:
+        if candidate.is_dir():
+            raise NmtError(f"{candidate}: is a directory, expected a text file")
+        if candidate.exists():
+            raise NmtError(f"{candidate}: is not a regular file (a FIFO or a device?), expected a text file "
+                           "(a corpus is read more than once)")
     raise NmtError(f"{plain}: no such file (nor {plain}.gz)")
 
 

@@ -92,7 +92,9 @@ PairedBsOpt = Annotated[
 ]
 PairedArOpt = Annotated[bool, _opt("--paired-ar", help="Paired approximate randomisation test.")]
 PairedBsNOpt = Annotated[int, _opt("--paired-bs-n", help="Bootstrap resamples (also for confidence intervals).")]
-PairedArNOpt = Annotated[int, _opt("--paired-ar-n", help="Approximate randomisation trials.")]
+PairedArNOpt = Annotated[
+    Optional[int], _opt("--paired-ar-n", help="Approximate randomisation trials (with --paired-ar; default 10000).")
+]
 PAIRED_AR_N = 10000  # sacreBLEU's default
 ConfidenceOpt = Annotated[
     bool, _opt("--confidence", help="One system: bootstrap 95% confidence interval (--paired-bs-n resamples).")
@@ -117,7 +119,7 @@ def evaluate(
     paired_bs: PairedBsOpt = False,
     paired_ar: PairedArOpt = False,
     paired_bs_n: PairedBsNOpt = 1000,
-    paired_ar_n: PairedArNOpt = PAIRED_AR_N,
+    paired_ar_n: PairedArNOpt = None,
     confidence: ConfidenceOpt = False,
     seed: SeedOpt = DEFAULT_SEED,
     sentence_level: SentenceOpt = False,
@@ -128,9 +130,11 @@ def evaluate(
     baseline, with 95% confidence intervals. Diagnostics (length ratio, empty lines, copies of
     the source, repetition loops, length-cap hits) are printed with the scores.
     """
+    if paired_ar_n is not None and not paired_ar:
+        raise UsageError("--paired-ar-n sets the trials of the approximate randomisation test: give --paired-ar too")
     settings = _check_options(
         metrics, tokenize, lowercase, chrf_word_order, fmt, score_only, width, paired_bs, paired_ar,
-        paired_bs_n, paired_ar_n, confidence, seed, sentence_level,
+        paired_bs_n, PAIRED_AR_N if paired_ar_n is None else paired_ar_n, confidence, seed, sentence_level,
     )  # fmt: skip
     inputs = input or [STDIN]
     _check_paths(inputs, ref, src, baseline, translate_jsonl)
@@ -139,8 +143,6 @@ def evaluate(
     if sentence_level and (src is not None or translate_jsonl is not None):
         raise UsageError("--sentence-level prints one score per line, without the diagnostics that --src and "
                          "--translate-jsonl are read for: leave them out")
-    if paired_ar_n != PAIRED_AR_N and not paired_ar:
-        raise UsageError("--paired-ar-n sets the trials of the approximate randomisation test: give --paired-ar too")
     references = [_read_text(path) for path in ref]
     systems = _read_systems(inputs, baseline, translate_jsonl)
     _check_line_counts(systems, references, ref)

@@ -138,9 +138,11 @@ def configs(config: TrainConfig, model_config: ModelConfig, tok_config: Tokenize
     elif given in ({"train.src"}, {"train.tgt"}) and pairs:  # one side given: the other is the parent's
         side, other = ("tgt", "src") if given == {"train.tgt"} else ("src", "tgt")
         value = getattr(config, side)
-        # one direction: its other side (a new direction, es-en → es-fr, is said below); several: the
-        # one direction with this side
-        matching = pairs if len(pairs) == 1 else [p for p in pairs if p[side == "tgt"] == value]
+        # the one direction with this side (of a single direction: itself or, with the side it had on
+        # the other end, its reverse, es-en → en-es); a single direction's other side otherwise (a new
+        # direction, es-en → es-fr: said below)
+        candidates = [pairs[0], pairs[0][::-1]] if len(pairs) == 1 else pairs
+        matching = [p for p in candidates if p[side == "tgt"] == value] or (pairs if len(pairs) == 1 else [])
         if len(matching) != 1:
             raise UsageError(f"--{side} {value}: the parent was trained on {parent.directions.text()}, so the "
                              f"other side is not known: give --{other} too")

@@ -53,6 +53,11 @@ def parse_metric_names(specs: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(wanted))  # first mention decides the order
 
 
+# sacreBLEU's old names of its tokenizers: the same tokenizer and signature as the new name, but
+# sacreBLEU prints a deprecation line on stderr for them (before any error line of nmt's own)
+RENAMED_TOKENIZERS = {"spm": "flores101"}
+
+
 def bleu_tokenizers() -> list[str]:
     from sacrebleu.metrics import BLEU
 
@@ -74,7 +79,7 @@ def build_metrics(
     makers = {
         "bleu": lambda: BLEU(
             lowercase=options.lowercase,
-            tokenize=options.tokenize,
+            tokenize=RENAMED_TOKENIZERS.get(options.tokenize, options.tokenize),
             effective_order=sentence_level,
             references=references,
         ),

@@ -11,6 +11,7 @@ V vocabulary.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,18 @@ from torch import Tensor, nn
 
 from nmt.config import ModelConfig
 from nmt.cpu_kernels import dropout, dropout_add, linear_cross_entropy
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Run the block with dropout off (`model.eval()`), then give the model back in the mode it
+    came in (a trainer's dev evaluation, or maps drawn half-way through training), errors included."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:

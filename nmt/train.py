@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from datetime import timedelta
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +28,7 @@ import torch
 from nmt import atomic, checkpoint, directions, finetune, mixing, recipe, validate
 from nmt.batching import Batch, Plan, collate, padded, plan_epoch, target_tokens, training_pad_multiple
 from nmt.cache import MEMO_FILE, Filters, load_or_build
-from nmt.config import PRESET_TRAINING, ModelConfig, TokenizerConfig, TrainConfig, to_dict
+from nmt.config import PRESET_TRAINING, ModelConfig, TokenizerConfig, TrainConfig, to_dict, type_problem
 from nmt.corpus import ParallelCorpus, fingerprints, sample_corpora, sha256_of
 from nmt.directions import Directions
 from nmt.errors import Interrupted, NmtError, UsageError
@@ -122,8 +122,31 @@ def _tokenizer_options(config: TrainConfig, tok_config: TokenizerConfig, tags: l
 
 def _training_data(config: TrainConfig, out: Path, parent: finetune.Parent | None = None) -> list[str]:
     """The SHA-256 of each training file, sorted (the fingerprint memo spares a second hashing)."""
-    paths = [p for c in corpora_of(config, parent) for p in (c.src_path, c.tgt_path)]
-    return sorted(fp.sha256 for fp in fingerprints(paths, cache_root(config, out) / MEMO_FILE))
+    return sorted(sha for corpus in _corpus_hashes(config, out, parent) for sha in corpus)
+
+
+def _corpus_hashes(config: TrainConfig, out: Path, parent: finetune.Parent | None = None) -> list[tuple[str, ...]]:
+    """Each training corpus's files' SHA-256 (sorted), in --train order."""
+    corpora = corpora_of(config, parent)
+    prints = fingerprints([p for c in corpora for p in (c.src_path, c.tgt_path)], cache_root(config, out) / MEMO_FILE)
+    return [tuple(sorted((prints[2 * i].sha256, prints[2 * i + 1].sha256))) for i in range(len(corpora))]
+
+
+def _trained_corpus_hashes(old: dict[str, Any]) -> list[tuple[str, ...]] | None:
+    """The same, for the corpora a run's config.json says it trained on (its files' records go to
+    the longest --train prefix their path starts with); None where a corpus has no file recorded."""
+    trained = checkpoint.config_section(old, "train").get("train")
+    data = old.get("data")
+    if not isinstance(trained, list) or not isinstance(data, list):
+        return None
+    prefixes = [str(Path(str(t))) + "." for t in trained]
+    files: list[list[str]] = [[] for _ in prefixes]
+    for record in data:
+        path, sha = (record.get("path"), record.get("sha256")) if isinstance(record, dict) else (None, None)
+        owners = [i for i, prefix in enumerate(prefixes) if isinstance(path, str) and path.startswith(prefix)]
+        if owners and isinstance(sha, str):
+            files[max(owners, key=lambda i: len(prefixes[i]))].append(sha)
+    return [tuple(sorted(f)) for f in files] if all(files) else None
 
 
 def cache_root(config: TrainConfig, out: Path) -> Path:
@@ -202,6 +225,12 @@ def check_max_length(config: TrainConfig, model_config: ModelConfig, tagged: boo
                          f"{model_config.max_positions} (lower --max-length, or raise model.max_positions "
                          f"with --config)")
 
+
+# What a run makes after its configuration: a run that starts from step 0 deletes any left there (by a
+# run --force replaces, or a first try cut short before its first checkpoint) as it writes its
+# configuration, so that the directory never pairs new options with old weights or old records.
+# (A finished model without checkpoints is refused before, unless --force.)
+RUN_PRODUCTS = (checkpoint.WEIGHTS, "training.json", "averaging.json", "test.hyp", "metrics.jsonl")
 
 PREPARATION_FILES = {"tokenizer.json", "tokenizer.src.json", "tokenizer.tgt.json", TOKENIZER_OPTIONS_FILE, "cache",
                      "recipe.json", checkpoint.RUN_LOCK}
@@ -343,7 +372,11 @@ def check_resume_before_the_cache(out: Path, config: TrainConfig, parent: finetu
     trained = checkpoint.config_section(old, "train").get("train")
     if isinstance(trained, list) and sorted(map(str, trained)) == sorted(config.train) and trained != list(config.train):
         raise NmtError(f"{out}: cannot resume, {_order_changed(trained)}")
-    now = set(_training_data(config, out, parent))
+    given = _corpus_hashes(config, out, parent)
+    before = _trained_corpus_hashes(old)  # the same corpora at other paths (data moved), in another order
+    if before is not None and before != given and sorted(before) == sorted(given):
+        raise NmtError(f"{out}: cannot resume, {_order_changed(trained)}")
+    now = {sha for corpus in given for sha in corpus}
     gone = [str(d.get("path")) for d in old.get("data") or [] if isinstance(d, dict) and d.get("sha256") not in now]
     if gone:  # a file it trained on is given no more: its record could not match
         raise NmtError(f"{out}: cannot resume, training data changed ({', '.join(gone)}); use a new --out")
@@ -387,6 +420,35 @@ class Progress:
     batch_tokens: int = 0  # the budget --batch-tokens auto settled on (kept for an exact resume)
 
 
+def _read_progress(saved: Path, state: dict[str, Any]) -> Progress:
+    """A checkpoint's progress (progress.json, or the state's copy in checkpoints from before it),
+    its fields typed and ranged and its step the checkpoint's own: a damaged one is a one-line error,
+    not a crash or a run restarted at a step of its own choosing."""
+    path = saved / PROGRESS_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8") if path.exists() else state["progress"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NmtError(f"{path}: cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
+                       f"{_resume_before(saved)}") from None
+    names = {f.name for f in fields(Progress)}
+    problem = (None if isinstance(data, dict) else "not a JSON object") or \
+        (f"unknown field(s) {sorted(set(data) - names)}" if set(data) - names else None)
+    if problem is None:
+        progress = Progress(**data)
+        problem = type_problem(progress) or next(
+            (f"{name} = {getattr(progress, name)} is negative" for name in names - {"history", "best_bleu"}
+             if getattr(progress, name) < 0), None) or \
+            (None if all(isinstance(r, dict) for r in progress.history) else "history holds a record that is not an object") or \
+            (None if saved.name == f"step-{progress.step:08d}" else f"step {progress.step} is not this checkpoint's")
+    if problem:
+        raise NmtError(f"{path}: {problem}; {_resume_before(saved)}")
+    return progress
+
+
+def _resume_before(saved: Path) -> str:
+    return f"move {saved.name} out of {saved.parent} to resume from the checkpoint before it"
+
+
 def inverse_sqrt_lr(step: int, peak: float, warmup: int) -> float:
     """Linear warm-up to `peak` over `warmup` steps, then decay ∝ 1/√step (Vaswani et al. 2017, 5.3)."""
     step = max(step, 1)
@@ -407,6 +469,19 @@ def linear_lr(step: int, peak: float, warmup: int, budget_used: float) -> float:
     return peak * warm * (1 - min(max(budget_used, 0.0), 1.0))
 
 
+def _build_model(c: ModelConfig, runtime: Runtime) -> Transformer:
+    """The model on its device; one that does not fit there is a one-line error naming its shape
+    (the limits on each option allow models far larger than any machine's memory)."""
+    try:
+        return Transformer(c).to(runtime.device)
+    except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one; the CPU allocator raises a plain one
+        if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+            raise
+        raise NmtError(f"the model (d_model {c.d_model}, d_ff {c.d_ff}, {c.encoder_layers}+{c.decoder_layers} layers, "
+                       f"vocabulary {c.src_vocab_size:,}) does not fit in the memory of {runtime.device.type}: choose "
+                       f"a smaller one (--preset, or --config model)") from None
+
+
 class Trainer:
     def __init__(self, p: Prepared, config: TrainConfig, runtime: Runtime, dist: "Distributed"):
         self.p, self.config, self.runtime, self.dist = p, config, runtime, dist
@@ -414,7 +489,7 @@ class Trainer:
         if runtime.device.type == "cpu":
             keep_freed_memory()  # the same large temporaries every step: reuse, don't re-fault
         torch.manual_seed(config.seed)
-        self.model = Transformer(p.model_config).to(runtime.device)
+        self.model = _build_model(p.model_config, runtime)
         self.optimizer = _optimizer(self.model, config, runtime)
         if dist.rank > 0:  # the same weights (DDP copies rank 0's), each rank its own dropout masks
             torch.manual_seed(config.seed + dist.rank)
@@ -439,9 +514,12 @@ class Trainer:
         latest = checkpoints[-1]
         checkpoint.load_weights(self.model, latest / checkpoint.WEIGHTS)
         state = checkpoint.load_state(latest)
-        self.optimizer.load_state_dict(state["optimizer"])
-        progress = latest / PROGRESS_FILE
-        self.progress = Progress(**json.loads(progress.read_text() if progress.exists() else state["progress"]))
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise NmtError(f"{latest / 'state.pt'}: its optimizer state does not fit this model ({type(e).__name__}: "
+                           f"{(str(e).splitlines() or [''])[0][:120]}); {_resume_before(latest)}") from None
+        self.progress = _read_progress(latest, state)
         if not self._last_evaluation_missing():  # saved and scored: an epoch that ends here is not saved again
             self._saved_step = self.progress.step
         rank = self.dist.rank  # each rank's own stream (checkpoints before they were kept: rank 0's for all)
@@ -635,11 +713,26 @@ class Trainer:
             halves = [h for idx in group for h in np.array_split(idx, 2) if len(h)]
             log.warning("out of memory at step %d: retrying as %d smaller batches", self.progress.step + 1, len(halves))
             total_loss = self._accumulate(halves, n_tokens)
+        loss = self.dist.sum_float(total_loss) / n_tokens
         if c.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        if not (math.isfinite(loss) and bool(torch.isfinite(norm))):  # every rank alike: the gradients are all-reduced
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NmtError(self._diverged(loss, float(norm), lr))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self.dist.sum_float(total_loss) / n_tokens, n_tokens
+        return loss, n_tokens
+
+    def _diverged(self, loss: float, norm: float, lr: float) -> str:
+        """The one-line error of a step whose loss or gradient is not a finite number: the step is not
+        taken, so the weights and checkpoints stay as they were (none is saved with NaNs in it)."""
+        saved = checkpoint.list_checkpoints(self.p.out)
+        kept = f"its last checkpoint, {saved[-1].name}, is kept" if saved else "no checkpoint was saved"
+        return (f"training diverged at step {self.progress.step + 1}: the loss is {loss:.4g} and the gradient norm "
+                f"{norm:.4g} (learning rate {lr:.3g}); {kept}: run the same command again with a lower --lr "
+                f"(now {self.config.lr:g}) or a longer --warmup (now {self.config.warmup_steps})")
 
     def learning_rate(self, step: int) -> float:
         c = self.config
@@ -686,8 +779,9 @@ class Trainer:
         # one clock for all ranks (the slowest's): the time budget's learning rate and stop agree
         pr.seconds = self.dist.max_float(pr.seconds)
         reason = None
-        if c.max_steps and pr.step >= c.max_steps:
-            reason = f"{c.max_steps} steps done"
+        if c.max_steps and pr.step >= c.max_steps:  # (a run resumed with fewer steps than it has: at its own)
+            reason = f"{c.max_steps} steps done" if pr.step == c.max_steps else \
+                f"already at step {pr.step}, past --max-steps {c.max_steps}"
         elif c.max_time and pr.seconds >= c.max_time:
             reason = f"time budget of {c.max_time:.0f} s used"
         else:  # epochs and patience as the loop ends them: a finished run re-run stays finished
@@ -1221,6 +1315,9 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         if continues or \
                 (not dist.is_writer and (out / "config.json").exists() and has_checkpoints):
             check_resumable(out, described, has_checkpoints)
+        if dist.is_writer and not has_checkpoints:  # a run from step 0: what is there is no run's to resume
+            for name in RUN_PRODUCTS:  # (a replaced run's, a first try's cut short, a --force-d folder's)
+                (out / name).unlink(missing_ok=True)
         if dist.is_writer:
             checkpoint.write_config(out, described)
         trainer = Trainer(p, config, runtime, dist)

@@ -23,6 +23,7 @@ from nmt.batching import pad_batch
 from nmt.config import DecodeConfig
 from nmt.corpus import ParallelCorpus
 from nmt.errors import NmtError
+from nmt.model import eval_mode
 from nmt.runtime import Runtime
 from nmt.tokenizer import PAD_ID, Vocabs, encode_batch
 
@@ -36,27 +37,27 @@ def check_dev(dev: ParallelCorpus, training: bool = True) -> int:
     """Read the whole dev set once: unequal line counts, invalid UTF-8 (file and line, from the
     reader), an empty line on either side (a pair that BLEU cannot score fairly) or no pairs at all
     is an error (`training`: its message offers --dev none); returns the pairs."""
-    dev.check_line_counts()
-    n = 0
-    for n, (src, tgt) in enumerate(dev.pairs(), start=1):
-        for path, text in ((dev.src_path, src), (dev.tgt_path, tgt)):
-            if not text.strip():
-                raise NmtError(f"{path}: line {n} is empty (every dev pair needs text on both sides: "
-                               f"remove the pair or fix the line)")
-    if n == 0:
-        raise NmtError(f"{dev.src_path}, {dev.tgt_path}: the dev set is empty (give a dev set with lines"
-                       f"{', or --dev none' if training else ''})")
-    return n
+    return _check_held_out(dev, "dev", ", or --dev none" if training else "", empty_lines=False)
 
 
 def check_test(test: ParallelCorpus) -> int:
     """Read the whole test set of `nmt train --test` once, before the training: unequal line counts,
-    invalid UTF-8 or no pairs at all is an error now, not after hours of training; returns the pairs."""
-    test.check_line_counts()
-    n = sum(1 for _ in test.pairs())
+    invalid UTF-8 or no pairs at all is an error now, not after hours of training (an empty line is
+    a line to translate, as `nmt translate` does); returns the pairs."""
+    return _check_held_out(test, "test", ", or leave out --test", empty_lines=True)
+
+
+def _check_held_out(corpus: ParallelCorpus, name: str, hint: str, empty_lines: bool) -> int:
+    corpus.check_line_counts()
+    n = 0
+    for n, (src, tgt) in enumerate(corpus.pairs(), start=1):
+        for path, text in ((corpus.src_path, src), (corpus.tgt_path, tgt)):
+            if not empty_lines and not text.strip():
+                raise NmtError(f"{path}: line {n} is empty (every {name} pair needs text on both sides: "
+                               f"remove the pair or fix the line)")
     if n == 0:
-        raise NmtError(f"{test.src_path}, {test.tgt_path}: the test set is empty (give a test set with lines, "
-                       f"or leave out --test)")
+        raise NmtError(f"{corpus.src_path}, {corpus.tgt_path}: the {name} set is empty (give a {name} set with "
+                       f"lines{hint})")
     return n
 
 
@@ -81,15 +82,13 @@ def evaluate_dev(model, vocabs: Vocabs, dev: ParallelCorpus, runtime: Runtime, m
     pairs = list(dev.pairs())
     if max_sentences:
         pairs = pairs[:max_sentences]
-    was_training = model.training
-    model.eval()
-    translator = Translator.from_model(model, vocabs, runtime, DecodeConfig(beam_size=1, batch_tokens=DEV_BATCH_TOKENS,
-                                                                             guard=False), src_prefix)
-    hyps = [t.text for t in translator.translate(s for s, _ in pairs)]
-    bleu_metric = metrics.build_metrics(metrics.MetricOptions(metrics=("bleu",)), [[t for _, t in pairs]])
-    record = metrics.corpus_scores(hyps, bleu_metric)["bleu"]
-    loss = dev_loss(model, vocabs, runtime, pairs, src_prefix)
-    model.train(was_training)
+    with eval_mode(model):
+        translator = Translator.from_model(model, vocabs, runtime, DecodeConfig(beam_size=1, batch_tokens=DEV_BATCH_TOKENS,
+                                                                                 guard=False), src_prefix)
+        hyps = [t.text for t in translator.translate(s for s, _ in pairs)]
+        bleu_metric = metrics.build_metrics(metrics.MetricOptions(metrics=("bleu",)), [[t for _, t in pairs]])
+        record = metrics.corpus_scores(hyps, bleu_metric)["bleu"]
+        loss = dev_loss(model, vocabs, runtime, pairs, src_prefix)
     return record["score"], record["signature"], loss
 
 

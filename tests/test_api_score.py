@@ -81,6 +81,42 @@ def test_score_records_and_empty_pairs(model):
         model.score(["a"], ["a", "b"])
 
 
+@pytest.mark.parametrize("options, penalty", [
+    ({}, lambda n: ((5 + n) / 6) ** 1.0),  # the defaults: GNMT's ((5 + |Y|) / 6)^α with α = 1
+    ({"length_penalty": 0.6}, lambda n: ((5 + n) / 6) ** 0.6),
+    ({"length_penalty": 0.7, "length_norm": "average"}, lambda n: n ** 0.7),
+    ({"length_penalty": 0.0}, lambda n: 1.0),
+])
+def test_a_score_is_the_teacher_forced_log_probability_computed_here(model, tiny_model_dir, options, penalty):
+    """Each target token's log-probability (and the EOS after them) from one forward pass of the
+    model's weights over BOS + target, summed, and divided by the length penalty of |target| + 1:
+    all computed here, and compared with what `Model.scores` returns."""
+    import torch
+
+    from nmt.checkpoint import load_for_inference
+
+    net, vocabs, _ = load_for_inference(tiny_model_dir)
+    bos, eos = vocabs.tgt.token_to_id("<s>"), vocabs.tgt.token_to_id("</s>")
+    assert vocabs.src.token_to_id("</s>") == eos
+    sources = ["Y dijo Dios: Sea la luz.", "Y fue la luz.", "En el principio creó Dios los cielos y la tierra."]
+    targets = ["And God said, Let there be light.", "And there was light.", "In the beginning"]
+    records = list(model.scores(sources, targets, **options))
+    assert len(records) == len(sources)
+    for source, target, record in zip(sources, targets, records):
+        src = torch.tensor([vocabs.src.encode(source, add_special_tokens=False).ids + [eos]])
+        ids = model.vocabs.tgt.encode(target, add_special_tokens=False).ids
+        assert len(ids) >= 2
+        tgt = torch.tensor([[bos] + ids + [eos]])
+        with torch.no_grad():
+            logits = net(src, tgt[:, :-1])
+        logp = torch.log_softmax(logits.double(), -1)[0]
+        expected = [logp[i, t].item() for i, t in enumerate(ids + [eos])]
+        assert record.token_logprobs == pytest.approx(expected, abs=1e-4)
+        assert record.logprob == pytest.approx(sum(expected), abs=1e-4)
+        assert record.score == pytest.approx(sum(expected) / penalty(len(ids) + 1), abs=1e-4)
+        assert not record.empty_input and not record.truncated
+
+
 def test_an_empty_target_of_a_source_is_scored_as_eos_alone_as_the_search_scores_it(model):
     """The search can end with EOS first (here forced: a length cap of 1 leaves room for EOS alone),
     printing an empty line: `nmt score` gives that hypothesis's log-probability back."""

@@ -3,10 +3,12 @@
 import torch
 import torch.nn.functional as F
 
-from nmt.attention_maps import attention_maps
+import pytest
+
+from nmt.attention_maps import alignment_attention, attention_maps
 from nmt.model import attention_weights as weights
 from nmt.config import ModelConfig
-from nmt.model import Transformer, split_heads
+from nmt.model import Transformer, eval_mode, split_heads
 
 
 def tiny(pre_norm=True):
@@ -24,6 +26,31 @@ def test_every_attention_row_is_a_distribution_with_masks_respected():
         for w in (enc, dec, cross):
             torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
         assert torch.all(dec.triu(1) == 0)  # nothing attends to the future
+
+
+def test_maps_are_drawn_without_dropout_and_a_training_model_stays_in_training():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=32, n_heads=4, d_ff=64, encoder_layers=2, decoder_layers=3, dropout=0.5,
+                                    src_vocab_size=30, tgt_vocab_size=30))  # in training mode, as a trainer holds it
+    src, tgt = torch.randint(4, 30, (1, 7)), torch.randint(4, 30, (1, 5))
+    first, second = attention_maps(model, src, tgt), attention_maps(model, src, tgt)
+    assert model.training and all(m.training for m in model.modules())
+    for a, b in zip(first, second):  # dropout at 0.5 would make two draws differ
+        torch.testing.assert_close(a, b)
+    links = [alignment_attention(model, [src[0].tolist()], [tgt[0].tolist()])[0] for _ in range(2)]
+    assert model.training
+    torch.testing.assert_close(links[0], links[1])
+    model.eval()
+    torch.testing.assert_close(attention_maps(model, src, tgt)[2], first[2])  # what an eval-mode model gives
+    assert not model.training
+
+
+def test_eval_mode_gives_the_mode_back_after_an_error():
+    model = tiny().train()
+    with pytest.raises(ZeroDivisionError), eval_mode(model):
+        assert not model.training
+        1 / 0
+    assert model.training
 
 
 def test_explicit_weights_reproduce_the_fused_kernel():
@@ -91,3 +118,32 @@ def test_attention_and_plot_commands_draw_pngs_of_the_expected_grid(tiny_model_d
     assert (tmp_path / "cut.png").stat().st_size > 1000
     r = run_nmt("attention", "-m", str(tiny_model_dir), "Hola")  # terminal heatmap, no file
     assert r.returncode == 0 and r.stdout.strip()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["Hola", "--beam-size", "0"], "need beam size ≥ 1 and 1 ≤ nbest ≤ beam size (got 0, 1)"),
+    (["Hola", "--beam-size", "-3"], "need beam size ≥ 1 and 1 ≤ nbest ≤ beam size (got -3, 1)"),
+    (["Hola", "--beam-size", "5000"], "--beam-size must be at most 1024 (got 5000)"),
+    (["Hola", "--line", "5"], "--line 5 picks a line of --input FILE; with the sentence given there is none to pick"),
+    (["-i", "INPUT", "--line", "0"], "--line must be ≥ 1, the lines of --input are counted from 1 (got 0)"),
+])
+def test_attention_refuses_what_it_would_ignore_or_cannot_decode(tiny_model_dir, tmp_path, args, message):
+    """As translate: decoding options out of range are usage errors; --line picks from --input only."""
+    from conftest import error_line, run_nmt
+
+    source = tmp_path / "in.es"
+    source.write_text("Hola.\nAdiós.\n", encoding="utf-8")
+    r = run_nmt("attention", "-m", str(tiny_model_dir), *[str(source) if a == "INPUT" else a for a in args])
+    assert error_line(r, 2) == f"nmt: error: {message}"
+    assert r.stdout == b""
+
+
+def test_attention_line_picks_the_line_of_the_input(tiny_model_dir, tmp_path):
+    from conftest import ok, run_nmt
+
+    source = tmp_path / "in.es"
+    source.write_text("Hola.\nEn el principio creó Dios los cielos y la tierra.\n", encoding="utf-8")
+    second = ok(run_nmt("attention", "-m", str(tiny_model_dir), "-i", str(source), "--line", "2"))
+    assert second == ok(run_nmt("attention", "-m", str(tiny_model_dir), "En el principio creó Dios los cielos y la tierra."))
+    assert ok(run_nmt("attention", "-m", str(tiny_model_dir), "-i", str(source))) == \
+        ok(run_nmt("attention", "-m", str(tiny_model_dir), "Hola."))  # --line 1 by default

@@ -93,7 +93,7 @@ def test_cli_auto_on_cpu_uses_the_preset_budget(tmp_path):
     train = write_slice(tmp_path / "data", "train", 300)
     out = tmp_path / "run"
     r = run_nmt("train", "--train", str(train), "--dev", "none", "--out", str(out), "--preset", "tiny",
-                "--max-steps", "2", "--vocab-size", "300", "--dtype", "float32", "--batch-tokens", "auto")
+                "--max-steps", "2", "--vocab-size", "324", "--dtype", "float32", "--batch-tokens", "auto")
     assert r.returncode == 0, r.stderr.decode()
     expected = PRESET_TRAINING["tiny"]["batch_tokens"]
     assert f"on CPU the tiny preset's {expected} is used" in " ".join(r.stderr.decode().split())

@@ -5,7 +5,6 @@ flat arrays."""
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -173,14 +172,11 @@ def test_empty_lengths_give_no_batches():
 
 
 @pytest.mark.slow
-def test_plan_five_million_pairs_is_fast():
+def test_plan_five_million_pairs_covers_each_pair_once():
+    """Correct at this size (checked vectorised); its speed is benchmarks/bench_plan.py's to show."""
     n, batch_tokens = 5_000_000, 4096
     src_len, tgt_len = synthetic_lengths(n, seed=0)
-    start = time.perf_counter()
     batches = plan_epoch(src_len, tgt_len, batch_tokens, seed=1, epoch=0)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 10, f"{elapsed:.1f} s to plan {n:,} pairs"
-    # still correct at this size (checked vectorised)
     flat = np.concatenate(batches)
     assert len(flat) == n and np.bincount(flat, minlength=n).max() == 1
     sizes = np.array([len(b) for b in batches])

@@ -8,6 +8,7 @@ Corpora are slices of the Bible corpus written to temporary files.
 
 from __future__ import annotations
 
+import errno
 import gc
 import gzip
 import hashlib
@@ -120,6 +121,47 @@ def test_from_prefix_prefers_plain_and_reports_missing(tmp_path):
     assert str(tmp_path / "c.fr") in str(err.value)
     with pytest.raises(UsageError):
         ParallelCorpus.from_prefix(tmp_path / "c", SRC, SRC)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_from_prefix_names_a_side_that_is_not_a_regular_file(tmp_path, kind):
+    """A directory or a FIFO at PREFIX.lang is named as what it is, not as a missing file."""
+    write_side(tmp_path / f"c.{SRC}", ["hola"])
+    if kind == "directory":
+        (tmp_path / f"c.{TGT}").mkdir()
+    else:
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs here")
+        os.mkfifo(tmp_path / f"c.{TGT}")
+    with pytest.raises(NmtError) as err:
+        ParallelCorpus.from_prefix(tmp_path / "c", SRC, TGT)
+    expected = {"directory": "is a directory, expected a text file",
+                "fifo": "is not a regular file (a FIFO or a device?), expected a text file (a corpus is read more than once)"}
+    assert str(err.value) == f"{tmp_path / f'c.{TGT}'}: {expected[kind]}"
+
+
+@pytest.mark.parametrize("option", ["--train", "--dev", "--test"])
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_prefix_whose_file_is_not_a_regular_file_is_named_by_nmt_train(tmp_path, option, kind):
+    from conftest import error_line, run_nmt, without_paths, write_slice
+
+    good = write_slice(tmp_path / "data", "ok", 40)
+    bad = tmp_path / "data" / "bad"
+    (tmp_path / "data" / "bad.es").write_bytes((tmp_path / "data" / "ok.es").read_bytes())
+    if kind == "directory":
+        Path(f"{bad}.en").mkdir()
+    else:
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs here")
+        os.mkfifo(f"{bad}.en")
+    prefixes = {"--train": good, "--dev": good, "--test": None, option: bad}
+    args = ["--train", str(prefixes["--train"]), "--dev", str(prefixes["--dev"]),
+            *(["--test", str(prefixes["--test"])] if prefixes["--test"] else [])]
+    r = run_nmt("train", *args, "--src", "es", "--tgt", "en", "--preset", "tiny", "--max-steps", "1",
+                "--vocab-size", "600", "--out", str(tmp_path / "run"), timeout=120)
+    what = "is a directory" if kind == "directory" else "is not a regular file"
+    assert without_paths(error_line(r, 1)).startswith(f"nmt: error: <path>: {what}")
+    assert f"{bad}.en" in error_line(r, 1)
 
 
 def test_pairs_handles_crlf_and_missing_final_newline(tmp_path):
@@ -323,7 +365,7 @@ def test_fingerprint_across_read_chunks(tmp_path, size, ends_with_newline):
 def test_fingerprint_missing_file(tmp_path):
     with pytest.raises(NmtError) as err:
         fingerprint(tmp_path / "nope")
-    assert str(tmp_path / "nope") in str(err.value)
+    assert str(err.value) == f"{tmp_path / 'nope'}: cannot read ({os.strerror(errno.ENOENT)})"
 
 
 def test_the_fingerprint_memo_forgets_files_since_removed(tmp_path, monkeypatch):

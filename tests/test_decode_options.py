@@ -358,10 +358,43 @@ def test_bad_prefix_inputs_are_one_line_errors(model, tiny_model_dir, tmp_path, 
     assert code == 2 and err == "nmt: error: --no-repeat-ngram must be ≥ 0 (got -1)\n"
     with pytest.raises(NmtError, match="line counts differ: prefix has 1 lines, lines has more"):
         model.translate(["a", "b"], ["x"])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"^translate\(line, prefix\): one line takes one prefix string$"):
         model.translate("a", ["x"])
 
 
 def test_prefix_and_input_both_stdin_is_a_usage_error(tiny_model_dir):
     r = run_nmt("translate", "-m", str(tiny_model_dir), "--prefix", "-", input="a\n")
     assert "cannot both be stdin" in error_line(r, 2)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(beam_size=1025), "--beam-size must be at most 1024 (got 1025)"),
+    (dict(window=1 << 25), "--batch-tokens must be at most 16,777,216 and --window at most 16,777,216 lines (got "
+                           "4000, 33554432)"),
+    (dict(length_penalty=1000.0), "--length-penalty must be in [-10, 10] (got 1000.0)"),
+    (dict(length_penalty=-11.0), "--length-penalty must be in [-10, 10] (got -11.0)"),
+    (dict(temperature=1e300), "--temperature must be in (0, 1000] (1: no sampling; greedy search is --beam-size 1; "
+                              "got 1e+300)"),
+])
+def test_decoding_options_past_what_can_run_are_usage_errors(options, message):
+    """A beam of 10⁷ asked for 160 GB, a length penalty exponent of ±1,000 overflowed or divided by
+    zero, a temperature of 1e300 made the sampling probabilities NaN: internal errors before."""
+    from nmt.config import DecodeConfig, check_decode
+    from nmt.errors import UsageError
+
+    with pytest.raises(UsageError) as e:
+        check_decode(DecodeConfig(**options))
+    assert str(e.value) == message
+    for at_the_bounds in (dict(beam_size=1024, window=1 << 24, batch_tokens=1 << 24, length_penalty=10.0),
+                          dict(length_penalty=-10.0, temperature=1000.0, beam_size=1)):
+        check_decode(DecodeConfig(**at_the_bounds))
+
+
+def test_a_thread_count_past_four_per_core_is_a_usage_error(tiny_model_dir):
+    """65,536 threads crashed the process (a segmentation fault), 10,000 hung."""
+    from nmt.config import max_threads
+
+    msg = error_line(run_nmt("translate", "-m", str(tiny_model_dir), "--threads", "65536", input="hola\n"), 2)
+    assert msg == f"nmt: error: --threads must be in [0, {max_threads()}] (0: all cores; at most 4 per core here; got 65536)"
+    assert ok(run_nmt("translate", "-m", str(tiny_model_dir), "--threads", str(max_threads()), "--beam-size", "1",
+                      input="hola\n")).count("\n") == 1

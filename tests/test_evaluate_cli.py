@@ -215,6 +215,7 @@ def files(tmp_path):
         (["-i", "{two}", "-r", "{two}", "--sentence-level", "--src", "{two}"], 2,
          ["--sentence-level prints one score per line", "leave them out"]),
         (["-i", "{two}", "-r", "{two}", "--paired-ar-n", "50"], 2, ["give --paired-ar too"]),
+        (["-i", "{two}", "-r", "{two}", "--paired-ar-n", "10000"], 2, ["give --paired-ar too"]),  # the default's value
         (["-i", "{two}", "-i", "{alias}", "-r", "{two}"], 2, ["the same -i file was given twice"]),
         (["-i", "{two}", "-r", "{two}", "-r", "{alias}"], 2, ["the same -r file was given twice"]),
         (["-i", "{two}", "-r", "{two}", "--confidence", "--paired-bs-n", "39"], 2, ["--paired-bs-n must be at least 40"]),
@@ -282,3 +283,34 @@ def test_a_file_name_that_is_not_utf8_is_named_not_a_crash(tmp_path):
     cmd = [sys.executable.encode(), b"-m", b"nmt", b"evaluate", b"-i", name, b"-r", name, b"-f", b"json", b"-m", b"bleu"]
     doc = json.loads(ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True)))
     assert doc["systems"][0]["name"].endswith("/\\xff.txt") and doc["systems"][0]["scores"]["bleu"]["score"] == pytest.approx(100.0)
+
+
+def test_a_renamed_sacrebleu_tokenizer_adds_no_warning_line(tmp_path):
+    """`--tokenize spm` is sacreBLEU's old name of flores101 (the same tokenizer and signature):
+    sacreBLEU's deprecation line must not come before or instead of nmt's own lines. Without
+    sentencepiece the one line on stderr is the error naming it."""
+    import importlib.util
+
+    from conftest import error_line
+
+    if importlib.util.find_spec("sentencepiece") is not None:
+        pytest.skip("sentencepiece is installed: the tokenizer would download its model")
+    text = head(TEST_EN, 3, tmp_path / "ref.txt")
+    msg = error_line(nmt("-i", text, "-r", text, "--tokenize", "spm"), 1)
+    assert msg == ("nmt: error: cannot set up bleu: Please install the sentencepiece library for SPM tokenization: "
+                   "pip install sentencepiece")
+
+
+def test_spm_is_flores101_for_sacrebleu(monkeypatch):
+    """What the renamed tokenizer is built as: the new name, so sacreBLEU has nothing to warn about."""
+    import sacrebleu.metrics
+
+    from nmt.metrics import MetricOptions, build_metrics
+
+    made = []
+    monkeypatch.setattr(sacrebleu.metrics, "BLEU", type("BLEU", (), {
+        "TOKENIZERS": sacrebleu.metrics.BLEU.TOKENIZERS,
+        "__init__": lambda self, **kw: made.append(kw["tokenize"])}))
+    build_metrics(MetricOptions(("bleu",), "spm", False, 0), None)
+    build_metrics(MetricOptions(("bleu",), "13a", False, 0), None)
+    assert made == ["flores101", "13a"]

@@ -232,9 +232,18 @@ def test_broken_model_directory_raises_nmt_error(tiny_model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _snapshot(directory: Path) -> dict[str, bytes | None]:
+    """Every path under `directory` (relative), with the bytes of the files the model is made of."""
+    return {str(p.relative_to(directory)): (p.read_bytes() if p.name in ("config.json", checkpoint.WEIGHTS) else None)
+            for p in sorted(directory.rglob("*"))}
+
+
 def test_refuses_to_replace_a_directory_that_is_not_an_export(tiny_model_dir, tmp_path):
-    with pytest.raises(NmtError, match="model directory"):
+    before = _snapshot(tiny_model_dir)
+    with pytest.raises(NmtError) as caught:
         export_ctranslate2(tiny_model_dir, tiny_model_dir)
+    assert str(caught.value) == f"{tiny_model_dir}: the export must not overwrite the model directory"
+    assert _snapshot(tiny_model_dir) == before
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
@@ -350,7 +359,8 @@ def test_sampling_on_an_export_follows_the_seed_across_runs(tiny_export, tmp_pat
 @pytest.mark.parametrize("option, value, expected", [
     ("--seed", "-1", "--seed must be in [0, 4294967295] (got -1)"),
     ("--seed", "5000000000", "--seed must be in [0, 4294967295] (got 5000000000)"),
-    ("--threads", "-1", "--threads must be ≥ 0 (got -1)"),
+    ("--threads", "-1", "--threads must be in [0, {most}] (0: all cores; at most 4 per core here; got -1)"),
+    ("--threads", "100000", "--threads must be in [0, {most}] (0: all cores; at most 4 per core here; got 100000)"),
 ])
 @pytest.mark.parametrize("which", ["model", "export"])
 def test_a_seed_or_thread_count_out_of_range_is_a_usage_error_for_either_engine(tiny_model_dir, tiny_export, option,
@@ -360,7 +370,9 @@ def test_a_seed_or_thread_count_out_of_range_is_a_usage_error_for_either_engine(
 
     model = tiny_export if which == "export" else tiny_model_dir
     r = run_nmt("translate", "-m", str(model), option, value, input="hola\n")
-    assert error_line(r, 2) == f"nmt: error: {expected}"
+    from nmt.config import max_threads
+
+    assert error_line(r, 2) == f"nmt: error: {expected}".replace("{most}", str(max_threads()))
     assert r.stdout == b""
 
 

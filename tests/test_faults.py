@@ -360,3 +360,71 @@ def test_a_full_disk_under_the_fingerprint_memo_leaves_no_temporary(tmp_path, co
     memo = tmp_path / "memo" / "fingerprints.json"
     corpus_mod.fingerprints([corpus.src_path], memo)
     assert list(memo.parent.iterdir()) == []
+
+
+# --- atomic writes through a symlink ------------------------------------------------------------
+
+
+def test_an_atomic_write_through_a_symlink_replaces_its_target_and_keeps_the_mode(tmp_path):
+    """`follow_link` (a command's -o FILE): the link stays, its target gets the new version."""
+    from nmt import atomic
+
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "notes.txt"
+    target.write_text("old\n", encoding="utf-8")
+    target.chmod(0o600)
+    link = tmp_path / "notes.txt"
+    link.symlink_to(Path("real") / "notes.txt")
+    atomic.write_file(link, lambda tmp: tmp.write_text("new\n", encoding="utf-8"), follow_link=True)
+    assert link.is_symlink() and os.readlink(link) == str(Path("real") / "notes.txt")
+    assert target.read_text(encoding="utf-8") == "new\n"
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["notes.txt"]  # no temporary left
+
+
+def test_a_runs_own_file_that_is_a_symlink_is_replaced_and_its_target_left_alone(tmp_path):
+    """Without `follow_link` (every file nmt writes for itself): a model.safetensors linked to a
+    shared file elsewhere is replaced by the new one; the shared file is not changed."""
+    from nmt import atomic
+
+    shared = tmp_path / "shared.bin"
+    shared.write_bytes(b"shared")
+    shared.chmod(0o640)
+    link = tmp_path / "run" / "model.safetensors"
+    link.parent.mkdir()
+    link.symlink_to(shared)
+    atomic.write_file(link, lambda tmp: tmp.write_bytes(b"new"))
+    assert not link.is_symlink() and link.read_bytes() == b"new"
+    assert shared.read_bytes() == b"shared"
+
+
+def test_a_failed_atomic_write_through_a_symlink_keeps_the_target(tmp_path):
+    from nmt import atomic
+
+    target = tmp_path / "a.txt"
+    target.write_text("kept\n", encoding="utf-8")
+    link = tmp_path / "link.txt"
+    link.symlink_to(target)
+
+    def full(tmp: Path) -> None:
+        tmp.write_text("half", encoding="utf-8")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(NmtError) as e:
+        atomic.write_file(link, full, follow_link=True)
+    assert str(e.value) == f"{link}: cannot write: disk full while writing (the previous version is kept)"
+    assert link.is_symlink() and target.read_text(encoding="utf-8") == "kept\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "link.txt"]
+
+
+def test_an_atomic_write_without_parents_is_an_error_for_a_missing_folder(tmp_path):
+    """`parents=False` (a command's -o FILE): a missing folder is the write's error, not made."""
+    from nmt import atomic
+
+    path = tmp_path / "no-such-dir" / "a.txt"
+    with pytest.raises(NmtError) as e:
+        atomic.write_file(path, lambda tmp: tmp.write_text("x", encoding="utf-8"), parents=False)
+    assert str(e.value) == f"{path}: cannot write ({os.strerror(errno.ENOENT)})"
+    assert list(tmp_path.iterdir()) == []
+    atomic.write_file(path, lambda tmp: tmp.write_text("x", encoding="utf-8"))  # the default makes it
+    assert path.read_text(encoding="utf-8") == "x"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -221,7 +222,11 @@ def test_average_on_an_empty_dev_set_is_a_one_line_error_and_keeps_the_model(tmp
     assert (run / "model.safetensors").read_bytes() == before
 
 
-def test_average_last_two(run):
+def test_average_last_two(run, tmp_path):
+    """End to end: which model is kept depends on the tiny model's real dev scores (both outcomes
+    are set by hand in the test below)."""
+    shutil.copytree(run, tmp_path / "run")
+    run = tmp_path / "run"
     checkpoints = sorted((run / "checkpoints").glob("step-*"))
     assert [c.name for c in checkpoints] == ["step-00000010", "step-00000020", "step-00000030"]
     before = hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()
@@ -250,6 +255,86 @@ def test_average_last_two(run):
         assert hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest() == before
     facts = json.loads(ok(run_nmt("info", str(run), "--format", "json")))
     assert facts["averaging"] == record
+
+
+@pytest.mark.parametrize("current, averaged, kept", [(10.0, 20.0, "averaged"), (20.0, 10.0, "current"),
+                                                      (15.0, 15.0, "current")])  # a tie keeps the model
+def test_average_keeps_the_mean_of_every_parameter_only_when_it_scores_higher(run, tmp_path, monkeypatch, current,
+                                                                              averaged, kept):
+    """Both outcomes, whatever the tiny model's real scores: the dev scores are set by hand (the
+    current model is scored first), and the mean is computed here, in float64, from the files."""
+    from nmt import average as average_mod
+    from nmt import validate
+    from nmt.checkpoint import load_for_inference
+    from nmt.runtime import setup
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = (copy / "model.safetensors").read_bytes()
+    scores = iter([current, averaged])
+    monkeypatch.setattr(validate, "evaluate_devs", lambda *a, **k: (next(scores), "nrefs:1|x", 4.0, {}))
+    record = average_mod.average(copy, 2, setup("cpu", "float32", 1))
+    assert record["kept"] == kept and record["checkpoints"] == ["step-00000020", "step-00000030"]
+    assert [record["scores"][k]["dev_bleu"] for k in ("current", "averaged")] == [current, averaged]
+    assert json.loads((copy / "averaging.json").read_text()) == record
+    if kept == "current":
+        assert (copy / "model.safetensors").read_bytes() == before
+        return
+    a, b = (load_file(str(copy / "checkpoints" / s / "model.safetensors")) for s in record["checkpoints"])
+    now = load_file(str(copy / "model.safetensors"))
+    assert set(now) == set(a)
+    for name in now:
+        torch.testing.assert_close(now[name], ((a[name].double() + b[name].double()) / 2).float(), rtol=0, atol=0)
+    # loaded as a model, every parameter is the mean, the tied ones (one stored tensor) included
+    model = load_for_inference(copy)[0].state_dict()
+    for name, tensor in model.items():
+        stored = next(k for k in now if torch.equal(now[k], tensor)) if name not in now else name
+        torch.testing.assert_close(tensor, ((a[stored].double() + b[stored].double()) / 2).float(), rtol=0, atol=0)
+
+
+def test_dev_bleu_and_loss_agree_with_sacrebleu_and_a_loss_summed_by_hand(run, monkeypatch):
+    """`evaluate_dev` on the first 3 dev lines: BLEU = sacreBLEU's corpus BLEU of the translations
+    of those lines alone (the tiny model's are empty, so a stand-in translator answers with a
+    word cut from each reference), and the loss = Σ −log p(reference token) / Σ tokens, EOS
+    included, computed one sentence at a time without padding."""
+    import sacrebleu
+    import torch.nn.functional as F
+
+    from nmt import translate, validate
+    from nmt.checkpoint import load_for_inference
+    from nmt.corpus import ParallelCorpus
+    from nmt.runtime import setup
+
+    config = json.loads((run / "config.json").read_text())
+    dev = ParallelCorpus.from_prefix(config["train"]["dev"], "es", "en")
+    pairs = list(dev.pairs())
+    assert len(pairs) > 3
+    answers = {src: " ".join(tgt.split()[1:]) for src, tgt in pairs}  # the reference less its first word
+    seen = []
+
+    class StandIn:
+        def translate(self, sources):
+            for src in sources:
+                seen.append(src)
+                yield type("T", (), {"text": answers[src]})()
+
+    monkeypatch.setattr(translate.Translator, "from_model", classmethod(lambda cls, *a, **k: StandIn()))
+    model, vocabs, _ = load_for_inference(run)
+    bleu, signature, loss = validate.evaluate_dev(model, vocabs, dev, setup("cpu", "float32", 1), max_sentences=3)
+    assert seen == [s for s, _ in pairs[:3]]
+    reference = sacrebleu.metrics.BLEU()
+    expected = reference.corpus_score([answers[s] for s, _ in pairs[:3]], [[t for _, t in pairs[:3]]])
+    assert 0 < expected.score < 100 and bleu == pytest.approx(expected.score, abs=1e-9)
+    assert signature == reference.get_signature().format()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for src, tgt in pairs[:3]:
+            s = torch.tensor([vocabs.src.encode(src, add_special_tokens=False).ids + [model.config.eos_id]])
+            t = vocabs.tgt.encode(tgt, add_special_tokens=False).ids + [model.config.eos_id]
+            logits = model(s, torch.tensor([[model.config.bos_id] + t[:-1]]))[0]
+            total -= F.log_softmax(logits.double(), -1)[torch.arange(len(t)), torch.tensor(t)].sum().item()
+            count += len(t)
+    assert loss == pytest.approx(total / count, rel=1e-5)
 
 
 @pytest.mark.parametrize("record, bar", [

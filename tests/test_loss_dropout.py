@@ -71,7 +71,7 @@ def test_model_loss_path_equals_logits_then_cross_entropy(monkeypatch):
                     src_vocab_size=40, tgt_vocab_size=40)
     model = Transformer(c).train()
     assert model.output.weight is model.tgt_embed.weight
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^keep and targets go together$"):
         model(torch.randint(4, 40, (1, 3)), torch.randint(4, 40, (1, 3)), torch.ones(1, 3, dtype=torch.bool))
     src = torch.randint(4, 40, (6, 9))
     tgt = torch.randint(4, 40, (6, 12))
@@ -140,7 +140,7 @@ def test_dropout_is_identity_in_eval_or_at_zero_and_follows_the_seed():
     b = Dropout(0.3).train()(x)
     torch.manual_seed(5)
     assert torch.equal(Dropout(0.3).train()(x), a) and not torch.equal(a, b)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^dropout probability 1\.0 is not in \[0, 1\)$"):
         Dropout(1.0)
 
 

@@ -37,14 +37,19 @@ def test_metric_names_default_order_and_dedup():
     assert m.parse_metric_names(["ter,BLEU", "bleu", " chrf "]) == ("ter", "bleu", "chrf")
 
 
-@pytest.mark.parametrize("spec", [["bleu,meteor"], ["comet"], [","]])
-def test_metric_names_unknown_or_empty_is_usage_error(spec):
-    with pytest.raises(UsageError):
+@pytest.mark.parametrize("spec, message", [
+    (["bleu,meteor"], "unknown metric 'meteor' (choose from bleu, chrf, ter)"),
+    (["comet"], "unknown metric 'comet' (choose from bleu, chrf, ter)"),
+    ([","], "--metrics is empty (choose from bleu, chrf, ter)"),
+])
+def test_metric_names_unknown_or_empty_is_usage_error(spec, message):
+    with pytest.raises(UsageError) as caught:
         m.parse_metric_names(spec)
+    assert str(caught.value) == message
 
 
 def test_unknown_tokenizer_is_usage_error():
-    with pytest.raises(UsageError, match="tokenizer"):
+    with pytest.raises(UsageError, match=r"^unknown BLEU tokenizer 'nope' \(choose from .*\b13a\b"):
         m.build_metrics(m.MetricOptions(tokenize="nope"), [["a"]])
 
 

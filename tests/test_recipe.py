@@ -10,7 +10,6 @@ import math
 import os
 import re
 import shutil
-import time
 from dataclasses import replace
 
 import pytest
@@ -217,7 +216,7 @@ def test_a_shape_out_of_memory_in_its_trial_step_stops_the_probe_there(tmp_path,
     from nmt.model import Transformer
     from nmt.runtime import setup
 
-    config, model_config, tok_config = tiny_configs(write_slice(tmp_path / "d", "train", 40), vocab_size=300)
+    config, model_config, tok_config = tiny_configs(write_slice(tmp_path / "d", "train", 40), vocab_size=324)
     p = train_mod.prepare(config, model_config, tok_config, tmp_path / "run")
     runtime = setup("cpu", "float32", 1)
     forward = Transformer.forward
@@ -369,7 +368,7 @@ def test_train_with_a_budget_and_no_preset_chooses_stores_and_reuses_the_recipe(
     train = write_slice(tmp_path / "d", "train", 200)
     dev = write_slice(tmp_path / "d", "dev", 4, split="dev")
     args = ("train", "--train", str(train), "--dev", str(dev), "--src", "es", "--tgt", "en", "--out",
-            str(tmp_path / "run"), "--dtype", "float32", "--vocab-size", "300", "--batch-tokens", "400")
+            str(tmp_path / "run"), "--dtype", "float32", "--vocab-size", "324", "--batch-tokens", "400")
     r = run_nmt(*args, "--max-steps", "2", "--test", str(dev))
     err = r.stderr.decode()
     assert r.returncode == 0, err
@@ -385,7 +384,7 @@ def test_train_with_a_budget_and_no_preset_chooses_stores_and_reuses_the_recipe(
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["train"]["preset"] == "auto" and config["recipe"]["shape"] == "micro"
     assert config["model"]["d_model"] == 128 and config["model"]["dropout"] == 0.0
-    assert config["tokenizer"]["vocab_size"] == 300 and config["train"]["batch_tokens"] == 400  # set by hand
+    assert config["tokenizer"]["vocab_size"] == 324 and config["train"]["batch_tokens"] == 400  # set by hand
     r = run_nmt(*args, "--max-steps", "3")  # resume: the same recipe, not measured again
     err = r.stderr.decode()
     assert r.returncode == 0, err
@@ -414,7 +413,7 @@ def test_force_over_a_run_with_no_checkpoint_chooses_its_recipe_again(tmp_path):
     the way to replace it; --force then fits the recipe to the new width, not the old run's."""
     train = write_slice(tmp_path / "d", "train", 200)
     args = ("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--out",
-            str(tmp_path / "run"), "--dtype", "float32", "--vocab-size", "300", "--batch-tokens", "400")
+            str(tmp_path / "run"), "--dtype", "float32", "--vocab-size", "324", "--batch-tokens", "400")
     r = run_nmt(*args, "--max-steps", "2")
     assert r.returncode == 0, r.stderr.decode()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == pytest.approx(recipe.lr_for(128))
@@ -445,7 +444,7 @@ def test_a_recipe_without_a_budget_is_refused_before_any_work(tmp_path):
 def test_batch_tokens_auto_on_cpu_trains_with_the_recipes_batch(tmp_path):
     train = write_slice(tmp_path / "d", "train", 200)
     r = run_nmt("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--out",
-                str(tmp_path / "run"), "--dtype", "float32", "--vocab-size", "300", "--batch-tokens", "auto",
+                str(tmp_path / "run"), "--dtype", "float32", "--vocab-size", "324", "--batch-tokens", "auto",
                 "--max-steps", "1")
     assert r.returncode == 0, r.stderr.decode()
     assert "batch 1500," in r.stderr.decode()  # the batch the recipe planned with
@@ -459,7 +458,7 @@ def test_train_fits_the_recipe_to_the_layers_set_by_hand_and_refuses_a_shape_not
     layers = tmp_path / "layers.json"
     layers.write_text(json.dumps({"model": {"encoder_layers": 3, "decoder_layers": 3}}))
     args = ("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--dtype", "float32",
-            "--vocab-size", "300", "--batch-tokens", "400")
+            "--vocab-size", "324", "--batch-tokens", "400")
     # a preparation cut short left a recipe chosen for 2+2 layers (and no run): it is chosen again
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "recipe.json").write_text(json.dumps(recipe.describe(recipe.choose({}, EPOCH, None, 2, 400, 0.0))))
@@ -488,7 +487,7 @@ def test_a_recipe_run_resumed_with_no_budget_is_told_to_give_one(tmp_path):
     train = write_slice(tmp_path / "d", "train", 200)
     out = tmp_path / "run"
     args = ("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--dtype", "float32",
-            "--vocab-size", "300", "--batch-tokens", "400", "--out", str(out))
+            "--vocab-size", "324", "--batch-tokens", "400", "--out", str(out))
     assert run_nmt(*args, "--max-steps", "2").returncode == 0
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     msg = error_line(run_nmt(*args, "--max-epochs", "3"), 2)
@@ -507,19 +506,19 @@ def test_a_recipe_left_for_another_budget_before_any_checkpoint_is_chosen_again(
                   budget={"max_time": None, "max_steps": 5000, "max_epochs": None})
     (out / "recipe.json").write_text(json.dumps(recipe.describe(old)))
     r = run_nmt("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--dtype", "float32",
-                "--vocab-size", "300", "--batch-tokens", "400", "--out", str(out), "--max-steps", "2")
+                "--vocab-size", "324", "--batch-tokens", "400", "--out", str(out), "--max-steps", "2")
     err = " ".join(r.stderr.decode().split())
     assert r.returncode == 0, err
     assert f"the stored one ({old.shape}) was chosen for another budget; choosing again" in err
     stored = json.loads((out / "recipe.json").read_text())
     assert stored["budget"]["max_steps"] == 2 and stored["train"]["warmup_steps"] < old.train["warmup_steps"]
     r = run_nmt("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--dtype", "float32",
-                "--vocab-size", "300", "--batch-tokens", "400", "--out", str(out), "--max-steps", "4")
+                "--vocab-size", "324", "--batch-tokens", "400", "--out", str(out), "--max-steps", "4")
     assert r.returncode == 0 and "recipe (stored)" in r.stderr.decode()  # a resume keeps its run's recipe
     shutil.rmtree(out / "checkpoints")  # a run stopped before its first checkpoint: its recipe kept, and said
     (out / "model.safetensors").unlink()  # (nor its model: written with the first checkpoint)
     r = run_nmt("train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--dtype", "float32",
-                "--vocab-size", "300", "--batch-tokens", "400", "--out", str(out), "--max-steps", "3")
+                "--vocab-size", "324", "--batch-tokens", "400", "--out", str(out), "--max-steps", "3")
     err = " ".join(r.stderr.decode().split())
     assert r.returncode == 0 and "recipe (stored)" in err, err
     assert "its recipe was chosen for another budget (--max-steps 2) and no checkpoint is saved yet" in err
@@ -535,7 +534,7 @@ def test_a_recipe_left_for_another_step_size_before_any_run_is_chosen_again(tmp_
     old = replace(recipe.choose({}, EPOCH, None, 2, 400, 0.0), budget={"max_time": None, "max_steps": 2, "max_epochs": None})
     (out / "recipe.json").write_text(json.dumps(recipe.describe(old)))
     args = ["train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--dtype", "float32",
-            "--vocab-size", "300", "--batch-tokens", "400", "--out", str(out), "--max-steps", "2"]
+            "--vocab-size", "324", "--batch-tokens", "400", "--out", str(out), "--max-steps", "2"]
     r = run_nmt(*args, "--update-freq", "2")
     err = " ".join(r.stderr.decode().split())
     assert r.returncode == 0, err
@@ -557,7 +556,7 @@ def test_a_recipe_timed_with_another_dtype_or_thread_count_before_any_run_is_cho
     train = write_slice(tmp_path / "d", "train", 200)
     out = tmp_path / "run"
     args = ["train", "--train", str(train), "--dev", "none", "--src", "es", "--tgt", "en", "--threads", "1",
-            "--vocab-size", "300", "--batch-tokens", "400", "--out", str(out), "--max-steps", "2"]
+            "--vocab-size", "324", "--batch-tokens", "400", "--out", str(out), "--max-steps", "2"]
     base = {"max_time": None, "max_steps": 2, "max_epochs": None, "update_freq": 1, "processes": 1}
     old = replace(recipe.choose({}, EPOCH, None, 2, 400, 0.0), budget={**base, "dtype": "bfloat16", "threads": 1})
     for left, dtype, said in [({"dtype": "bfloat16", "threads": 1}, "float32", "(bfloat16)"),
@@ -605,19 +604,21 @@ def test_an_empty_or_unreadable_test_set_fails_before_training(tmp_path, src, tg
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written
 
 
-def test_measure_times_the_same_batches_again_after_a_pass_that_makes_their_kernels():
+def test_measure_times_the_same_batches_again_after_a_pass_that_makes_their_kernels(monkeypatch):
     """A batch costs more the first time its shapes are met (kernels made): the rate is read on the
-    second pass over the same batches, so it is the rate a long run sees."""
+    second pass over the same batches, so it is the rate a long run sees. The clock is the test's:
+    a step advances it by 4 ms the first time it meets a batch, 1 ms after."""
     seen: list[int] = []
+    clock = [0.0]
+    monkeypatch.setattr(recipe, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
 
     def step(shape):
         def run(i: int) -> int:
-            time.sleep(0.004 if i not in seen else 0.001)  # first meeting: 4 ms; again: 1 ms
+            clock[0] += 0.004 if i not in seen else 0.001
             seen.append(i)
             return 100
         return run
 
     rates = recipe.measure(recipe.SHAPES[:1], step, seconds=0.05)
-    n = len(seen) // 2
-    assert n >= 2 and seen == list(range(n)) * 2  # batches 0..n-1, then the same again
-    assert 100 / 0.001 * 0.5 < rates["micro"] <= 100 / 0.001  # the 1 ms steps, not the 4 ms ones
+    assert seen == list(range(13)) * 2  # untimed until 50 ms have passed (13 steps of 4 ms), then the same again
+    assert rates["micro"] == pytest.approx(100 / 0.001)  # the 1 ms steps, not the 4 ms ones

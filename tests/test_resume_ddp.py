@@ -333,4 +333,7 @@ def test_every_rank_trains_in_the_dtype_rank_0_chose(data, tmp_path):
                         str(script), "train", *AUTO, "--threads", "-1", "--train", str(data), "--out",
                         str(tmp_path / "refused"), "--max-steps", "2"], cwd=ROOT, capture_output=True, timeout=120, env=env)
     assert r.returncode != 0
-    assert r.stderr.decode().count("--threads must be ≥ 0 (got -1)") == 2, r.stderr.decode()[-3000:]
+    from nmt.config import max_threads
+
+    expected = f"--threads must be in [0, {max_threads()}] (0: all cores; at most 4 per core here; got -1)"
+    assert r.stderr.decode().count(expected) == 2, r.stderr.decode()[-3000:]

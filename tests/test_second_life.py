@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,18 @@ def test_a_resume_given_the_corpora_in_another_order_is_refused_before_a_cache_i
     assert msg == ("nmt: error: <path>: cannot resume, the order of the --train corpora changed (it was trained "
                    "with --train <path> --train <path>); give them in that order, or use a new --out")
     assert sorted((out / "cache").iterdir()) == caches
+    # the same corpora moved elsewhere (other prefixes), given in the other order: refused as early
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name, lang in ((n, l) for n in ("a", "b") for l in ("es", "en")):
+        shutil.copy(f"{corpora[name]}.{lang}", moved / f"{name}2.{lang}")
+    msg = last_error(run_nmt("train", *args, "--train", str(moved / "b2"), "--train", str(moved / "a2"),
+                             "--max-steps", "2"), 1)
+    assert "cannot resume, the order of the --train corpora changed (it was trained with --train" in msg
+    assert sorted((out / "cache").iterdir()) == caches
+    # in the order it was trained in, the moved corpora resume it
+    logs(run_nmt("train", *args, "--train", str(moved / "a2"), "--train", str(moved / "b2"), "--max-steps", "2"))
+    assert json.loads((out / "training.json").read_text())["steps"] == 2
 
 
 def test_translate_tgt_lang_on_a_one_direction_model(tiny_model_dir):
@@ -220,7 +233,7 @@ def test_train_tokenizer_with_pairs_makes_the_tags_that_train_then_reuses(tmp_pa
     assert json.loads((out / "tokenizer.json").read_text(encoding="utf-8")) == tok
     # a trained model's tokenizer is not replaced: its ids are what the model was trained on
     before = (out / "tokenizer.json").read_bytes()
-    msg = without_paths(error_line(run_nmt("train-tokenizer", "--train", str(corpora["a"]), "--vocab-size", "300",
+    msg = without_paths(error_line(run_nmt("train-tokenizer", "--train", str(corpora["a"]), "--vocab-size", "324",
                                            "--out", str(out)), 1))
     assert msg.startswith("nmt: error: <path>: holds an nmt run (config.json")
     assert msg.endswith("whose model is trained or being trained on the ids of the tokenizer there; write a new "
@@ -392,6 +405,10 @@ def _stand_in_parent(tmp_path, directions: str):
     ("de-en,en-de", {"src": "en"}, ("en", "de")),
     ("de-en,fr-en", {"src": "fr"}, ("fr", "en")),
     ("es-en", {"tgt": "fr"}, ("es", "fr")),  # one direction: a new one, es → fr (the log names it)
+    ("es-en", {"src": "fr"}, ("fr", "en")),
+    ("es-en", {"src": "es"}, ("es", "en")),
+    ("es-en", {"src": "en"}, ("en", "es")),  # the side it had on the other end: the reverse
+    ("es-en", {"tgt": "es"}, ("en", "es")),
     ("de-en,fr-en", {"tgt": "en"}, "--tgt en: the parent was trained on de-en,fr-en, so the other side is not known: "
                                    "give --src too"),
     ("de-en,en-de", {"tgt": "fr"}, "--tgt fr: the parent was trained on de-en,en-de, so the other side is not known: "
@@ -440,7 +457,7 @@ def test_the_tag_decides_the_output_language(tmp_path):
     test = digit_task(tmp_path, "test", 60, 1)
     out = tmp_path / "run"
     err = logs(run_nmt("train", *TINY, "--batch-tokens", "1024", "--train", str(train), "--dev", "none",
-                       "--pairs", "d-c,d-r", "--vocab-size", "300", "--max-steps", "200", "--lr", "3e-3",
+                       "--pairs", "d-c,d-r", "--vocab-size", "324", "--max-steps", "200", "--lr", "3e-3",
                        "--warmup", "50", "--out", str(out)))
     assert "data mix" in err
     info = json.loads(ok(run_nmt("info", str(out), "--format", "json")))
@@ -462,7 +479,8 @@ def test_the_tag_decides_the_output_language(tmp_path):
     model = nmt.load(out, device="cpu")
     assert model.translate("1 2 3", tgt_lang="c", beam_size=1) == "b c d"
     assert model.translate("1 2 3", tgt_lang="r", beam_size=1) == "d c b"
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match=r"^this model translates several directions \(d-c,d-r\): choose the output "
+                                         r"language with --tgt-lang \(c, r\)$"):
         model.translate("1 2 3")
     # `nmt attention` puts the same tag before the source: its translation, and the tag in its maps
     r = run_nmt("attention", "-m", str(out), "--tgt-lang", "r", "1 2 3")

@@ -344,14 +344,16 @@ def test_load_wrong_special_ids_names_the_file(tmp_path, trained):
 
 
 def test_load_missing_files_names_the_directory(tmp_path, trained):
+    missing = f"{tmp_path}: no tokenizer.json (nor tokenizer.src.json and tokenizer.tgt.json)"
     with pytest.raises(NmtError) as err:
         Vocabs.load(tmp_path)
-    assert str(tmp_path) in str(err.value)
+    assert str(err.value) == missing
     assert not Vocabs.exists(tmp_path)
     trained("bpe-separate").save(tmp_path)
     (tmp_path / "tokenizer.tgt.json").unlink()
-    with pytest.raises(NmtError):
+    with pytest.raises(NmtError) as err:
         Vocabs.load(tmp_path)
+    assert str(err.value) == missing  # one separate file is not a tokenizer
     assert not Vocabs.exists(tmp_path)  # a save cut short between the two files: trained again, not reused
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -211,14 +212,40 @@ def test_a_finished_model_without_checkpoints_is_not_replaced_by_another_run(dat
         assert (copy / "model.safetensors").read_bytes() == weights
         assert (copy / "training.json").read_bytes() == summary
     # --force replaces it
+    old_metrics = [json.loads(line)["step"] for line in (copy / "metrics.jsonl").read_text().splitlines()]
     train_mod.train(train_config, replace(model_config, dropout=0.3), tok_config, copy, force=True)
     assert json.loads((copy / "config.json").read_text())["model"]["dropout"] == 0.3
+    steps = [json.loads(line)["step"] for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert old_metrics and steps == old_metrics  # the new run's records alone, not appended to the old ones'
     # a run cut short in its first checkpoint (the model written, no checkpoint, no training.json)
     # is not a finished model: the same command starts it again
     cut = tmp_path / "cut"
     shutil.copytree(first, cut, ignore=shutil.ignore_patterns("checkpoints", "training.json"))
     train_mod.train(train_config, model_config, tok_config, cut)
     assert json.loads((cut / "training.json").read_text())["steps"] == 2
+
+
+def test_a_force_that_is_cut_short_leaves_no_old_weights_beside_its_new_options(data, tmp_path, monkeypatch):
+    """--force over a finished model without checkpoints: if the new run stops before writing a
+    model, the directory must not pair the new config.json with the old run's weights and summary."""
+    train_config, model_config, tok_config = tiny_configs(data["train"], max_steps=2)
+    run = tmp_path / "run"
+    train_mod.train(train_config, model_config, tok_config, run)
+    shutil.rmtree(run / "checkpoints")
+    assert {"model.safetensors", "training.json", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+
+    def cut(self):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(train_mod.Trainer, "run", cut)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train_mod.train(train_config, replace(model_config, dropout=0.3), tok_config, run, force=True)
+    assert json.loads((run / "config.json").read_text())["model"]["dropout"] == 0.3
+    left = {p.name for p in run.iterdir()}
+    assert not left & {"model.safetensors", "training.json", "metrics.jsonl", "averaging.json", "test.hyp"}
+    monkeypatch.undo()  # the same command again, without --force, trains the new configuration from step 0
+    train_mod.train(train_config, replace(model_config, dropout=0.3), tok_config, run)
+    assert json.loads((run / "training.json").read_text())["steps"] == 2
 
 
 # -- 2. the dev set is checked whole at start; evaluation comes after the save --------------------
@@ -251,6 +278,21 @@ def test_dev_set_with_invalid_utf8_fails_before_the_tokenizer_is_trained(data, t
         prepare(train_config, model_config, tok_config, tmp_path / "run")
     assert not (tmp_path / "run" / "tokenizer.json").exists()
     assert dev.src_path.exists()
+
+
+class _Clock:
+    """`time` as nmt.train sees it, with a monotonic clock that moves only when a test says: steps
+    take no time on it, so a budget is spent exactly where the test spends it, however loaded the
+    machine."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
 
 
 def _evaluation_fails(*args, **kwargs):
@@ -295,8 +337,11 @@ def test_a_run_killed_in_its_final_evaluation_evaluates_on_the_rerun(prepared, t
 
 
 def test_an_evaluation_that_spends_the_time_budget_ends_the_run_at_the_step_it_scored(prepared, tmp_path, monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(train_mod, "time", clock)
+
     def slow(*args, **kwargs):  # the budget's last seconds go by in this evaluation
-        time.sleep(2.5)
+        clock.now += 2.5
         return 6.0, "sig", 3.0
 
     monkeypatch.setattr(validate, "evaluate_dev", slow)
@@ -346,6 +391,149 @@ def test_a_checkpoint_better_than_the_best_but_not_than_the_kept_average_is_not_
     assert (pr.best_bleu, pr.best_step, pr.evals_without_gain) == (60.0, 6, 0) and weights.exists()
 
 
+def test_the_model_is_the_best_scoring_checkpoint_and_the_patience_counts_evaluations_without_gain(
+        prepared, tmp_path, monkeypatch):
+    """Dev BLEU 10, 30, 20 at steps 2, 4, 6: model.safetensors holds step 4's weights (read back
+    from its checkpoint), training.json says so, and one evaluation went without a gain."""
+    from safetensors.torch import load_file
+
+    trainer = trainer_in(prepared, tmp_path / "run", max_steps=6, eval_every=2, keep_last=5, average_last=0)
+    scores = iter([10.0, 30.0, 20.0])
+    monkeypatch.setattr(validate, "evaluate_dev", lambda *a, **k: (next(scores), "sig", 3.0))
+    trainer.run()
+    pr = trainer.progress
+    assert (pr.step, pr.best_bleu, pr.best_step, pr.evals_without_gain) == (6, 30.0, 4, 1)
+    saved = [c.name for c in checkpoint.list_checkpoints(tmp_path / "run")]
+    assert saved == ["step-00000002", "step-00000004", "step-00000006"]
+    model = load_file(str(tmp_path / "run" / checkpoint.WEIGHTS))
+    for step, same in (("step-00000004", True), ("step-00000006", False), ("step-00000002", False)):
+        other = load_file(str(tmp_path / "run" / "checkpoints" / step / checkpoint.WEIGHTS))
+        assert set(other) == set(model)
+        assert all(torch.equal(model[k], other[k]) for k in model) is same, step
+
+
+@pytest.mark.parametrize("clip_norm", [1.0, 0.0])
+def test_a_loss_that_is_not_a_number_ends_the_run_before_its_step_and_saves_nothing_broken(prepared, tmp_path,
+                                                                                         monkeypatch, clip_norm):
+    """A step whose loss is NaN (here: a batch's loss made NaN at step 3) is not taken: the run ends
+    with a one-line error naming the step, the weights and the step-2 checkpoint stay finite, and no
+    NaN model is saved as the best one (before, "dev loss nan (best so far, saved)" and exit 0)."""
+    from safetensors.torch import load_file
+
+    trainer = trainer_in(prepared, tmp_path / "run", max_steps=6, eval_every=2, clip_norm=clip_norm)
+    monkeypatch.setattr(validate, "evaluate_dev", lambda *a, **k: (5.0, "sig", 3.0))
+    forward_backward = Trainer._forward_backward
+
+    def poisoned(self, batch, n_tokens, sync, model=None):
+        loss = forward_backward(self, batch, n_tokens, sync, model)
+        return float("nan") if self.progress.step == 2 else loss
+
+    monkeypatch.setattr(Trainer, "_forward_backward", poisoned)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(NmtError) as e:
+        trainer.run()
+    head, norm, tail = re.fullmatch(r"(.* gradient norm )(\S+)( .*)", str(e.value)).groups()
+    assert head == "training diverged at step 3: the loss is nan and the gradient norm "
+    assert tail == (f" (learning rate {trainer.learning_rate(3):.3g}); its last checkpoint, step-00000002, is kept: run "
+                    f"the same command again with a lower --lr (now {trainer.config.lr:g}) or a longer --warmup (now "
+                    f"{trainer.config.warmup_steps})")
+    assert float(norm) >= 0  # the gradients of the NaN loss's batch itself are finite here
+    assert trainer.progress.step == 2
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())  # steps 1-2 were taken
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000002" / checkpoint.WEIGHTS))
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "run")] == ["step-00000002"]
+
+
+def test_a_gradient_that_is_not_finite_is_not_applied(prepared, tmp_path, monkeypatch):
+    """The loss can be finite while a gradient overflows: the step is refused all the same."""
+    trainer = trainer_in(prepared, tmp_path / "run", max_steps=3, eval_every=100)
+    forward_backward = Trainer._forward_backward
+
+    def overflowing(self, batch, n_tokens, sync, model=None):
+        loss = forward_backward(self, batch, n_tokens, sync, model)
+        next(self.model.parameters()).grad.view(-1)[0] = float("inf")
+        return loss
+
+    monkeypatch.setattr(Trainer, "_forward_backward", overflowing)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(NmtError, match=r"^training diverged at step 1: the loss is [0-9.]+ and the gradient norm inf "
+                                       r".*no checkpoint was saved: run the same command again with a lower --lr"):
+        trainer.run()
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+@pytest.mark.parametrize("text, problem", [
+    (b"{", "cannot be read (JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    (b"[]", "not a JSON object"),
+    (b'{"step": "x", "epoch": 0}', 'step must be int, not "x"'),
+    (b'{"step": -5}', "step = -5 is negative"),
+    (b'{"step": 1e400}', "step must be int, not Infinity"),
+    (b'{"step": 4}', "step 4 is not this checkpoint's"),
+    (b'{"step": 2, "history": [3]}', "history holds a record that is not an object"),
+    (b'{"step": 2, "lr": 3}', "unknown field(s) ['lr']"),
+])
+def test_a_damaged_checkpoint_progress_is_a_one_line_error_on_resume(prepared, tmp_path, monkeypatch, text, problem):
+    """Before: internal errors (a JSONDecodeError, a TypeError), or a run that went on from a step of
+    the file's choosing (-5: a new step-00000000 checkpoint, 'best dev BLEU 0.00 at step 0')."""
+    trainer = trainer_in(prepared, tmp_path / "run", max_steps=2, eval_every=2)
+    monkeypatch.setattr(validate, "evaluate_dev", lambda *a, **k: (5.0, "sig", 3.0))
+    trainer.run()
+    saved = tmp_path / "run" / "checkpoints" / "step-00000002"
+    (saved / "progress.json").write_bytes(text)
+    with pytest.raises(NmtError) as e:
+        trainer_in(prepared, tmp_path / "run", max_steps=4, eval_every=2).resume()
+    assert str(e.value) == (f"{saved / 'progress.json'}: {problem}; move step-00000002 out of {saved.parent} to resume "
+                            f"from the checkpoint before it")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a pickle"])
+def test_a_damaged_resume_state_is_a_one_line_error(prepared, tmp_path, monkeypatch, content):
+    trainer = trainer_in(prepared, tmp_path / "run", max_steps=2, eval_every=2)
+    monkeypatch.setattr(validate, "evaluate_dev", lambda *a, **k: (5.0, "sig", 3.0))
+    trainer.run()
+    state = tmp_path / "run" / "checkpoints" / "step-00000002" / "state.pt"
+    state.write_bytes(content)
+    with pytest.raises(NmtError, match=rf"^{re.escape(str(state))}: cannot load resume state \(\S.*\)$"):
+        trainer_in(prepared, tmp_path / "run", max_steps=4, eval_every=2).resume()
+
+
+def test_a_run_resumed_with_fewer_steps_than_it_has_says_so_and_trains_none(prepared, tmp_path, monkeypatch):
+    """It said "2 steps done" beside steps: 4 in training.json."""
+    monkeypatch.setattr(validate, "evaluate_dev", lambda *a, **k: (5.0, "sig", 3.0))
+    first = trainer_in(prepared, tmp_path / "run", max_steps=4, eval_every=2)
+    first.run()
+    assert first.stop_reason == "4 steps done"
+    again = trainer_in(prepared, tmp_path / "run", max_steps=2, eval_every=2)
+    assert again.resume()
+    again.run()
+    assert again.stop_reason == "already at step 4, past --max-steps 2" and again.progress.step == 4
+
+
+def test_a_model_too_large_for_the_memory_is_a_one_line_error(prepared, tmp_path, monkeypatch):
+    """The option limits allow d_model 65,536 and 1,024 layers; the allocator's refusal was an internal
+    error. (Stood in for here: really allocating it could wake the kernel's OOM killer instead.)"""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(train_mod, "Transformer", refuse)
+    c = prepared[0].model_config
+    with pytest.raises(NmtError) as e:
+        trainer_in(prepared, tmp_path / "run")
+    assert str(e.value) == (f"the model (d_model {c.d_model}, d_ff {c.d_ff}, {c.encoder_layers}+{c.decoder_layers} "
+                            f"layers, vocabulary {c.src_vocab_size:,}) does not fit in the memory of cpu: choose a "
+                            f"smaller one (--preset, or --config model)")
+
+    def other(*args, **kwargs):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(train_mod, "Transformer", other)
+    with pytest.raises(RuntimeError, match="^some other failure$"):  # not taken for a lack of memory
+        trainer_in(prepared, tmp_path / "run")
+
+
 def test_a_signal_during_the_catch_up_evaluation_of_a_resume_ends_the_run_at_that_step(prepared, tmp_path, monkeypatch):
     """A resume first evaluates the step its run saved but did not score; a SIGTERM that comes then
     is nmt's to handle, as in the loop: the evaluation ends, kept, and the run stops at that step
@@ -382,8 +570,11 @@ def test_a_signal_during_the_catch_up_evaluation_of_a_resume_ends_the_run_at_tha
 def test_a_save_that_spends_the_time_budget_ends_the_run_and_its_checkpoint_knows(prepared, tmp_path, monkeypatch):
     save = checkpoint.save_checkpoint
 
+    clock = _Clock()
+    monkeypatch.setattr(train_mod, "time", clock)
+
     def slow(*args, **kwargs):  # no dev set: the save itself spends the budget, after the step's time was taken
-        time.sleep(2.5)
+        clock.now += 2.5
         return save(*args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", slow)

@@ -145,6 +145,24 @@ def test_weights_of_another_shape_or_dtype_are_refused(copy):
         checkpoint.load_for_inference(copy)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_holding_nan_or_infinity_are_refused_in_one_line(copy, value):
+    """What a diverged training wrote: `nmt translate` crashed on it (an IndexError in the loop
+    guard), `nmt attention` too, and `nmt score` printed nan for every line."""
+    from safetensors.torch import load_file, save_file
+
+    weights = copy / checkpoint.WEIGHTS
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[len(tensors) // 2]
+    tensors[name].view(-1)[-1] = value
+    save_file(tensors, str(weights))
+    with pytest.raises(NmtError) as e:
+        checkpoint.load_for_inference(copy)
+    assert str(e.value) == f"{weights}: {name} holds NaN or infinite values (the training that wrote them diverged)"
+    msg = error_line(run_nmt("translate", "-m", str(copy), "--beam-size", "1", input="hola\n"), 1)
+    assert msg == f"nmt: error: {e.value}"
+
+
 def test_a_header_whose_offsets_leave_the_file_is_refused(copy):
     weights = copy / checkpoint.WEIGHTS
 
