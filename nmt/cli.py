@@ -184,7 +184,8 @@ def train_tokenizer_cmd(
 
     pair_list = _pair_list(pairs, src, tgt)
     _, tok_config, train_config = cfg.layered(preset, config_file, {}, _tokenizer_flags(vocab_size, kind, separate_vocab, sample),
-                                              _given(train=train, src=src, tgt=tgt, seed=seed, pairs=pair_list))
+                                              _given(train=train, src=src, tgt=tgt, seed=seed, pairs=pair_list),
+                                              whole_model=False)  # (no model here: its fields checked alone)
     train_config = _first_pair(train_config, pair_list)
     cfg.check_seed(train_config.seed)
     run = run_directions(train_config)

@@ -425,10 +425,10 @@ def layered(preset_name: str, config_file: str | Path | None, model: dict[str, A
     check_choices(train_config)
     if tok_config.sample_lines < 1:
         raise UsageError(f"--tokenizer-sample must be ≥ 1 pair (got {tok_config.sample_lines})")
-    if not MIN_VOCAB <= tok_config.vocab_size <= MODEL_LIMITS["src_vocab_size"][1]:
-        raise UsageError(f"--vocab-size must be in [{MIN_VOCAB}, {MODEL_LIMITS['src_vocab_size'][1]:,}] (its 256 "
-                         f"byte tokens, {SPECIAL_TOKENS} special ones and at least 64 pieces; got "
-                         f"{tok_config.vocab_size})")
+    if not 1 <= tok_config.vocab_size <= MODEL_LIMITS["src_vocab_size"][1]:  # (under MIN_VOCAB: raised to it, said)
+        raise UsageError(f"--vocab-size must be in [1, {MODEL_LIMITS['src_vocab_size'][1]:,}] (got "
+                         f"{tok_config.vocab_size}; the smallest vocabulary has {MIN_VOCAB} pieces: 256 byte tokens, "
+                         f"{SPECIAL_TOKENS} special ones and 64 more)")
     if tok_config.min_frequency < 0:
         raise UsageError(f"--config tokenizer.min_frequency must be ≥ 0 (got {tok_config.min_frequency})")
     if not train_config.max_ratio >= 1:  # (NaN too: it would switch the filter off)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -20,6 +21,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from nmt import atomic
 from nmt.config import TokenizerConfig
 from nmt.errors import NmtError
+
+log = logging.getLogger(__name__)
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
@@ -85,9 +88,13 @@ def train_tokenizer(lines: Iterable[str], config: TokenizerConfig, tags: Sequenc
     """Train one subword model on `lines` (an iterator; it is consumed once); `tags` become special
     tokens at ids 4, 5, … (target-language tags of a multi-direction model)."""
     tok = _skeleton(config)
-    # The byte tokens are added after training, so ask for that many fewer pieces.
-    tok.train_from_iterator(lines, trainer=_trainer(config, max(config.vocab_size - 256, len(SPECIALS) + len(tags) + 64),
-                                                    tags))
+    # The byte tokens are added after training, so ask for that many fewer pieces (and at least the
+    # specials and 64 more: `config.MIN_VOCAB`).
+    least = len(SPECIALS) + len(tags) + 64
+    if config.vocab_size - 256 < least:
+        log.warning("--vocab-size %d is below the smallest vocabulary, %d (256 byte tokens, %d special ones and 64 "
+                    "pieces): training that one", config.vocab_size, 256 + least, len(SPECIALS) + len(tags))
+    tok.train_from_iterator(lines, trainer=_trainer(config, max(config.vocab_size - 256, least), tags))
     for i, special in enumerate([*SPECIALS, *tags]):
         if tok.token_to_id(special) != i:
             raise NmtError(f"tokenizer training put {special} at id {tok.token_to_id(special)}, expected {i}")

@@ -122,31 +122,16 @@ def _tokenizer_options(config: TrainConfig, tok_config: TokenizerConfig, tags: l
 
 def _training_data(config: TrainConfig, out: Path, parent: finetune.Parent | None = None) -> list[str]:
     """The SHA-256 of each training file, sorted (the fingerprint memo spares a second hashing)."""
-    return sorted(sha for corpus in _corpus_hashes(config, out, parent) for sha in corpus)
+    return sorted(_data_in_cache_order(config, out, parent))
 
 
-def _corpus_hashes(config: TrainConfig, out: Path, parent: finetune.Parent | None = None) -> list[tuple[str, ...]]:
-    """Each training corpus's files' SHA-256 (sorted), in --train order."""
-    corpora = corpora_of(config, parent)
-    prints = fingerprints([p for c in corpora for p in (c.src_path, c.tgt_path)], cache_root(config, out) / MEMO_FILE)
-    return [tuple(sorted((prints[2 * i].sha256, prints[2 * i + 1].sha256))) for i in range(len(corpora))]
-
-
-def _trained_corpus_hashes(old: dict[str, Any]) -> list[tuple[str, ...]] | None:
-    """The same, for the corpora a run's config.json says it trained on (its files' records go to
-    the longest --train prefix their path starts with); None where a corpus has no file recorded."""
-    trained = checkpoint.config_section(old, "train").get("train")
-    data = old.get("data")
-    if not isinstance(trained, list) or not isinstance(data, list):
-        return None
-    prefixes = [str(Path(str(t))) + "." for t in trained]
-    files: list[list[str]] = [[] for _ in prefixes]
-    for record in data:
-        path, sha = (record.get("path"), record.get("sha256")) if isinstance(record, dict) else (None, None)
-        owners = [i for i, prefix in enumerate(prefixes) if isinstance(path, str) and path.startswith(prefix)]
-        if owners and isinstance(sha, str):
-            files[max(owners, key=lambda i: len(prefixes[i]))].append(sha)
-    return [tuple(sorted(f)) for f in files] if all(files) else None
+def _data_in_cache_order(config: TrainConfig, out: Path, parent: finetune.Parent | None = None) -> list[str]:
+    """The SHA-256 of each training file in the order config.json's `data` lists them: the token
+    caches' (`mixing.cache_groups`), each corpus's source then target file."""
+    uses = mixing.corpus_uses(config.train, run_directions(config, parent))
+    corpora = [c for group in mixing.cache_groups(uses, config.weights is not None) for c in mixing.group_corpora(group)]
+    paths = [p for c in corpora for p in (c.src_path, c.tgt_path)]
+    return [fp.sha256 for fp in fingerprints(paths, cache_root(config, out) / MEMO_FILE)]
 
 
 def cache_root(config: TrainConfig, out: Path) -> Path:
@@ -226,10 +211,9 @@ def check_max_length(config: TrainConfig, model_config: ModelConfig, tagged: boo
                          f"with --config)")
 
 
-# What a run makes after its configuration: a run that starts from step 0 deletes any left there (by a
-# run --force replaces, or a first try cut short before its first checkpoint) as it writes its
-# configuration, so that the directory never pairs new options with old weights or old records.
-# (A finished model without checkpoints is refused before, unless --force.)
+# What a run makes after its configuration: a --force that replaces an nmt run without checkpoints
+# deletes them with the old configuration, so that the directory never pairs new options with old
+# weights or records. (Nothing else is deleted: a folder that is not a run keeps its files.)
 RUN_PRODUCTS = (checkpoint.WEIGHTS, "training.json", "averaging.json", "test.hyp", "metrics.jsonl")
 
 PREPARATION_FILES = {"tokenizer.json", "tokenizer.src.json", "tokenizer.tgt.json", TOKENIZER_OPTIONS_FILE, "cache",
@@ -369,14 +353,13 @@ def check_resume_before_the_cache(out: Path, config: TrainConfig, parent: finetu
     if isinstance(recorded, dict) and recorded and Vocabs.exists(out) and tokenizer_files(out) != recorded:
         raise NmtError(f"{out}: cannot resume, its tokenizer files are not the ones it was trained with (replaced "
                        f"since: restore them, or use a new --out)")
-    trained = checkpoint.config_section(old, "train").get("train")
-    if isinstance(trained, list) and sorted(map(str, trained)) == sorted(config.train) and trained != list(config.train):
-        raise NmtError(f"{out}: cannot resume, {_order_changed(trained)}")
-    given = _corpus_hashes(config, out, parent)
-    before = _trained_corpus_hashes(old)  # the same corpora at other paths (data moved), in another order
-    if before is not None and before != given and sorted(before) == sorted(given):
-        raise NmtError(f"{out}: cannot resume, {_order_changed(trained)}")
-    now = {sha for corpus in given for sha in corpus}
+    # the files' bytes in the order the caches hold them, as `check_resumable` compares them after the
+    # cache: at the same paths or moved, another order of the same files is another plan
+    given = _data_in_cache_order(config, out, parent)
+    trained = [d.get("sha256") for d in old.get("data") or [] if isinstance(d, dict)]
+    if trained != given and sorted(map(str, trained)) == sorted(given):
+        raise NmtError(f"{out}: cannot resume, {_order_changed(checkpoint.config_section(old, 'train').get('train'))}")
+    now = set(given)
     gone = [str(d.get("path")) for d in old.get("data") or [] if isinstance(d, dict) and d.get("sha256") not in now]
     if gone:  # a file it trained on is given no more: its record could not match
         raise NmtError(f"{out}: cannot resume, training data changed ({', '.join(gone)}); use a new --out")
@@ -446,7 +429,11 @@ def _read_progress(saved: Path, state: dict[str, Any]) -> Progress:
 
 
 def _resume_before(saved: Path) -> str:
-    return f"move {saved.name} out of {saved.parent} to resume from the checkpoint before it"
+    """What to do about a damaged checkpoint: resume from the one before it, where there is one."""
+    if len(checkpoint.list_checkpoints(saved.parent.parent)) > 1:
+        return f"move {saved.name} out of {saved.parent} to resume from the checkpoint before it"
+    return (f"it is the run's only checkpoint, so the run cannot be resumed: train into a new --out (its "
+            f"{checkpoint.WEIGHTS}, if any, is the best model so far)")
 
 
 def inverse_sqrt_lr(step: int, peak: float, warmup: int) -> float:
@@ -1315,8 +1302,8 @@ def train(config: TrainConfig, model_config: ModelConfig, tok_config: TokenizerC
         if continues or \
                 (not dist.is_writer and (out / "config.json").exists() and has_checkpoints):
             check_resumable(out, described, has_checkpoints)
-        if dist.is_writer and not has_checkpoints:  # a run from step 0: what is there is no run's to resume
-            for name in RUN_PRODUCTS:  # (a replaced run's, a first try's cut short, a --force-d folder's)
+        if dist.is_writer and existing_run and not continues:  # --force replaces a run without checkpoints
+            for name in RUN_PRODUCTS:  # the replaced run's, before its config.json goes
                 (out / name).unlink(missing_ok=True)
         if dist.is_writer:
             checkpoint.write_config(out, described)

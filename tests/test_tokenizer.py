@@ -402,3 +402,22 @@ def test_streamed_training_on_a_side_without_text_names_it():
     chunks = lambda: iter([(["hola mundo", "otra vez"], ["", "  "])])  # noqa: E731
     with pytest.raises(NmtError, match="corpus X is empty .no line with text on the target side"):
         train_vocabs_streamed(chunks, TokenizerConfig(vocab_size=300), "corpus X")
+
+
+def test_a_vocabulary_size_below_the_smallest_is_said_and_the_smallest_trained(caplog):
+    """--vocab-size 300 (or 10) cannot be met: 256 byte tokens, the 4 specials and 64 pieces are the
+    least; that one is trained, and the log says so (it was silent)."""
+    import logging
+
+    from nmt.tokenizer import train_tokenizer
+
+    lines = (DATA / "train.es").read_text(encoding="utf-8").splitlines()[:300]
+    with caplog.at_level(logging.WARNING, logger="nmt.tokenizer"):
+        tok = train_tokenizer(iter(lines), TokenizerConfig(vocab_size=10))
+    assert [r.getMessage() for r in caplog.records] == [
+        "--vocab-size 10 is below the smallest vocabulary, 324 (256 byte tokens, 4 special ones and 64 pieces): "
+        "training that one"]
+    assert tok.get_vocab_size() >= 324
+    caplog.clear()
+    train_tokenizer(iter(lines), TokenizerConfig(vocab_size=400))
+    assert not caplog.records

@@ -160,10 +160,10 @@ def test_separate_vocabularies_of_equal_size_train_two_embedding_matrices(tmp_pa
     (["--lr", "nan"], "--lr must be a finite number > 0 (got nan)"),
     (["--lr", "0"], "--lr must be a finite number > 0 (got 0.0)"),
     (["--warmup", "-5"], "--warmup must be ≥ 0 (got -5)"),
-    (["--vocab-size", "-5"], "--vocab-size must be in [324, 4,194,304] (its 256 byte tokens, 4 special ones and at "
-                             "least 64 pieces; got -5)"),
-    (["--vocab-size", "99999999999"], "--vocab-size must be in [324, 4,194,304] (its 256 byte tokens, 4 special ones "
-                                      "and at least 64 pieces; got 99999999999)"),
+    (["--vocab-size", "0"], "--vocab-size must be in [1, 4,194,304] (got 0; the smallest vocabulary has 324 pieces: "
+                            "256 byte tokens, 4 special ones and 64 more)"),
+    (["--vocab-size", "99999999999"], "--vocab-size must be in [1, 4,194,304] (got 99999999999; the smallest "
+                                      "vocabulary has 324 pieces: 256 byte tokens, 4 special ones and 64 more)"),
     (["--threads", "100000"], "--threads must be in [0, {most}] (0: all cores; at most 4 per core here; got 100000)"),
 ])
 def test_usage_errors_exit_2(tmp_path, data, args, message):

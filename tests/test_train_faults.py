@@ -470,22 +470,30 @@ def test_a_gradient_that_is_not_finite_is_not_applied(prepared, tmp_path, monkey
     (b'{"step": "x", "epoch": 0}', 'step must be int, not "x"'),
     (b'{"step": -5}', "step = -5 is negative"),
     (b'{"step": 1e400}', "step must be int, not Infinity"),
-    (b'{"step": 4}', "step 4 is not this checkpoint's"),
-    (b'{"step": 2, "history": [3]}', "history holds a record that is not an object"),
-    (b'{"step": 2, "lr": 3}', "unknown field(s) ['lr']"),
+    (b'{"step": 2}', "step 2 is not this checkpoint's"),
+    (b'{"step": 4, "history": [3]}', "history holds a record that is not an object"),
+    (b'{"step": 4, "lr": 3}', "unknown field(s) ['lr']"),
 ])
 def test_a_damaged_checkpoint_progress_is_a_one_line_error_on_resume(prepared, tmp_path, monkeypatch, text, problem):
     """Before: internal errors (a JSONDecodeError, a TypeError), or a run that went on from a step of
     the file's choosing (-5: a new step-00000000 checkpoint, 'best dev BLEU 0.00 at step 0')."""
-    trainer = trainer_in(prepared, tmp_path / "run", max_steps=2, eval_every=2)
+    trainer = trainer_in(prepared, tmp_path / "run", max_steps=4, eval_every=2)
     monkeypatch.setattr(validate, "evaluate_dev", lambda *a, **k: (5.0, "sig", 3.0))
     trainer.run()
-    saved = tmp_path / "run" / "checkpoints" / "step-00000002"
+    saved = tmp_path / "run" / "checkpoints" / "step-00000004"
     (saved / "progress.json").write_bytes(text)
     with pytest.raises(NmtError) as e:
-        trainer_in(prepared, tmp_path / "run", max_steps=4, eval_every=2).resume()
-    assert str(e.value) == (f"{saved / 'progress.json'}: {problem}; move step-00000002 out of {saved.parent} to resume "
+        trainer_in(prepared, tmp_path / "run", max_steps=6, eval_every=2).resume()
+    assert str(e.value) == (f"{saved / 'progress.json'}: {problem}; move step-00000004 out of {saved.parent} to resume "
                             f"from the checkpoint before it")
+    shutil.move(saved, tmp_path / "aside")  # as the message says: the run resumes from step 2
+    again = trainer_in(prepared, tmp_path / "run", max_steps=6, eval_every=2)
+    assert again.resume() and again.progress.step == 2
+    # the only checkpoint damaged: no advice to move it aside (that would start the run again)
+    (tmp_path / "run" / "checkpoints" / "step-00000002" / "progress.json").write_bytes(b"[]")
+    with pytest.raises(NmtError, match=r"; it is the run's only checkpoint, so the run cannot be resumed: train into "
+                                       r"a new --out \(its model\.safetensors, if any, is the best model so far\)$"):
+        trainer_in(prepared, tmp_path / "run", max_steps=6, eval_every=2).resume()
 
 
 @pytest.mark.parametrize("content", [b"", b"not a pickle"])
