@@ -187,7 +187,7 @@ def train_tokenizer_cmd(
                                               _given(train=train, src=src, tgt=tgt, seed=seed, pairs=pair_list),
                                               whole_model=False)  # (no model here: its fields checked alone)
     train_config = _first_pair(train_config, pair_list)
-    cfg.check_seed(train_config.seed)
+    check_seed(train_config.seed)
     run = run_directions(train_config)
     check_joint(run, tok_config)
     vocabs = train_tokenizer(train_config, tok_config, run.tags)  # the very function `nmt train` uses

@@ -180,6 +180,19 @@ def limit_problem(name: str, value: Any) -> str | None:
     return None
 
 
+DROPOUTS = ("dropout", "attention_dropout")
+
+
+def field_problem(name: str, value: Any) -> str | None:
+    """Why `value` cannot be the model option `name` on its own (a bounded integer of MODEL_LIMITS, or
+    a dropout probability), or None."""
+    if name in MODEL_LIMITS:
+        return limit_problem(name, value)
+    if name in DROPOUTS and not 0.0 <= value < 1.0:
+        return f"{name} = {value} is not in [0, 1)"
+    return None
+
+
 def shape_problem(d_model: int, n_heads: int | None) -> str | None:
     """Why this width (and number of heads, when given) cannot make a model, or None."""
     if d_model % 2:
@@ -203,13 +216,10 @@ def model_config_problem(c: ModelConfig) -> str | None:
     problem = type_problem(c)
     if problem:
         return problem
-    for name in MODEL_LIMITS:
-        problem = limit_problem(name, getattr(c, name))
+    for name in (*MODEL_LIMITS, *DROPOUTS):
+        problem = field_problem(name, getattr(c, name))
         if problem:
             return problem
-    for name in ("dropout", "attention_dropout"):
-        if not 0.0 <= getattr(c, name) < 1.0:
-            return f"{name} = {getattr(c, name)} is not in [0, 1)"
     problem = shape_problem(c.d_model, c.n_heads)
     if problem:
         return problem
@@ -438,7 +448,17 @@ def layered(preset_name: str, config_file: str | Path | None, model: dict[str, A
 
 
 SPECIAL_TOKENS = 4  # <pad> <unk> <s> </s>: ids 0-3 (`tokenizer.SPECIALS`)
-MIN_VOCAB = 256 + SPECIAL_TOKENS + 64  # what the tokenizer trainer is given at least (`tokenizer.train_vocabs`)
+BYTE_PIECES = 256  # the byte-fallback tokens every vocabulary holds (`tokenizer.BYTE_TOKENS`)
+LEAST_MERGES = 64  # the fewest learnt pieces a tokenizer is trained with
+
+
+def smallest_vocabulary(tags: int = 0) -> int:
+    """The fewest pieces a tokenizer has: bytes, specials, target-language tags and LEAST_MERGES;
+    a smaller --vocab-size trains this one (`tokenizer.train_tokenizer` says so)."""
+    return BYTE_PIECES + SPECIAL_TOKENS + tags + LEAST_MERGES
+
+
+MIN_VOCAB = smallest_vocabulary()
 # Model fields a run does not take from its options: the tokenizer fills them in
 FROM_THE_TOKENIZER = {"src_vocab_size": "--vocab-size", "tgt_vocab_size": "--vocab-size",
                       "joint_vocab": "--separate-vocab", "pad_id": None, "bos_id": None, "eos_id": None}
@@ -456,11 +476,9 @@ def check_model_options(config: ModelConfig, given: dict[str, Any], whole: bool 
     if whole:
         problem = model_config_problem(dataclasses.replace(config, src_vocab_size=MIN_VOCAB, tgt_vocab_size=MIN_VOCAB))
     else:
-        problem = type_problem(config) or next((p for name in sorted(set(given) & set(MODEL_LIMITS))
-                                                if (p := limit_problem(name, given[name]))), None) or \
-            next((f"{name} = {given[name]} is not in [0, 1)" for name in ("dropout", "attention_dropout")
-                  if name in given and not 0.0 <= given[name] < 1.0), None) or \
-            (shape_problem(config.d_model, None) if "d_model" in given else None)
+        names = [*sorted(set(given) & set(MODEL_LIMITS)), *(name for name in DROPOUTS if name in given)]
+        problem = type_problem(config) or next((p for name in names if (p := field_problem(name, given[name]))), None) \
+            or (shape_problem(config.d_model, None) if "d_model" in given else None)
     if problem:
         raise UsageError(f"--config model: {problem}")
 

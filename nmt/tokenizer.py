@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from nmt import atomic
-from nmt.config import TokenizerConfig
+from nmt.config import LEAST_MERGES, TokenizerConfig, smallest_vocabulary
 from nmt.errors import NmtError
 
 log = logging.getLogger(__name__)
@@ -88,13 +88,13 @@ def train_tokenizer(lines: Iterable[str], config: TokenizerConfig, tags: Sequenc
     """Train one subword model on `lines` (an iterator; it is consumed once); `tags` become special
     tokens at ids 4, 5, … (target-language tags of a multi-direction model)."""
     tok = _skeleton(config)
-    # The byte tokens are added after training, so ask for that many fewer pieces (and at least the
-    # specials and 64 more: `config.MIN_VOCAB`).
-    least = len(SPECIALS) + len(tags) + 64
-    if config.vocab_size - 256 < least:
-        log.warning("--vocab-size %d is below the smallest vocabulary, %d (256 byte tokens, %d special ones and 64 "
-                    "pieces): training that one", config.vocab_size, 256 + least, len(SPECIALS) + len(tags))
-    tok.train_from_iterator(lines, trainer=_trainer(config, max(config.vocab_size - 256, least), tags))
+    smallest = smallest_vocabulary(len(tags))
+    if config.vocab_size < smallest:
+        log.warning("--vocab-size %d is below the smallest vocabulary, %d (%d byte tokens, %d special ones and %d "
+                    "pieces): training that one", config.vocab_size, smallest, len(BYTE_TOKENS),
+                    len(SPECIALS) + len(tags), LEAST_MERGES)
+    # The byte tokens are added after training, so ask for that many fewer pieces.
+    tok.train_from_iterator(lines, trainer=_trainer(config, max(config.vocab_size, smallest) - len(BYTE_TOKENS), tags))
     for i, special in enumerate([*SPECIALS, *tags]):
         if tok.token_to_id(special) != i:
             raise NmtError(f"tokenizer training put {special} at id {tok.token_to_id(special)}, expected {i}")

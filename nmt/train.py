@@ -413,18 +413,24 @@ def _read_progress(saved: Path, state: dict[str, Any]) -> Progress:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise NmtError(f"{path}: cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
                        f"{_resume_before(saved)}") from None
-    names = {f.name for f in fields(Progress)}
-    problem = (None if isinstance(data, dict) else "not a JSON object") or \
-        (f"unknown field(s) {sorted(set(data) - names)}" if set(data) - names else None)
-    if problem is None:
-        progress = Progress(**data)
-        problem = type_problem(progress) or next(
-            (f"{name} = {getattr(progress, name)} is negative" for name in names - {"history", "best_bleu"}
-             if getattr(progress, name) < 0), None) or \
-            (None if all(isinstance(r, dict) for r in progress.history) else "history holds a record that is not an object") or \
-            (None if saved.name == f"step-{progress.step:08d}" else f"step {progress.step} is not this checkpoint's")
-    if problem:
-        raise NmtError(f"{path}: {problem}; {_resume_before(saved)}")
+    def refused(problem: str) -> NmtError:
+        return NmtError(f"{path}: {problem}; {_resume_before(saved)}")
+
+    names = [f.name for f in fields(Progress)]
+    if not isinstance(data, dict):
+        raise refused("not a JSON object")
+    if unknown := sorted(set(data) - set(names)):
+        raise refused(f"unknown field(s) {unknown}")
+    progress = Progress(**data)
+    if problem := type_problem(progress):
+        raise refused(problem)
+    for name in names:  # (in the fields' order: the first one wrong is named, the same each time)
+        if name not in ("history", "best_bleu") and getattr(progress, name) < 0:
+            raise refused(f"{name} = {getattr(progress, name)} is negative")
+    if not all(isinstance(record, dict) for record in progress.history):
+        raise refused("history holds a record that is not an object")
+    if saved.name != f"step-{progress.step:08d}":
+        raise refused(f"step {progress.step} is not this checkpoint's")
     return progress
 
 

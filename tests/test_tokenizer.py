@@ -418,6 +418,10 @@ def test_a_vocabulary_size_below_the_smallest_is_said_and_the_smallest_trained(c
         "--vocab-size 10 is below the smallest vocabulary, 324 (256 byte tokens, 4 special ones and 64 pieces): "
         "training that one"]
     assert tok.get_vocab_size() >= 324
+    from nmt.config import BYTE_PIECES, SPECIAL_TOKENS
+    from nmt.tokenizer import BYTE_TOKENS
+
+    assert (SPECIAL_TOKENS, BYTE_PIECES) == (len(SPECIALS), len(BYTE_TOKENS))  # what config counts the smallest with
     caplog.clear()
     train_tokenizer(iter(lines), TokenizerConfig(vocab_size=400))
     assert not caplog.records
